@@ -1,0 +1,52 @@
+"""
+asyncio-amp: AMP (Asynchronous Messaging Protocol) for asyncio.
+
+Define a :class:`Command` once; answer it in an :class:`AMPProtocol` subclass
+with ``@Command.responder``; call it with ``await protocol.call_remote(...)``.
+The wire format is Twisted's ``twisted.protocols.amp``, byte for byte.
+"""
+
+from __future__ import annotations
+
+from ._arguments import Argument, Boolean, Bytes, Float, Integer, String, Unicode
+from ._commands import Command
+from ._errors import (
+    AmpError,
+    ConnectionLostError,
+    ProtocolError,
+    RemoteAmpError,
+    TooLongError,
+    UnhandledCommandError,
+    UnknownRemoteError,
+)
+from ._network import connect, serve
+from ._protocol import AMPProtocol
+from ._wire import Box, BoxDecoder, encode_box, parse_boxes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMPProtocol",
+    "AmpError",
+    "Argument",
+    "Boolean",
+    "Box",
+    "BoxDecoder",
+    "Bytes",
+    "Command",
+    "ConnectionLostError",
+    "Float",
+    "Integer",
+    "ProtocolError",
+    "RemoteAmpError",
+    "String",
+    "TooLongError",
+    "UnhandledCommandError",
+    "Unicode",
+    "UnknownRemoteError",
+    "__version__",
+    "connect",
+    "encode_box",
+    "parse_boxes",
+    "serve",
+]

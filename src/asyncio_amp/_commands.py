@@ -1,0 +1,543 @@
+"""
+Commands: the schema of one remote call, checked once when the class is created.
+
+A :class:`Command` subclass names its arguments, its response and the exceptions
+it maps to wire error codes. At class creation every name is encoded to wire bytes
+and the box layouts are computed, so encoding a call is one pass over the values
+and one ``bytes.join``.
+"""
+
+from __future__ import annotations
+
+import keyword
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from ._arguments import Argument
+from ._errors import (
+    ProtocolError,
+    RemoteAmpError,
+    TooLongError,
+    UnhandledCommandError,
+    UnknownRemoteError,
+)
+from ._wire import (
+    ANSWER,
+    ASK,
+    BOX_END,
+    COMMAND,
+    ERROR,
+    ERROR_CODE,
+    ERROR_DESCRIPTION,
+    MAX_KEY_LENGTH,
+    MAX_VALUE_LENGTH,
+    PREFIXES,
+    RESERVED_KEYS,
+    UNHANDLED_ERROR_CODE,
+    UNKNOWN_ERROR_CODE,
+    UNKNOWN_ERROR_DESCRIPTION,
+    Box,
+    encode_items,
+    length_prefix,
+)
+
+__all__ = ["Command"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The attribute @Command.responder sets on a function: the Command classes it answers.
+RESPONDER_ATTRIBUTE = "__amp_responds_to__"
+
+ErrorMap = Mapping[type[BaseException], str | bytes]
+
+
+def _with_context(exc: TypeError | ValueError, where: str) -> TypeError | ValueError:
+    """Return a copy of ``exc`` (as a plain TypeError or ValueError) that says where it happened."""
+    kind = TypeError if isinstance(exc, TypeError) else ValueError
+    return kind(f"{where}: {exc}")
+
+
+def _to_wire_name(name: object, what: str, owner: str) -> bytes:
+    if isinstance(name, str):
+        try:
+            wire = name.encode("ascii")
+        except UnicodeEncodeError:
+            wire = name.encode("utf-8")
+    elif isinstance(name, bytes):
+        wire = name
+    else:
+        raise TypeError(f"{owner}: {what} names are str or bytes, not {type(name).__name__}")
+    if not wire:
+        raise TypeError(f"{owner}: {what} names cannot be empty")
+    if len(wire) > MAX_KEY_LENGTH:
+        raise TypeError(f"{owner}: {what} name {wire!r} is over {MAX_KEY_LENGTH} bytes")
+    return wire
+
+
+def python_name(wire: bytes) -> str:
+    """
+    Return the keyword under which a wire name reaches Python code.
+
+    Dashes become underscores (``b"hello-name"`` → ``hello_name``) and Python
+    keywords get a trailing underscore (``b"from"`` → ``from_``), as PEP 8 suggests.
+    """
+    name = wire.decode("utf-8", "backslashreplace").replace("-", "_")
+    if keyword.iskeyword(name):
+        name += "_"
+    return name
+
+
+class _Field:
+    """One argument or response key: its wire name, Python name and type."""
+
+    __slots__ = ("argument", "header", "key", "name", "optional")
+
+    def __init__(self, key: bytes, argument: Argument[Any]) -> None:
+        self.key = key
+        self.name = python_name(key)
+        self.argument = argument
+        self.optional = argument.optional
+        # The key's length prefix and bytes, written once here rather than per call.
+        self.header = PREFIXES[len(key)] + key
+
+
+class _Schema:
+    """
+    The keys of one box kind (the arguments, or the response) and how to write them.
+
+    ``specials`` are the protocol keys that go in the same box (``_ask`` and
+    ``_command``, or ``_answer``): their values are given per box. Keys are
+    written in sorted order, so the position of every key, special or not, is
+    computed here once.
+    """
+
+    __slots__ = ("by_name", "fields", "multi_key", "owner", "steps")
+
+    def __init__(
+        self, owner: str, what: str, spec: Iterable[tuple[str | bytes, Argument[Any]]]
+    ) -> None:
+        self.owner = owner
+        fields: list[_Field] = []
+        seen: set[bytes] = set()
+        for item in spec:
+            try:
+                name, argument = item
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{owner}.{what} holds (name, Argument) pairs, not {item!r}"
+                ) from None
+            key = _to_wire_name(name, what, owner)
+            if not isinstance(argument, Argument):
+                raise TypeError(
+                    f"{owner}.{what}: {key.decode(errors='replace')!r} needs an Argument "
+                    f"instance such as Integer(), not {argument!r}"
+                )
+            if key in RESERVED_KEYS:
+                raise TypeError(f"{owner}.{what}: {key!r} is a key reserved by AMP")
+            if key in seen:
+                raise TypeError(f"{owner}.{what}: {key!r} appears twice")
+            seen.add(key)
+            fields.append(_Field(key, argument))
+        by_name: dict[str, _Field] = {}
+        for field in fields:
+            if field.name in by_name:
+                raise TypeError(
+                    f"{owner}.{what}: {by_name[field.name].key!r} and {field.key!r} "
+                    f"both map to the Python name {field.name!r}"
+                )
+            by_name[field.name] = field
+        self.fields = tuple(sorted(fields, key=lambda f: f.key))
+        self.by_name = by_name
+        self.multi_key = any(f.argument.multi_key for f in fields)
+        self.steps: tuple[tuple[bytes, _Field | int], ...] = ()
+
+    def with_specials(self, specials: Sequence[bytes]) -> tuple[tuple[bytes, _Field | int], ...]:
+        """Return the write order of the fields and the special keys (by index)."""
+        entries: list[tuple[bytes, _Field | int]] = [(f.key, f) for f in self.fields]
+        entries += [(key, i) for i, key in enumerate(specials)]
+        entries.sort(key=lambda entry: entry[0])
+        return tuple((PREFIXES[len(key)] + key, what) for key, what in entries)
+
+    def encode(
+        self,
+        steps: tuple[tuple[bytes, _Field | int], ...],
+        values: Mapping[str, Any],
+        specials: list[bytes | None],
+        parts: list[bytes],
+        box_kind: str,
+    ) -> int:
+        """
+        Append the wire form of ``values`` and ``specials`` to ``parts``.
+
+        A special given as ``None`` is a placeholder (the tag) that the caller fills
+        in: the index of its part, which must become the length prefix and the
+        tag, is returned (-1 if there is none). So a tag is taken only after the
+        whole box has been checked.
+
+        Raises:
+            TypeError: An unknown name, a missing required value, or a value of the
+                wrong type.
+            ValueError: A value that its type cannot represent.
+            TooLongError: A value over 65,535 bytes.
+        """
+        by_name = self.by_name
+        for name in values:
+            if name not in by_name:
+                article = "an" if box_kind[0] in "aeiou" else "a"
+                raise TypeError(f"{self.owner}: {name!r} is not {article} {box_kind} name")
+        if self.multi_key:
+            return self._encode_sorted(steps, values, specials, parts, box_kind)
+        slot = -1
+        for header, what in steps:
+            if type(what) is int:
+                special = specials[what]
+                if special is None:
+                    # The tag: checked and filled in by the caller.
+                    parts.append(header)
+                    slot = len(parts)
+                    parts.append(b"")
+                    continue
+                value = special
+            else:
+                field: _Field = what  # type: ignore[assignment]  # the only other kind
+                given = values.get(field.name)
+                if given is None:
+                    if field.optional:
+                        continue
+                    raise TypeError(f"{self.owner}: {box_kind} {field.name!r} is missing")
+                try:
+                    value = field.argument.to_bytes(given)
+                except TooLongError:
+                    raise
+                except (TypeError, ValueError) as exc:
+                    raise _with_context(exc, f"{self.owner}: {box_kind} {field.name!r}") from exc
+            n = len(value)
+            if n > MAX_VALUE_LENGTH:
+                raise TooLongError(header[2:], n, MAX_VALUE_LENGTH, is_key=False)
+            parts.append(header)
+            parts.append(length_prefix(n))
+            parts.append(value)
+        return slot
+
+    def _encode_sorted(
+        self,
+        steps: tuple[tuple[bytes, _Field | int], ...],
+        values: Mapping[str, Any],
+        specials: list[bytes | None],
+        parts: list[bytes],
+        box_kind: str,
+    ) -> int:
+        # The general path, for types that write several keys: build the box as a
+        # dict and sort it, like encode_box.
+        box: Box = {}
+        for field in self.fields:
+            value = values.get(field.name)
+            if value is None:
+                if field.optional:
+                    continue
+                raise TypeError(f"{self.owner}: {box_kind} {field.name!r} is missing")
+            try:
+                field.argument.to_box(field.key, value, box)
+            except TooLongError:
+                raise
+            except (TypeError, ValueError) as exc:
+                raise _with_context(exc, f"{self.owner}: {box_kind} {field.name!r}") from exc
+        slot_key = None
+        for header, what in steps:
+            if type(what) is not int:
+                continue
+            key = header[2:]
+            special = specials[what]
+            if special is None:
+                slot_key = key
+                box[key] = b""
+            else:
+                box[key] = special
+        items = sorted(box.items())
+        start = len(parts)
+        encode_items(items, parts)
+        if slot_key is None:
+            return -1
+        # Each item is four parts: key prefix, key, value prefix, value.
+        index = next(i for i, (key, _) in enumerate(items) if key == slot_key)
+        return start + 4 * index + 2
+
+    def decode(self, box: Mapping[bytes, bytes], box_kind: str) -> dict[str, Any]:
+        """
+        Decode the fields of ``box`` to Python values, keyed by Python name.
+
+        Keys the schema does not name are ignored. A missing optional value
+        decodes to ``None``.
+
+        Raises:
+            KeyError: A required key is missing.
+            ValueError: A value does not decode (the error names the key).
+        """
+        result: dict[str, Any] = {}
+        for field in self.fields:
+            try:
+                value = field.argument.from_box(field.key, box)
+            except Exception as exc:
+                raise ValueError(
+                    f"{self.owner}: {box_kind} {field.name!r} does not decode: {exc}"
+                ) from exc
+            if value is None and not field.optional:
+                raise KeyError(f"{self.owner}: {box_kind} {field.name!r} is missing")
+            result[field.name] = value
+        return result
+
+
+def _error_map(owner: str, attribute: str, value: object) -> dict[type[BaseException], bytes]:
+    items: Iterable[Any]
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        items = value
+    else:
+        raise TypeError(f"{owner}.{attribute} maps exception classes to codes, not {value!r}")
+    result: dict[type[BaseException], bytes] = {}
+    for item in items:
+        try:
+            exc_type, code = item
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{owner}.{attribute}: expected (exception, code), got {item!r}"
+            ) from None
+        if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+            raise TypeError(f"{owner}.{attribute}: {exc_type!r} is not an exception class")
+        if isinstance(code, str):
+            code = code.encode("utf-8")
+        if not isinstance(code, bytes) or not code:
+            raise TypeError(
+                f"{owner}.{attribute}: the code for {exc_type.__name__} must be a "
+                "non-empty str or bytes"
+            )
+        if code in (UNKNOWN_ERROR_CODE, UNHANDLED_ERROR_CODE):
+            raise TypeError(f"{owner}.{attribute}: {code!r} is a code reserved by AMP")
+        if len(code) > MAX_VALUE_LENGTH:
+            raise TypeError(f"{owner}.{attribute}: the code for {exc_type.__name__} is too long")
+        result[exc_type] = code
+    return result
+
+
+class Command:
+    """
+    A remote command: its name, arguments, response and errors.
+
+    Subclass it and set the class attributes::
+
+        class Sum(Command):
+            arguments = [("a", Integer()), ("b", Integer())]
+            response = [("total", Integer())]
+            errors = {ZeroDivisionError: "ZERO_DIVISION"}
+
+    The schema is checked when the class is created; a mistake raises
+    :class:`TypeError` there and then.
+
+    Attributes:
+        arguments: ``(name, Argument)`` pairs sent with each call.
+        response: ``(name, Argument)`` pairs of the answer.
+        errors: Exception classes to wire codes (str or bytes). A responder that
+            raises one of these (or a subclass) answers with the code and
+            ``str(exc)``; the caller gets the class built from that description.
+            Inherited and merged along subclasses.
+        fatal_errors: Like ``errors``, and the responder's side closes the
+            connection after sending the error.
+        requires_answer: If false, no ``_ask`` is sent, the peer does not answer,
+            and ``call_remote`` completes at once with ``None``.
+        command_name: The name on the wire; the class name by default.
+
+    An instance carries the arguments of one call: ``call_remote(Sum(a=1, b=2))``
+    is the same as ``call_remote(Sum, a=1, b=2)``.
+    """
+
+    arguments: ClassVar[Sequence[tuple[str | bytes, Argument[Any]]]] = ()
+    response: ClassVar[Sequence[tuple[str | bytes, Argument[Any]]]] = ()
+    errors: ClassVar[ErrorMap] = {}
+    fatal_errors: ClassVar[ErrorMap] = {}
+    requires_answer: ClassVar[bool] = True
+    command_name: ClassVar[str | bytes] = "Command"
+
+    # Computed once per class by __init_subclass__.
+    wire_name: ClassVar[bytes] = b"Command"
+    _arguments_schema: ClassVar[_Schema]
+    _response_schema: ClassVar[_Schema]
+    _ask_steps: ClassVar[tuple[tuple[bytes, _Field | int], ...]]
+    _send_steps: ClassVar[tuple[tuple[bytes, _Field | int], ...]]
+    _answer_steps: ClassVar[tuple[tuple[bytes, _Field | int], ...]]
+    _command_value: ClassVar[bytes]
+    _all_errors: ClassVar[dict[type[BaseException], bytes]] = {}
+    _all_fatal_errors: ClassVar[dict[type[BaseException], bytes]] = {}
+    _code_to_exception: ClassVar[dict[bytes, type[BaseException]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        owner = cls.__qualname__
+        name = cls.__dict__.get("command_name", cls.__name__)
+        cls.command_name = name
+        cls.wire_name = _to_wire_name(name, "command", owner)
+        cls._command_value = length_prefix(len(cls.wire_name)) + cls.wire_name
+        cls._arguments_schema = _Schema(owner, "arguments", cls.arguments)
+        cls._response_schema = _Schema(owner, "response", cls.response)
+        cls._ask_steps = cls._arguments_schema.with_specials((ASK, COMMAND))
+        cls._send_steps = cls._arguments_schema.with_specials((COMMAND,))
+        cls._answer_steps = cls._response_schema.with_specials((ANSWER,))
+        if not isinstance(cls.requires_answer, bool):
+            raise TypeError(f"{owner}.requires_answer must be True or False")
+        # errors and fatal_errors accumulate along the class hierarchy, base first.
+        errors: dict[type[BaseException], bytes] = {}
+        fatal: dict[type[BaseException], bytes] = {}
+        for klass in reversed(cls.__mro__):
+            if klass is Command or not issubclass(klass, Command):
+                continue
+            if "errors" in klass.__dict__:
+                errors.update(_error_map(owner, "errors", klass.__dict__["errors"]))
+            if "fatal_errors" in klass.__dict__:
+                fatal.update(_error_map(owner, "fatal_errors", klass.__dict__["fatal_errors"]))
+        cls._all_errors = errors
+        cls._all_fatal_errors = fatal
+        code_map: dict[bytes, type[BaseException]] = {}
+        for exc_type, code in (*errors.items(), *fatal.items()):
+            code_map[code] = exc_type
+        cls._code_to_exception = code_map
+
+    def __init__(self, **arguments: Any) -> None:
+        by_name = self._arguments_schema.by_name
+        for name in arguments:
+            if name not in by_name:
+                raise TypeError(f"{type(self).__qualname__}: {name!r} is not an argument name")
+        #: The argument values of this call, by Python name.
+        self.values: dict[str, Any] = arguments
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={value!r}" for name, value in self.values.items())
+        return f"{type(self).__qualname__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Command)
+        return self.values == other.values
+
+    __hash__ = None  # type: ignore[assignment]  # mutable values, like a dict
+
+    # Public methods
+
+    @classmethod
+    def responder(cls, function: F) -> F:
+        """
+        Mark a method of an :class:`AMPProtocol` subclass as this command's responder.
+
+        The method gets the decoded arguments as keyword arguments and returns a
+        dict keyed like ``response`` (or a coroutine resolving to one). It is
+        returned unchanged, so it can still be called directly.
+        """
+        if not callable(function):
+            raise TypeError(f"{cls.__qualname__}.responder decorates a function, not {function!r}")
+        commands: tuple[type[Command], ...] = getattr(function, RESPONDER_ATTRIBUTE, ())
+        setattr(function, RESPONDER_ATTRIBUTE, (*commands, cls))
+        return function
+
+    # Private methods, used by the protocol
+
+    @classmethod
+    def _encode_ask(cls, values: Mapping[str, Any]) -> tuple[list[bytes], int]:
+        """
+        Encode a call's box, leaving the ``_ask`` tag to be filled in.
+
+        Returns:
+            The parts of the box and the index of the tag's part (-1 when no
+            answer is required: the box then has no ``_ask``).
+        """
+        parts: list[bytes] = []
+        if cls.requires_answer:
+            slot = cls._arguments_schema.encode(
+                cls._ask_steps, values, [None, cls.wire_name], parts, "argument"
+            )
+        else:
+            slot = cls._arguments_schema.encode(
+                cls._send_steps, values, [cls.wire_name], parts, "argument"
+            )
+        parts.append(BOX_END)
+        return parts, slot
+
+    @classmethod
+    def _encode_answer(cls, tag: bytes, values: Mapping[str, Any]) -> bytes:
+        """Encode the answer box for ``tag``; raises like :meth:`_Schema.encode`."""
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"the responder of {cls.__qualname__} returned {type(values).__name__}, "
+                "not a dict keyed like its response"
+            )
+        parts: list[bytes] = []
+        cls._response_schema.encode(cls._answer_steps, values, [tag], parts, "response")
+        parts.append(BOX_END)
+        return b"".join(parts)
+
+    @classmethod
+    def _decode_arguments(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+        return cls._arguments_schema.decode(box, "argument")
+
+    @classmethod
+    def _decode_response(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+        try:
+            return cls._response_schema.decode(box, "response")
+        except (KeyError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ProtocolError(
+                f"the peer's answer to {cls.__qualname__} is invalid: {message}"
+            ) from exc
+
+    @classmethod
+    def _error_code_for(cls, exc: BaseException) -> tuple[bytes, bool] | None:
+        """Return the wire code of ``exc`` and whether it is fatal, or ``None`` if unmapped."""
+        errors = cls._all_errors
+        fatal = cls._all_fatal_errors
+        if not errors and not fatal:
+            return None
+        # Walk the exception's own classes first, so the most specific mapping wins.
+        for klass in type(exc).__mro__:
+            code = errors.get(klass)
+            if code is not None:
+                return code, False
+            code = fatal.get(klass)
+            if code is not None:
+                return code, True
+        return None
+
+    @classmethod
+    def _exception_for(cls, code: bytes, description: bytes) -> BaseException:
+        """Build the exception a caller raises for an error answer."""
+        text = description.decode("utf-8", "replace")
+        exc_type = cls._code_to_exception.get(code)
+        if exc_type is not None:
+            try:
+                return exc_type(text)
+            except Exception:  # the class does not take one string argument
+                pass
+        code_text = code.decode("utf-8", "backslashreplace")
+        if code == UNHANDLED_ERROR_CODE:
+            return UnhandledCommandError(code_text, text, cls.__qualname__)
+        if exc_type is not None:
+            return RemoteAmpError(code_text, text, cls.__qualname__)
+        return UnknownRemoteError(code_text, text, cls.__qualname__)
+
+
+def encode_error(tag: bytes, code: bytes, description: bytes) -> bytes:
+    """Encode an error answer; a description over 65,535 bytes is cut to fit."""
+    if len(description) > MAX_VALUE_LENGTH:
+        description = description[:MAX_VALUE_LENGTH]
+    parts: list[bytes] = []
+    encode_items(((ERROR, tag), (ERROR_CODE, code), (ERROR_DESCRIPTION, description)), parts)
+    parts.append(BOX_END)
+    return b"".join(parts)
+
+
+def encode_unknown_error(tag: bytes) -> bytes:
+    """Encode the generic ``UNKNOWN`` answer, which says nothing about the real cause."""
+    return encode_error(tag, UNKNOWN_ERROR_CODE, UNKNOWN_ERROR_DESCRIPTION)
+
+
+def encode_unhandled_error(tag: bytes, command: bytes) -> bytes:
+    """Encode the ``UNHANDLED`` answer with Twisted's description text."""
+    return encode_error(tag, UNHANDLED_ERROR_CODE, b"Unhandled Command: " + repr(command).encode())

@@ -1,0 +1,232 @@
+"""
+The sans-I/O AMP connection: bytes in, events out; boxes in, bytes out.
+
+Theory of operation
+-------------------
+
+An :class:`AMPConnection` is one side of one AMP connection, with no socket,
+loop or clock. The I/O layer feeds it what it reads (:meth:`receive_data`) and
+takes what it must write (:meth:`data_to_send`). In between, the connection:
+
+* decodes the byte stream into boxes (:class:`BoxDecoder`), and classifies each
+  box, in Twisted's order, as an answer (``_answer``), an error answer
+  (``_error``) or a call (``_command``): :class:`Answer`, :class:`ErrorAnswer`
+  and :class:`Ask` events;
+* hands out tags: a lowercase hexadecimal counter from 1, which goes up for
+  every call, including calls that want no answer (as in Twisted, so tags have
+  gaps). Tags are never reused on a connection. A peer's tags are opaque bytes,
+  echoed as they came;
+* queues the encoded boxes to send.
+
+It has two states, in :class:`State`: ``OPEN`` and ``CLOSED``. Bad input from the
+peer does not raise: the connection moves to ``CLOSED``, records the
+:class:`ProtocolError` in :attr:`error`, and emits a final :class:`Failure`
+event after the events of every box the peer sent correctly before it. The I/O
+layer then logs the reason and closes the transport. When the transport closes
+for any reason, :meth:`connection_lost` moves the connection to ``CLOSED`` too,
+and anything that arrives afterwards is ignored.
+
+The connection knows boxes and tags, not Commands: matching answers to calls and
+running responders is the I/O layer's work.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ._errors import ProtocolError
+from ._wire import (
+    ANSWER,
+    ASK,
+    COMMAND,
+    DEFAULT_MAX_BOX_SIZE,
+    DEFAULT_MAX_KEYS,
+    ERROR,
+    ERROR_CODE,
+    ERROR_DESCRIPTION,
+    Box,
+    BoxDecoder,
+)
+
+__all__: list[str] = []
+
+
+class State(enum.Enum):
+    """The states of a connection."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# Events are slotted but not frozen: a frozen dataclass's __init__ costs three
+# times as much (measured: 670 ns against 210 ns), and one is built per box.
+# Treat them as read-only.
+
+
+@dataclass(slots=True)
+class Ask:
+    """The peer calls a command. ``tag`` is ``None`` when it wants no answer."""
+
+    tag: bytes | None
+    command: bytes
+    box: Box
+
+
+@dataclass(slots=True)
+class Answer:
+    """The peer answers the call sent with ``tag``."""
+
+    tag: bytes
+    box: Box
+
+
+@dataclass(slots=True)
+class ErrorAnswer:
+    """The peer answers the call sent with ``tag`` with an error."""
+
+    tag: bytes
+    code: bytes
+    description: bytes
+    box: Box
+
+
+@dataclass(slots=True)
+class Failure:
+    """The peer broke the protocol; the connection is closed and must be dropped."""
+
+    error: ProtocolError
+
+
+Event = Ask | Answer | ErrorAnswer | Failure
+
+
+def _classify(box: Box) -> Ask | Answer | ErrorAnswer:
+    """Turn a box into an event, checking the keys its kind needs (Twisted's order)."""
+    tag = box.get(ANSWER)
+    if tag is not None:
+        return Answer(tag, box)
+    tag = box.get(ERROR)
+    if tag is not None:
+        code = box.get(ERROR_CODE)
+        description = box.get(ERROR_DESCRIPTION)
+        if code is None or description is None:
+            missing = ERROR_CODE if code is None else ERROR_DESCRIPTION
+            raise ProtocolError(f"error answer for tag {tag!r} has no {missing.decode()} key")
+        return ErrorAnswer(tag, code, description, box)
+    command = box.get(COMMAND)
+    if command is not None:
+        return Ask(box.get(ASK), command, box)
+    keys = sorted(box)[:8]
+    raise ProtocolError(
+        f"box has none of _command, _answer or _error (its keys: {keys!r}"
+        f"{', ...' if len(box) > 8 else ''})"
+    )
+
+
+class AMPConnection:
+    """
+    One side of an AMP connection, without I/O.
+
+    Args:
+        max_box_size: The most bytes one received box may take.
+        max_keys: The most keys one received box may have.
+    """
+
+    __slots__ = ("_decoder", "_events", "_outgoing", "_tag_counter", "error", "state")
+
+    def __init__(
+        self,
+        *,
+        max_box_size: int = DEFAULT_MAX_BOX_SIZE,
+        max_keys: int = DEFAULT_MAX_KEYS,
+    ) -> None:
+        self._decoder = BoxDecoder(max_box_size=max_box_size, max_keys=max_keys)
+        self._events: list[Event] = []
+        self._outgoing: list[bytes] = []
+        self._tag_counter = 0
+        #: The state of the connection.
+        self.state = State.OPEN
+        #: Why the connection failed, if the peer broke the protocol.
+        self.error: ProtocolError | None = None
+
+    # Receiving
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer. Ignored once the connection is closed."""
+        if self.state is not State.OPEN:
+            return
+        boxes, error = self._decoder.receive_data_partial(data)
+        events = self._events
+        for box in boxes:
+            try:
+                events.append(_classify(box))
+            except ProtocolError as exc:
+                error = exc
+                break
+        if error is not None:
+            self._fail(error)
+
+    def events_received(self) -> list[Event]:
+        """Return the events of the data received so far, and forget them."""
+        events = self._events
+        if events:
+            self._events = []
+        return events
+
+    def fail(self, error: ProtocolError) -> None:
+        """
+        Close the connection because of something the peer did.
+
+        For faults only the I/O layer can see, such as an answer whose tag was
+        never sent. Emits a :class:`Failure` event like bad framing does.
+        """
+        if self.state is State.OPEN:
+            self._fail(error)
+
+    def connection_lost(self) -> ProtocolError | None:
+        """
+        Record that the transport closed.
+
+        Returns:
+            A :class:`ProtocolError` if the stream stopped in the middle of a box
+            (everything received before that box has been delivered), else ``None``.
+        """
+        if self.state is not State.OPEN:
+            return None
+        self.state = State.CLOSED
+        return self._decoder.end_of_stream()
+
+    # Sending
+
+    def next_tag(self) -> bytes:
+        """Take the next tag: lowercase hexadecimal, from 1, never reused."""
+        self._tag_counter += 1
+        return b"%x" % self._tag_counter
+
+    def skip_tag(self) -> None:
+        """Advance the tag counter without sending a tag, as Twisted does for no-answer calls."""
+        self._tag_counter += 1
+
+    def send(self, data: bytes) -> None:
+        """Queue the bytes of one or more encoded boxes."""
+        self._outgoing.append(data)
+
+    def data_to_send(self) -> list[bytes]:
+        """Return the queued bytes, in order, and forget them."""
+        outgoing = self._outgoing
+        if outgoing:
+            self._outgoing = []
+        return outgoing
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """``True`` if bytes are queued."""
+        return bool(self._outgoing)
+
+    # Private methods
+
+    def _fail(self, error: ProtocolError) -> None:
+        self.state = State.CLOSED
+        self.error = error
+        self._events.append(Failure(error))

@@ -1,0 +1,320 @@
+"""
+The AMP box codec: wire keys, limits, :func:`encode_box` and an incremental :class:`BoxDecoder`.
+
+A box is a sequence of key/value pairs. Each key and each value is written as a
+2-byte big-endian length followed by that many bytes; an empty key (``\\x00\\x00``)
+ends the box. Keys are 1 to 255 bytes, values 0 to 65,535 bytes. Like Twisted we
+write keys in sorted byte order, and like the protocol says we accept any order.
+
+This module does no I/O and imports nothing from asyncio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from ._errors import ProtocolError, TooLongError
+
+__all__ = [
+    "Box",
+    "BoxDecoder",
+    "encode_box",
+    "parse_boxes",
+]
+
+#: A decoded box: wire keys to wire values, both bytes.
+Box = dict[bytes, bytes]
+
+# Reserved keys (Twisted's ASK, ANSWER, COMMAND, ERROR, ERROR_CODE, ERROR_DESCRIPTION).
+ASK = b"_ask"
+ANSWER = b"_answer"
+COMMAND = b"_command"
+ERROR = b"_error"
+ERROR_CODE = b"_error_code"
+ERROR_DESCRIPTION = b"_error_description"
+RESERVED_KEYS = frozenset({ASK, ANSWER, COMMAND, ERROR, ERROR_CODE, ERROR_DESCRIPTION})
+
+# Error codes with a meaning of their own.
+UNKNOWN_ERROR_CODE = b"UNKNOWN"
+UNHANDLED_ERROR_CODE = b"UNHANDLED"
+UNKNOWN_ERROR_DESCRIPTION = b"Unknown Error"
+
+# The key length is written in 2 bytes but AMP caps it at one byte's worth, so that
+# a stream that is not AMP (an HTTP request: b"GE" = 18245) is caught at once.
+MAX_KEY_LENGTH = 255
+# The largest number a 2-byte length prefix can hold.
+MAX_VALUE_LENGTH = 65_535
+
+# Receiving limits. AMP itself has none, so a peer could send a box of any number
+# of keys; these defaults bound the memory one box may take (16 MiB is room for a
+# BigString of 16 MB split over 256 keys) and the number of dict entries built.
+DEFAULT_MAX_BOX_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_KEYS = 1024
+
+# Length prefixes of the small lengths that keys and most values have, computed once:
+# a table lookup is about 3 times cheaper than int.to_bytes on the encoding hot path.
+_PREFIX_TABLE_SIZE = 1024
+PREFIXES = tuple(n.to_bytes(2, "big") for n in range(_PREFIX_TABLE_SIZE))
+BOX_END = b"\x00\x00"
+
+
+def length_prefix(n: int) -> bytes:
+    """Return the 2-byte big-endian length prefix of ``n`` (0 to 65,535)."""
+    return PREFIXES[n] if n < _PREFIX_TABLE_SIZE else n.to_bytes(2, "big")
+
+
+def check_key(key: bytes) -> None:
+    """
+    Check that ``key`` can be sent as an AMP key.
+
+    Raises:
+        TypeError: ``key`` is not bytes.
+        ValueError: ``key`` is empty (an empty key ends a box).
+        TooLongError: ``key`` is over 255 bytes.
+    """
+    if type(key) is not bytes:
+        raise TypeError(f"AMP keys are bytes, not {type(key).__name__}: {key!r}")
+    if not key:
+        raise ValueError("AMP keys cannot be empty: an empty key ends a box")
+    if len(key) > MAX_KEY_LENGTH:
+        raise TooLongError(key, len(key), MAX_KEY_LENGTH, is_key=True)
+
+
+def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> None:
+    """Append the wire form of sorted ``items`` to ``parts``, checking every length."""
+    for key, given in items:
+        check_key(key)
+        value = given
+        if type(value) is not bytes:
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"AMP values are bytes, not {type(value).__name__} (key {key!r})")
+            value = bytes(value)
+        n = len(value)
+        if n > MAX_VALUE_LENGTH:
+            raise TooLongError(key, n, MAX_VALUE_LENGTH, is_key=False)
+        parts.append(PREFIXES[len(key)])
+        parts.append(key)
+        parts.append(PREFIXES[n] if n < _PREFIX_TABLE_SIZE else n.to_bytes(2, "big"))
+        parts.append(value)
+
+
+def encode_box(box: Mapping[bytes, bytes]) -> bytes:
+    """
+    Serialize one box, keys in sorted order, terminator included.
+
+    Args:
+        box: Wire keys to wire values.
+
+    Returns:
+        The box's bytes, exactly as Twisted's ``AmpBox.serialize`` writes them.
+
+    Raises:
+        TypeError: A key or value is not bytes.
+        ValueError: A key is empty.
+        TooLongError: A key is over 255 bytes or a value over 65,535 bytes.
+    """
+    parts: list[bytes] = []
+    encode_items(sorted(box.items()), parts)
+    parts.append(BOX_END)
+    return b"".join(parts)
+
+
+def _describe_start(data: bytes) -> str:
+    """Say what a stream that fails at its first bytes looks like, for the error message."""
+    head = data[:24]
+    if head[:1].isalpha() and all(32 <= c < 127 or c in b"\r\n\t" for c in head):
+        return f"; the data starts with {head!r}, which is text, not AMP"
+    return ""
+
+
+class BoxDecoder:
+    """
+    Turn a byte stream into boxes, incrementally.
+
+    Feed it bytes as they arrive with :meth:`receive_data`; it returns the boxes
+    completed by those bytes. A partial box is kept between calls: each complete
+    key/value pair is moved into the box being built as soon as it has arrived, so
+    only one partial pair (at most 65,797 bytes) is ever buffered, and a stream fed
+    one byte at a time is still decoded in time proportional to its length.
+
+    After a :class:`ProtocolError` the decoder is broken: every later call raises
+    the same error.
+
+    Args:
+        max_box_size: The most bytes one box may take on the wire, length prefixes
+            included. Checked as soon as a value's length is known, before its
+            bytes are buffered.
+        max_keys: The most keys one box may have.
+    """
+
+    __slots__ = (
+        "_box",
+        "_box_size",
+        "_error",
+        "_max_box_size",
+        "_max_keys",
+        "_need",
+        "_offset",
+        "_rest",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_box_size: int = DEFAULT_MAX_BOX_SIZE,
+        max_keys: int = DEFAULT_MAX_KEYS,
+    ) -> None:
+        self._max_box_size = max_box_size
+        self._max_keys = max_keys
+        self._box: Box = {}
+        # Wire bytes of the complete pairs already in self._box.
+        self._box_size = 0
+        # Bytes received but not yet parsed: the start of an incomplete pair.
+        self._rest = bytearray()
+        # How many bytes self._rest must hold before parsing can make progress.
+        self._need = 0
+        # Stream offset of the first byte of self._rest, for error messages.
+        self._offset = 0
+        self._error: ProtocolError | None = None
+
+    # Public methods
+
+    @property
+    def in_box(self) -> bool:
+        """``True`` if part of a box has been received and its end has not."""
+        return bool(self._box) or bool(self._rest)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that belong to the unfinished box."""
+        return self._box_size + len(self._rest)
+
+    def receive_data(self, data: bytes) -> list[Box]:
+        """
+        Parse ``data`` and return the boxes it completes, in order.
+
+        Raises:
+            ProtocolError: The stream is not valid AMP or breaks a limit. The boxes
+                completed before the bad bytes are lost to the caller; use
+                :meth:`receive_data_partial` to keep them.
+        """
+        boxes, error = self.receive_data_partial(data)
+        if error is not None:
+            raise error
+        return boxes
+
+    def receive_data_partial(self, data: bytes) -> tuple[list[Box], ProtocolError | None]:
+        """
+        Parse ``data``; return the boxes it completes and the error that stopped it, if any.
+
+        The boxes that came before bad bytes are returned with the error, so a
+        connection can act on everything the peer sent correctly before it failed.
+        """
+        if self._error is not None:
+            return [], self._error
+        rest = self._rest
+        if rest:
+            rest += data
+            if len(rest) < self._need:
+                return [], None
+            data = bytes(rest)
+            rest.clear()
+        boxes: list[Box] = []
+        try:
+            self._parse(data, boxes)
+        except ProtocolError as exc:
+            self._error = exc
+            self._box = {}
+            self._rest = bytearray()
+            return boxes, exc
+        return boxes, None
+
+    def end_of_stream(self) -> ProtocolError | None:
+        """
+        Report whether the stream stopped in the middle of a box.
+
+        Returns:
+            A :class:`ProtocolError` describing the unfinished box, or ``None`` if
+            the stream ended on a box boundary.
+        """
+        if self._error is None and self.in_box:
+            return ProtocolError(
+                f"the stream ended inside a box ({self.buffered} bytes of it received, "
+                f"{len(self._box)} complete keys)"
+            )
+        return None
+
+    # Private methods
+
+    def _parse(self, data: bytes, boxes: list[Box]) -> None:
+        box = self._box
+        size = self._box_size
+        max_box_size = self._max_box_size
+        max_keys = self._max_keys
+        pos = 0
+        end = len(data)
+        while True:
+            if end - pos < 2:
+                self._need = 2
+                break
+            klen = (data[pos] << 8) | data[pos + 1]
+            if klen == 0:
+                if not box:
+                    raise ProtocolError(
+                        f"empty box at stream offset {self._offset + pos}: "
+                        "a box needs at least one key"
+                    )
+                boxes.append(box)
+                box = {}
+                size = 0
+                pos += 2
+                continue
+            if klen > MAX_KEY_LENGTH:
+                raise ProtocolError(
+                    f"key length {klen} at stream offset {self._offset + pos} is over the "
+                    f"AMP limit of {MAX_KEY_LENGTH}" + _describe_start(data[pos:])
+                )
+            vpos = pos + 2 + klen
+            if end - vpos < 2:
+                self._need = vpos + 2 - pos
+                break
+            vlen = (data[vpos] << 8) | data[vpos + 1]
+            stop = vpos + 2 + vlen
+            pair = stop - pos
+            if size + pair > max_box_size:
+                raise ProtocolError(
+                    f"box at stream offset {self._offset + pos - size} is over the limit of "
+                    f"{max_box_size} bytes (key {data[pos + 2 : vpos]!r} brings it to "
+                    f"{size + pair})"
+                )
+            if stop > end:
+                self._need = pair
+                break
+            if len(box) >= max_keys:
+                raise ProtocolError(
+                    f"box at stream offset {self._offset + pos - size} has more than "
+                    f"{max_keys} keys"
+                )
+            box[data[pos + 2 : vpos]] = data[vpos + 2 : stop]
+            size += pair
+            pos = stop
+        self._box = box
+        self._box_size = size
+        self._offset += pos
+        if pos < end:
+            self._rest += data[pos:] if pos else data
+
+
+def parse_boxes(data: bytes) -> list[Box]:
+    """
+    Parse a complete AMP byte stream into its boxes.
+
+    Raises:
+        ProtocolError: ``data`` is not valid AMP, or it ends inside a box.
+    """
+    decoder = BoxDecoder(max_box_size=len(data) + 1, max_keys=len(data) + 1)
+    boxes = decoder.receive_data(data)
+    error = decoder.end_of_stream()
+    if error is not None:
+        raise error
+    return boxes

@@ -1,0 +1,567 @@
+"""Reference AMP peer built on Twisted, driven over stdin/stdout with JSON lines.
+
+This program imports only Twisted and the standard library; it must never import
+``asyncio_amp``.  It is started by ``peer.py`` (see ``TwistedPeer``) and lets the
+interoperability tests check our asyncio implementation against
+``twisted.protocols.amp``.
+
+Protocol (one JSON object per line):
+
+* On start-up the program writes ``{"event": "ready"}``.
+* Each request carries an ``"id"`` and an ``"op"``; each reply echoes the id:
+  ``{"id": N, "ok": true, "result": ...}`` or
+  ``{"id": N, "ok": false, "error": {"type": ..., "code": ..., "description": ...}}``.
+* Unsolicited events carry ``"event"`` and no id: ``accepted`` (an inbound AMP
+  connection, with its ``conn`` id) and ``lost`` (any AMP connection closed, with
+  ``conn``, ``reason`` = ``str(failure.value)`` and ``reason_type`` = the
+  exception class name).
+
+Value encoding: JSON ints/bools/strings stand for themselves; bytes are
+``{"$bytes": "<hex>"}``; floats are ``{"$float": "<repr>"}``; raw boxes are
+``{"$box": {"<hex key>": "<hex value>"}}``; absent optional values are ``null``.
+
+Operations: listen, connect, call, call_raw, send_raw, close, serialize,
+received, encode, decode, quit.  Stdin reaching EOF also stops the program.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.internet.stdio import StandardIO
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.protocols import amp
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+reactor: Any = _reactor
+
+HOST = "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------
+# JSON value conventions
+# ---------------------------------------------------------------------------
+
+
+def encode_box(box: dict[bytes, bytes]) -> dict[str, Any]:
+    return {"$box": {k.hex(): v.hex() for k, v in box.items()}}
+
+
+def encode_value(value: Any) -> Any:
+    """Turn a Python value into its JSON representation."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return {"$float": repr(value)}
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": bytes(value).hex()}
+    if isinstance(value, dict):
+        if value and all(isinstance(k, bytes) for k in value):
+            return encode_box(value)
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_value(v) for v in value]
+    raise TypeError(f"cannot JSON-encode {value!r}")
+
+
+def decode_value(value: Any) -> Any:
+    """Turn a JSON representation back into a Python value."""
+    if isinstance(value, dict):
+        if len(value) == 1:
+            ((key, inner),) = value.items()
+            if key == "$bytes":
+                return bytes.fromhex(inner)
+            if key == "$float":
+                return float(inner)
+            if key == "$box":
+                return {bytes.fromhex(k): bytes.fromhex(v) for k, v in inner.items()}
+        return {k: decode_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    return value
+
+
+def decode_box(value: Any) -> dict[bytes, bytes]:
+    box = decode_value(value)
+    if not isinstance(box, dict) or not all(
+        isinstance(k, bytes) and isinstance(v, bytes) for k, v in box.items()
+    ):
+        raise TypeError(f"expected a {{'$box': ...}} value, got {value!r}")
+    return box
+
+
+def python_name(wire_name: bytes) -> str:
+    """The keyword name Twisted uses for a wire argument name (dashes -> _)."""
+    return wire_name.decode("ascii").replace("-", "_")
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+class Sum(amp.Command):
+    commandName = b"Sum"
+    arguments = [(b"a", amp.Integer()), (b"b", amp.Integer())]
+    response = [(b"total", amp.Integer())]
+
+
+class Divide(amp.Command):
+    commandName = b"Divide"
+    arguments = [(b"numerator", amp.Integer()), (b"denominator", amp.Integer())]
+    response = [(b"result", amp.Float())]
+    errors = {ZeroDivisionError: b"ZERO_DIVISION"}
+
+
+class Fatal(amp.Command):
+    commandName = b"Fatal"
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []
+    fatalErrors = {KeyError: b"FATAL_KEY"}
+
+
+class Boom(amp.Command):
+    commandName = b"Boom"
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class Notify(amp.Command):
+    commandName = b"Notify"
+    arguments = [(b"message", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    requiresAnswer = False
+
+
+class EchoAll(amp.Command):
+    commandName = b"EchoAll"
+    arguments = [
+        (b"i", amp.Integer()),
+        (b"s", amp.Unicode()),
+        (b"b", amp.String()),
+        (b"f", amp.Float()),
+        (b"flag", amp.Boolean()),
+        (b"opt", amp.Unicode(optional=True)),
+    ]
+    response = [
+        (b"i", amp.Integer()),
+        (b"s", amp.Unicode()),
+        (b"b", amp.String()),
+        (b"f", amp.Float()),
+        (b"flag", amp.Boolean()),
+        (b"opt", amp.Unicode(optional=True)),
+    ]
+
+
+class Big(amp.Command):
+    commandName = b"Big"
+    arguments = [(b"size", amp.Integer())]
+    response = [(b"data", amp.String())]
+
+
+class Slow(amp.Command):
+    commandName = b"Slow"
+    arguments = [(b"delay", amp.Float()), (b"value", amp.Integer())]
+    response = [(b"value", amp.Integer())]
+
+
+class CallBack(amp.Command):
+    commandName = b"CallBack"
+    arguments = [(b"a", amp.Integer()), (b"b", amp.Integer())]
+    response = [(b"total", amp.Integer())]
+
+
+class Hello(amp.Command):
+    commandName = b"Hello"
+    arguments = [(b"hello-name", amp.Unicode())]
+    response = [(b"greeting", amp.Unicode())]
+
+
+COMMANDS: dict[str, type[amp.Command]] = {
+    cls.commandName.decode("ascii"): cls
+    for cls in (Sum, Divide, Fatal, Boom, Notify, EchoAll, Big, Slow, CallBack, Hello)
+}
+
+ARGUMENT_TYPES: dict[str, Callable[[], amp.Argument]] = {
+    "Integer": amp.Integer,
+    "String": amp.String,
+    "Unicode": amp.Unicode,
+    "Float": amp.Float,
+    "Boolean": amp.Boolean,
+}
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class PeerRequestError(Exception):
+    """A malformed request from the controlling process."""
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def describe_exception(
+    exc: BaseException, command: type[amp.Command] | None = None
+) -> dict[str, Any]:
+    """Build the ``error`` object of a failed reply."""
+    code: str | None = None
+    if isinstance(exc, amp.RemoteAmpError):
+        code = _text(exc.errorCode)
+        description = _text(exc.description)
+    elif (
+        isinstance(exc, amp.UnhandledCommand)
+        and len(exc.args) == 2
+        and isinstance(exc.args[0], bytes)
+    ):
+        # Twisted builds UnhandledCommand(errorCode, description).
+        code = _text(exc.args[0])
+        description = _text(exc.args[1])
+    else:
+        if command is not None:
+            # callRemote turns a mapped error code back into the exception
+            # class; report the code it came from too.
+            mapped = {**command.errors, **command.fatalErrors}.get(type(exc))
+            if mapped is not None:
+                code = _text(mapped)
+        if len(exc.args) == 1 and isinstance(exc.args[0], (str, bytes)):
+            description = _text(exc.args[0])
+        else:
+            description = str(exc) or repr(exc)
+    return {"type": type(exc).__name__, "code": code, "description": description}
+
+
+# ---------------------------------------------------------------------------
+# The AMP protocol
+# ---------------------------------------------------------------------------
+
+
+class PeerAMP(amp.AMP):
+    """AMP with the test responders; reports its life cycle to the controller."""
+
+    def __init__(self, controller: Controller, inbound: bool) -> None:
+        super().__init__()
+        self.controller = controller
+        self.inbound = inbound
+        self.conn_id = controller.new_conn_id()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.controller.register(self)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        self.controller.lost(self, reason)
+
+    def _record(self, command: type[amp.Command], **kwargs: Any) -> None:
+        args = {
+            wire.decode("ascii"): encode_value(kwargs.get(python_name(wire)))
+            for wire, _ in command.arguments
+        }
+        self.controller.record(
+            self.conn_id, {"command": command.commandName.decode(), "args": args}
+        )
+
+    @Sum.responder
+    def sum(self, a: int, b: int) -> dict[str, Any]:
+        self._record(Sum, a=a, b=b)
+        return {"total": a + b}
+
+    @Divide.responder
+    def divide(self, numerator: int, denominator: int) -> dict[str, Any]:
+        self._record(Divide, numerator=numerator, denominator=denominator)
+        return {"result": float(numerator) / denominator}
+
+    @Fatal.responder
+    def fatal(self) -> dict[str, Any]:
+        self._record(Fatal)
+        raise KeyError("kk")
+
+    @Boom.responder
+    def boom(self) -> dict[str, Any]:
+        self._record(Boom)
+        raise RuntimeError("secret internal detail")
+
+    @Notify.responder
+    def notify(self, message: str) -> dict[str, Any]:
+        self._record(Notify, message=message)
+        return {}
+
+    def locateResponder(self, name: bytes) -> Any:
+        if name == EchoAll.commandName:
+            return self._respond_echo_all
+        return super().locateResponder(name)
+
+    def _respond_echo_all(self, box: amp.AmpBox) -> Deferred[amp.AmpBox]:
+        # EchoAll cannot use @EchoAll.responder: Twisted invokes responders as
+        # maybeDeferred(responder, **arguments), and maybeDeferred's own first
+        # parameter is called ``f``, so an AMP argument named "f" makes Twisted
+        # fail with "got multiple values for argument 'f'" (answered as an
+        # UNKNOWN error plus a dropped connection).  Do the same job with the
+        # command's public parseArguments/makeResponse instead.
+        def respond() -> amp.AmpBox:
+            kwargs = EchoAll.parseArguments(box, self)
+            return EchoAll.makeResponse(self.echo_all(**kwargs), self)
+
+        return maybeDeferred(respond)
+
+    def echo_all(
+        self, *, i: int, s: str, b: bytes, f: float, flag: bool, opt: str | None
+    ) -> dict[str, Any]:
+        self._record(EchoAll, i=i, s=s, b=b, f=f, flag=flag, opt=opt)
+        return {"i": i, "s": s, "b": b, "f": f, "flag": flag, "opt": opt}
+
+    @Big.responder
+    def big(self, size: int) -> dict[str, Any]:
+        self._record(Big, size=size)
+        return {"data": b"x" * size}
+
+    @Slow.responder
+    def slow(self, delay: float, value: int) -> Deferred[dict[str, Any]]:
+        self._record(Slow, delay=delay, value=value)
+        return deferLater(reactor, delay, lambda: {"value": value})
+
+    @CallBack.responder
+    def call_back(self, a: int, b: int) -> Deferred[dict[str, Any]]:
+        self._record(CallBack, a=a, b=b)
+        d: Deferred[dict[str, Any]] = self.callRemote(Sum, a=a, b=b)
+        d.addCallback(lambda answer: {"total": answer["total"] + 1000})
+        return d
+
+    @Hello.responder
+    def hello(self, hello_name: str) -> dict[str, Any]:
+        self._record(Hello, hello_name=hello_name)
+        return {"greeting": "hello " + hello_name}
+
+
+class ServerFactory(Factory):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def buildProtocol(self, addr: Any) -> PeerAMP:
+        return PeerAMP(self.controller, inbound=True)
+
+
+# ---------------------------------------------------------------------------
+# Controller: the stdin/stdout side
+# ---------------------------------------------------------------------------
+
+
+class Controller(LineReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 30
+
+    def __init__(self) -> None:
+        self._next_conn = 0
+        self.conns: dict[int, PeerAMP] = {}
+        self.received: dict[int, list[dict[str, Any]]] = {}
+        self.ports: list[IListeningPort] = []
+        self.stopping = False
+
+    # -- output ------------------------------------------------------------
+
+    def emit(self, message: dict[str, Any]) -> None:
+        if self.transport is None or self.stopping:
+            return
+        line = json.dumps(message, allow_nan=False, separators=(",", ":"))
+        self.sendLine(line.encode("utf-8"))
+
+    def connectionMade(self) -> None:
+        self.emit({"event": "ready"})
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.stopping = True
+        if reactor.running:
+            reactor.stop()
+
+    # -- connection bookkeeping ------------------------------------------------
+
+    def new_conn_id(self) -> int:
+        self._next_conn += 1
+        return self._next_conn
+
+    def register(self, proto: PeerAMP) -> None:
+        self.conns[proto.conn_id] = proto
+        self.received.setdefault(proto.conn_id, [])
+        if proto.inbound:
+            self.emit({"event": "accepted", "conn": proto.conn_id})
+
+    def lost(self, proto: PeerAMP, reason: Failure) -> None:
+        self.emit(
+            {
+                "event": "lost",
+                "conn": proto.conn_id,
+                "reason": str(reason.value),
+                "reason_type": type(reason.value).__name__,
+            }
+        )
+
+    def record(self, conn_id: int, entry: dict[str, Any]) -> None:
+        self.received.setdefault(conn_id, []).append(entry)
+
+    def conn(self, request: dict[str, Any]) -> PeerAMP:
+        try:
+            return self.conns[int(request["conn"])]
+        except KeyError:
+            raise PeerRequestError(f"unknown conn {request.get('conn')!r}") from None
+
+    # -- requests ------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            request = json.loads(line)
+            request_id = request["id"]
+            op = request["op"]
+        except Exception as exc:
+            self.emit(
+                {
+                    "event": "bad_request",
+                    "line": line.decode("utf-8", "replace"),
+                    "error": repr(exc),
+                }
+            )
+            return
+        handler = getattr(self, "op_" + str(op), None)
+        command: list[type[amp.Command] | None] = [None]
+
+        def run() -> Any:
+            if handler is None:
+                raise PeerRequestError(f"unknown op {op!r}")
+            if op == "call":
+                command[0] = COMMANDS.get(str(request.get("command")))
+            return handler(request)
+
+        def ok(result: Any) -> None:
+            self.emit({"id": request_id, "ok": True, "result": result})
+
+        def failed(failure: Failure) -> None:
+            error = describe_exception(failure.value, command[0])
+            self.emit({"id": request_id, "ok": False, "error": error})
+
+        d = maybeDeferred(run)
+        d.addCallback(ok)
+        d.addErrback(failed)
+        d.addErrback(lambda f: self.emit({"event": "internal_error", "error": str(f)}))
+
+    def op_listen(self, request: dict[str, Any]) -> Deferred[Any]:
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface=HOST)
+        d: Deferred[Any] = endpoint.listen(ServerFactory(self))
+
+        def listening(port: IListeningPort) -> dict[str, Any]:
+            self.ports.append(port)
+            return {"port": port.getHost().port}  # type: ignore[attr-defined]
+
+        return d.addCallback(listening)
+
+    def op_connect(self, request: dict[str, Any]) -> Deferred[Any]:
+        endpoint = TCP4ClientEndpoint(reactor, HOST, int(request["port"]))
+        d: Deferred[Any] = connectProtocol(endpoint, PeerAMP(self, inbound=False))
+        return d.addCallback(lambda proto: {"conn": proto.conn_id})
+
+    def op_call(self, request: dict[str, Any]) -> Any:
+        proto = self.conn(request)
+        name = str(request["command"])
+        command = COMMANDS.get(name)
+        if command is None:
+            raise PeerRequestError(f"unknown command {name!r}")
+        args = decode_value(request.get("args") or {})
+        kwargs = {k.replace("-", "_"): v for k, v in args.items()}
+        d = proto.callRemote(command, **kwargs)
+        if d is None:
+            return None
+        return d.addCallback(encode_value)
+
+    def op_call_raw(self, request: dict[str, Any]) -> Any:
+        proto = self.conn(request)
+        box = decode_box(request.get("box") or {"$box": {}})
+        requires_answer = bool(request.get("requires_answer", True))
+        name = str(request["command"]).encode("utf-8")
+        if all(k.isascii() for k in box):
+            # callRemoteString takes the box as keyword arguments, which AmpBox
+            # encodes back to bytes as ASCII.
+            kwargs = {k.decode("ascii"): v for k, v in box.items()}
+            d = proto.callRemoteString(name, requires_answer, **kwargs)
+        else:
+            # Keys that are not ASCII cannot be keyword arguments of
+            # callRemoteString; hand the box to the method it delegates to.
+            d = proto._sendBoxCommand(name, amp.AmpBox(box), requires_answer)
+        if d is None:
+            return None
+        return d.addCallback(lambda answer: encode_box(dict(answer)))
+
+    def op_send_raw(self, request: dict[str, Any]) -> None:
+        proto = self.conn(request)
+        assert proto.transport is not None
+        proto.transport.write(bytes.fromhex(str(request["hex"])))
+
+    def op_close(self, request: dict[str, Any]) -> None:
+        proto = self.conn(request)
+        assert proto.transport is not None
+        proto.transport.loseConnection()
+
+    def op_serialize(self, request: dict[str, Any]) -> dict[str, Any]:
+        box = amp.AmpBox(decode_box(request["box"]))
+        return {"hex": box.serialize().hex()}
+
+    def op_received(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        conn_id = int(request["conn"])
+        if conn_id not in self.received:
+            raise PeerRequestError(f"unknown conn {conn_id!r}")
+        return list(self.received[conn_id])
+
+    def _argument_type(self, request: dict[str, Any]) -> amp.Argument:
+        name = str(request["type"])
+        if name not in ARGUMENT_TYPES:
+            raise PeerRequestError(f"unknown argument type {name!r}")
+        return ARGUMENT_TYPES[name]()
+
+    def op_encode(self, request: dict[str, Any]) -> dict[str, Any]:
+        argument = self._argument_type(request)
+        value = decode_value(request["value"])
+        encoded: bytes = argument.toStringProto(value, None)
+        return {"hex": encoded.hex()}
+
+    def op_decode(self, request: dict[str, Any]) -> Any:
+        argument = self._argument_type(request)
+        raw = bytes.fromhex(str(request["hex"]))
+        return encode_value(argument.fromStringProto(raw, None))
+
+    def op_quit(self, request: dict[str, Any]) -> None:
+        # Reply first; closing stdio flushes pending output and then
+        # connectionLost stops the reactor.
+        reactor.callLater(0, self._shutdown)
+
+    def _shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def main() -> None:
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    StandardIO(Controller())
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

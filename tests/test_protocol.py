@@ -1,0 +1,726 @@
+"""AMPProtocol over real sockets on 127.0.0.1: calls, answers, errors, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import asyncio_amp as amp
+from asyncio_amp import encode_box
+from helpers import HOST, LONG, SHORT, client, port_of, raw_connection, running_server
+
+# Commands
+
+
+class Sum(amp.Command):
+    arguments = [("a", amp.Integer()), ("b", amp.Integer())]
+    response = [("total", amp.Integer())]
+
+
+class BaseError(Exception):
+    pass
+
+
+class SpecificError(BaseError):
+    pass
+
+
+class Divide(amp.Command):
+    arguments = [("numerator", amp.Integer()), ("denominator", amp.Integer())]
+    response = [("result", amp.Float())]
+    errors = {ZeroDivisionError: "ZERO_DIVISION"}
+
+
+class Checked(amp.Command):
+    """Inherits Divide's errors and adds its own."""
+
+    arguments = [("value", amp.Integer())]
+    errors = {BaseError: b"BASE"}
+
+
+class CheckedChild(Checked):
+    errors = {KeyError: "KEY"}
+    fatal_errors = {PermissionError: "DENIED"}
+
+
+class Boom(amp.Command):
+    pass
+
+
+class Slow(amp.Command):
+    arguments = [("delay", amp.Float()), ("value", amp.Integer())]
+    response = [("value", amp.Integer())]
+
+
+class Note(amp.Command):
+    arguments = [("text", amp.String())]
+    requires_answer = False
+
+
+class Big(amp.Command):
+    arguments = [("size", amp.Integer())]
+    response = [("data", amp.Bytes())]
+
+
+class Echo(amp.Command):
+    arguments = [("data", amp.Bytes())]
+    response = [("data", amp.Bytes())]
+
+
+class Nope(amp.Command):
+    """No server implements it."""
+
+
+class Ping(amp.Command):
+    """The server calls the client with this."""
+
+    arguments = [("n", amp.Integer())]
+    response = [("n", amp.Integer())]
+
+
+class PingBack(amp.Command):
+    """The client asks the server to ping it back, from inside the responder."""
+
+    arguments = [("n", amp.Integer())]
+    response = [("n", amp.Integer())]
+
+
+class Server(amp.AMPProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes: list[str] = []
+        self.noted = asyncio.Event()
+
+    @Sum.responder
+    def sum(self, a: int, b: int) -> dict[str, int]:
+        return {"total": a + b}
+
+    @Divide.responder
+    async def divide(self, numerator: int, denominator: int) -> dict[str, float]:
+        return {"result": numerator / denominator}
+
+    @CheckedChild.responder
+    def checked(self, value: int) -> dict[str, Any]:
+        errors: dict[int, Exception] = {
+            1: SpecificError("specific"),
+            2: KeyError("kk"),
+            3: PermissionError("no way"),
+            4: ValueError("secret internal detail"),
+        }
+        if value in errors:
+            raise errors[value]
+        return {}
+
+    @Boom.responder
+    def boom(self) -> None:
+        raise RuntimeError("secret internal detail")
+
+    @Slow.responder
+    async def slow(self, delay: float, value: int) -> dict[str, int]:
+        await asyncio.sleep(delay)
+        return {"value": value}
+
+    @Note.responder
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.noted.set()
+
+    @Big.responder
+    def big(self, size: int) -> dict[str, bytes]:
+        return {"data": b"x" * size}
+
+    @Echo.responder
+    def echo(self, data: bytes) -> dict[str, bytes]:
+        return {"data": data}
+
+    @PingBack.responder
+    async def ping_back(self, n: int) -> dict[str, int]:
+        answer = await self.call_remote(Ping, n=n + 1)
+        return {"n": answer["n"] + 1}
+
+
+class PingClient(amp.AMPProtocol):
+    @Ping.responder
+    def ping(self, n: int) -> dict[str, int]:
+        return {"n": n * 10}
+
+
+# A raw AMP peer on 127.0.0.1, for checking bytes and sending bad ones
+
+
+class RawPeer:
+    """One accepted connection on a plain asyncio server: read boxes, write bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = amp.BoxDecoder()
+        self.boxes: list[amp.Box] = []
+        self.raw = bytearray()
+
+    async def read_box(self) -> amp.Box:
+        async with asyncio.timeout(LONG):
+            while not self.boxes:
+                data = await self.reader.read(65536)
+                assert data, "the connection closed before a box came"
+                self.raw += data
+                self.boxes += self.decoder.receive_data(data)
+        return self.boxes.pop(0)
+
+    def send(self, box: dict[bytes, bytes]) -> None:
+        self.writer.write(encode_box(box))
+
+    async def closed_by_peer(self) -> bool:
+        async with asyncio.timeout(LONG):
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    return True
+
+
+@contextlib.asynccontextmanager
+async def raw_server() -> AsyncIterator[tuple[int, asyncio.Queue[RawPeer]]]:
+    peers: asyncio.Queue[RawPeer] = asyncio.Queue()
+    everyone: list[RawPeer] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = RawPeer(reader, writer)
+        everyone.append(peer)
+        await peers.put(peer)
+
+    server = await asyncio.start_server(accept, HOST, 0)
+    try:
+        yield port_of(server), peers
+    finally:
+        server.close()
+        for peer in everyone:
+            peer.writer.close()
+            with contextlib.suppress(ConnectionError):
+                await peer.writer.wait_closed()
+        await server.wait_closed()
+
+
+async def accepted(peers: asyncio.Queue[RawPeer]) -> RawPeer:
+    async with asyncio.timeout(LONG):
+        return await peers.get()
+
+
+async def read_boxes(reader: asyncio.StreamReader, count: int) -> list[amp.Box]:
+    decoder = amp.BoxDecoder()
+    boxes: list[amp.Box] = []
+    async with asyncio.timeout(LONG):
+        while len(boxes) < count:
+            data = await reader.read(65536)
+            assert data, f"closed after {len(boxes)} of {count} boxes"
+            boxes += decoder.receive_data(data)
+    return boxes
+
+
+# Calls and answers
+
+
+async def test_call_with_plain_asyncio() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Server, HOST, 0)
+    transport, proto = await loop.create_connection(amp.AMPProtocol, HOST, port_of(server))
+    try:
+        assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
+        assert await proto.call_remote(Sum(a=40, b=2)) == {"total": 42}
+    finally:
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_call_remote_argument_mistakes_raise_at_once() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        with pytest.raises(TypeError, match="'c' is not an argument name"):
+            proto.call_remote(Sum, a=1, b=2, c=3)
+        with pytest.raises(TypeError, match="'b' is missing"):
+            proto.call_remote(Sum, a=1)
+        with pytest.raises(TypeError, match="Sum: argument 'a': expected an int"):
+            proto.call_remote(Sum, a="1", b=2)
+        with pytest.raises(TypeError, match="not both"):
+            proto.call_remote(Sum(a=1, b=2), a=1)
+        with pytest.raises(TypeError, match="needs a Command"):
+            proto.call_remote("Sum")  # type: ignore[arg-type]
+        assert await proto.call_remote(Sum, a=2, b=2) == {"total": 4}
+
+
+async def test_tags_are_a_hex_counter_and_keys_are_sorted() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        calls = [proto.call_remote(Sum, a=i, b=0) for i in range(17)]
+        peer = await accepted(peers)
+        boxes = [await peer.read_box() for _ in range(17)]
+        assert [box[b"_ask"] for box in boxes] == [b"%x" % n for n in range(1, 18)]
+        assert peer.raw.startswith(
+            b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x03Sum\x00\x01a\x00\x010\x00\x01b\x00\x010\x00\x00"
+        )
+        # Answers in reverse order are matched by tag.
+        for box in reversed(boxes):
+            peer.send({b"_answer": box[b"_ask"], b"total": box[b"a"]})
+        async with asyncio.timeout(LONG):
+            results = await asyncio.gather(*calls)
+        assert [r["total"] for r in results] == list(range(17))
+
+
+async def test_peer_tags_are_echoed_as_opaque_bytes() -> None:
+    async with running_server(Server) as (_, port, _), raw_connection(port) as (reader, writer):
+        for tag in (b"zz-top", b"\xff\x00", b"0"):
+            writer.write(encode_box({b"_ask": tag, b"_command": b"Sum", b"a": b"1", b"b": b"1"}))
+        boxes = await read_boxes(reader, 3)
+        assert [box[b"_answer"] for box in boxes] == [b"zz-top", b"\xff\x00", b"0"]
+        assert all(box[b"total"] == b"2" for box in boxes)
+
+
+async def test_keys_in_any_order_are_accepted() -> None:
+    async with running_server(Server) as (_, port, _), raw_connection(port) as (reader, writer):
+        # Hand-written box with the keys in reverse order.
+        writer.write(
+            b"\x00\x01b\x00\x012\x00\x01a\x00\x013\x00\x08_command\x00\x03Sum\x00\x04_ask\x00\x01x\x00\x00"
+        )
+        [box] = await read_boxes(reader, 1)
+        assert box == {b"_answer": b"x", b"total": b"5"}
+
+
+# Errors across the wire
+
+
+async def test_mapped_error_reaches_the_caller_and_keeps_the_connection() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        with pytest.raises(ZeroDivisionError, match="division by zero"):
+            await proto.call_remote(Divide, numerator=1, denominator=0)
+        assert await proto.call_remote(Divide, numerator=1, denominator=4) == {"result": 0.25}
+
+
+async def test_error_box_bytes() -> None:
+    async with running_server(Server) as (_, port, _), raw_connection(port) as (reader, writer):
+        writer.write(
+            encode_box(
+                {b"_ask": b"7", b"_command": b"Divide", b"numerator": b"1", b"denominator": b"0"}
+            )
+        )
+        expected = (
+            b"\x00\x06_error\x00\x017\x00\x0b_error_code\x00\x0dZERO_DIVISION"
+            b"\x00\x12_error_description\x00\x10division by zero\x00\x00"
+        )
+        async with asyncio.timeout(LONG):
+            data = await reader.readexactly(len(expected))
+        assert data == expected
+
+
+async def test_errors_are_inherited_and_subclasses_match() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        # SpecificError is mapped through its base class, declared on the parent command.
+        with pytest.raises(BaseError, match="specific"):
+            await proto.call_remote(CheckedChild, value=1)
+        with pytest.raises(KeyError, match="kk"):
+            await proto.call_remote(CheckedChild, value=2)
+        assert await proto.call_remote(CheckedChild, value=0) == {}
+
+
+async def test_fatal_error_is_sent_then_the_connection_closes() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        slow = proto.call_remote(Slow, delay=LONG, value=1)
+        with pytest.raises(PermissionError, match="no way"):
+            await proto.call_remote(CheckedChild, value=3)
+        async with asyncio.timeout(LONG):
+            await proto.wait_closed()
+        with pytest.raises(amp.ConnectionLostError):
+            await slow
+        with pytest.raises(amp.ConnectionLostError, match="cannot call Sum"):
+            proto.call_remote(Sum, a=1, b=1)
+
+
+async def test_unexpected_exception_is_unknown_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="asyncio_amp")
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        with pytest.raises(amp.UnknownRemoteError) as info:
+            await proto.call_remote(Boom)
+        assert info.value.error_code == "UNKNOWN"
+        assert info.value.description == "Unknown Error"
+        assert "secret" not in str(info.value)
+        # Unlike Twisted, the connection stays open.
+        assert await proto.call_remote(Sum, a=1, b=1) == {"total": 2}
+        # An exception mapped on no command is UNKNOWN too.
+        with pytest.raises(amp.UnknownRemoteError):
+            await proto.call_remote(CheckedChild, value=4)
+    records = [r for r in caplog.records if "Boom" in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].exc_info is not None
+    assert "secret internal detail" in str(records[0].exc_info[1])
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        {b"_ask": b"1", b"_command": b"Sum", b"a": b"x", b"b": b"1"},  # undecodable
+        {b"_ask": b"1", b"_command": b"Sum", b"a": b"1"},  # missing argument
+    ],
+    ids=["undecodable", "missing"],
+)
+async def test_bad_arguments_are_answered_unknown(box: dict[bytes, bytes]) -> None:
+    async with running_server(Server) as (_, port, _), raw_connection(port) as (reader, writer):
+        writer.write(encode_box(box))
+        writer.write(encode_box({b"_ask": b"2", b"_command": b"Sum", b"a": b"1", b"b": b"1"}))
+        first, second = await read_boxes(reader, 2)
+        assert first == {
+            b"_error": b"1",
+            b"_error_code": b"UNKNOWN",
+            b"_error_description": b"Unknown Error",
+        }
+        assert second == {b"_answer": b"2", b"total": b"2"}
+
+
+async def test_unknown_extra_keys_are_ignored() -> None:
+    async with running_server(Server) as (_, port, _), raw_connection(port) as (reader, writer):
+        box = {b"_ask": b"1", b"_command": b"Sum", b"a": b"1", b"b": b"1", b"zzz": b"?"}
+        writer.write(encode_box(box))
+        assert await read_boxes(reader, 1) == [{b"_answer": b"1", b"total": b"2"}]
+
+
+async def test_unknown_command_is_unhandled() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        with pytest.raises(amp.UnhandledCommandError) as info:
+            await proto.call_remote(Nope)
+        assert info.value.error_code == "UNHANDLED"
+        assert info.value.description == "Unhandled Command: b'Nope'"
+        assert await proto.call_remote(Sum, a=1, b=1) == {"total": 2}
+
+
+async def test_unmapped_remote_code_is_unknown_remote_error_with_the_code() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        call = proto.call_remote(Sum, a=1, b=1)
+        peer = await accepted(peers)
+        box = await peer.read_box()
+        peer.send(
+            {b"_error": box[b"_ask"], b"_error_code": b"WEIRD", b"_error_description": b"\xff!"}
+        )
+        with pytest.raises(amp.UnknownRemoteError) as info:
+            await call
+        assert info.value.error_code == "WEIRD"
+        assert info.value.description == "\ufffd!"
+
+
+# requires_answer = False
+
+
+async def test_no_answer_call_sends_no_ask_and_completes_at_once() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        done = proto.call_remote(Note, text="hi")
+        assert done.done()
+        assert await done is None
+        second = proto.call_remote(Sum, a=1, b=1)
+        peer = await accepted(peers)
+        assert await peer.read_box() == {b"_command": b"Note", b"text": b"hi"}
+        # As in Twisted, the no-answer call used up tag 1.
+        assert (await peer.read_box())[b"_ask"] == b"2"
+        peer.send({b"_answer": b"2", b"total": b"2"})
+        assert await second == {"total": 2}
+
+
+async def test_no_answer_responder_runs_and_nothing_is_answered() -> None:
+    async with (
+        running_server(Server) as (_, port, protocols),
+        raw_connection(port) as (reader, writer),
+    ):
+        writer.write(encode_box({b"_command": b"Note", b"text": b"hello"}))
+        writer.write(encode_box({b"_command": b"Boom"}))  # fails: logged, not answered
+        writer.write(encode_box({b"_ask": b"1", b"_command": b"Sum", b"a": b"1", b"b": b"1"}))
+        assert await read_boxes(reader, 1) == [{b"_answer": b"1", b"total": b"2"}]
+        server = protocols[0]
+        assert isinstance(server, Server)
+        assert server.notes == ["hello"]
+
+
+# Limits
+
+
+async def test_too_long_value_raises_before_a_tag_is_taken() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        with pytest.raises(amp.TooLongError) as info:
+            proto.call_remote(Echo, data=b"x" * 65_536)
+        assert info.value.key == b"data"
+        assert "65536" in str(info.value)
+        assert isinstance(info.value, ValueError)
+        call = proto.call_remote(Echo, data=b"y" * 65_535)
+        peer = await accepted(peers)
+        box = await peer.read_box()
+        assert box[b"_ask"] == b"1"  # no tag was used by the refused call
+        peer.send({b"_answer": b"1", b"data": box[b"data"]})
+        assert await call == {"data": b"y" * 65_535}
+
+
+async def test_too_long_answer_is_unknown_and_the_connection_stays(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="asyncio_amp")
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        with pytest.raises(amp.UnknownRemoteError):
+            await proto.call_remote(Big, size=65_536)
+        assert await proto.call_remote(Big, size=65_535) == {"data": b"x" * 65_535}
+    assert any("cannot be sent" in r.getMessage() for r in caplog.records)
+
+
+# Connection loss
+
+
+async def test_pending_calls_fail_when_the_connection_is_lost() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        calls = [proto.call_remote(Sum, a=i, b=i) for i in range(3)]
+        peer = await accepted(peers)
+        await peer.read_box()
+        peer.writer.close()
+        for call in calls:
+            with pytest.raises(amp.ConnectionLostError, match="before Sum was answered"):
+                async with asyncio.timeout(LONG):
+                    await call
+        with pytest.raises(amp.ConnectionLostError):
+            proto.call_remote(Sum, a=1, b=1)
+        assert proto.closed
+
+
+async def test_close_inside_a_box_loses_nothing_received_before() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        first = proto.call_remote(Sum, a=1, b=1)
+        second = proto.call_remote(Sum, a=2, b=2)
+        peer = await accepted(peers)
+        await peer.read_box()
+        await peer.read_box()
+        answer = encode_box({b"_answer": b"2", b"total": b"4"})
+        peer.writer.write(encode_box({b"_answer": b"1", b"total": b"2"}) + answer[:9])
+        await peer.writer.drain()
+        peer.writer.close()
+        async with asyncio.timeout(LONG):
+            assert await first == {"total": 2}
+        with pytest.raises(amp.ConnectionLostError) as info:
+            async with asyncio.timeout(LONG):
+                await second
+        assert isinstance(info.value.__cause__, amp.ProtocolError)
+        assert "inside a box" in str(info.value.__cause__)
+
+
+async def test_call_before_connection_is_refused() -> None:
+    with pytest.raises(amp.ConnectionLostError, match="not connected"):
+        amp.AMPProtocol().call_remote(Sum, a=1, b=1)
+
+
+# Cancellation
+
+
+async def test_cancelled_call_forgets_its_tag_and_drops_the_late_answer() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(SHORT):
+                await proto.call_remote(Sum, a=1, b=1)
+        task = asyncio.ensure_future(proto.call_remote(Sum, a=2, b=2))
+        peer = await accepted(peers)
+        first, second = await peer.read_box(), await peer.read_box()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Late answers for both cancelled calls: dropped, the connection stays.
+        peer.send({b"_answer": first[b"_ask"], b"total": b"2"})
+        peer.send({b"_error": second[b"_ask"], b"_error_code": b"X", b"_error_description": b""})
+        third = proto.call_remote(Sum, a=3, b=3)
+        box = await peer.read_box()
+        assert [first[b"_ask"], second[b"_ask"], box[b"_ask"]] == [b"1", b"2", b"3"]
+        peer.send({b"_answer": b"3", b"total": b"6"})
+        assert await third == {"total": 6}
+        assert not proto.closed
+
+
+async def test_wait_for_and_gather_cancel_calls() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(proto.call_remote(Slow, delay=LONG, value=1), SHORT)
+        slow = asyncio.gather(proto.call_remote(Slow, delay=LONG, value=2))
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
+        assert not proto._pending
+
+
+# Both directions and concurrency
+
+
+async def test_server_calls_the_client_from_inside_a_responder() -> None:
+    async with running_server(Server) as (_, port, _), client(port, PingClient) as proto:
+        # client -> PingBack(1) -> server -> Ping(2) -> client answers 20 -> server answers 21
+        assert await proto.call_remote(PingBack, n=1) == {"n": 21}
+
+
+async def test_both_sides_call_at_once() -> None:
+    class BothServer(Server):
+        @Ping.responder
+        def ping(self, n: int) -> dict[str, int]:
+            return {"n": -n}
+
+    async with (
+        running_server(BothServer) as (_, port, protocols),
+        client(port, PingClient) as proto,
+    ):
+        server_side = protocols[0]
+        from_client = [proto.call_remote(Ping, n=i) for i in range(50)]
+        from_server = [server_side.call_remote(Ping, n=i) for i in range(50)]
+        async with asyncio.timeout(LONG):
+            results = await asyncio.gather(*from_client, *from_server)
+        assert results == [{"n": -i} for i in range(50)] + [{"n": i * 10} for i in range(50)]
+
+
+async def test_slow_responder_does_not_hold_up_others() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        slow = asyncio.ensure_future(proto.call_remote(Slow, delay=LONG / 2, value=1))
+        fast = await proto.call_remote(Slow, delay=0, value=2)
+        assert fast == {"value": 2}
+        assert not slow.done()
+        slow.cancel()
+
+
+async def test_thousands_of_concurrent_calls() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        calls = [proto.call_remote(Sum, a=i, b=1) for i in range(5000)]
+        calls += [proto.call_remote(Slow, delay=0, value=i) for i in range(1000)]
+        async with asyncio.timeout(LONG):
+            results = await asyncio.gather(*calls)
+        assert [r["total"] for r in results[:5000]] == [i + 1 for i in range(5000)]
+        assert [r["value"] for r in results[5000:]] == list(range(1000))
+
+
+async def test_responders_are_cancelled_when_the_connection_closes() -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    class Hanging(amp.AMPProtocol):
+        @Slow.responder
+        async def slow(self, delay: float, value: int) -> dict[str, int]:
+            started.set()
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return {"value": value}
+
+    async with running_server(Hanging) as (_, port, _), client(port) as proto:
+        call = proto.call_remote(Slow, delay=LONG, value=1)
+        async with asyncio.timeout(LONG):
+            await started.wait()
+        proto.close()
+        async with asyncio.timeout(LONG):
+            await cancelled.wait()
+        with pytest.raises(amp.ConnectionLostError):
+            await call
+
+
+# Bad input from the peer
+
+
+BAD_INPUT = {
+    "key-too-long": b"\x01\x00" + b"k" * 256 + b"\x00\x01v\x00\x00",
+    "http-request": b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+    "empty-box": b"\x00\x00",
+    "no-kind": encode_box({b"hello": b"world"}),
+    "unknown-answer-tag": encode_box({b"_answer": b"999", b"total": b"1"}),
+    "unknown-error-tag": encode_box(
+        {b"_error": b"999", b"_error_code": b"X", b"_error_description": b""}
+    ),
+    "error-without-code": encode_box({b"_error": b"1", b"_error_description": b"oops"}),
+    "error-without-description": encode_box({b"_error": b"1", b"_error_code": b"X"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+async def test_bad_input_closes_only_that_connection(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncio_amp")
+    async with (
+        running_server(Server) as (_, port, _),
+        client(port) as bystander,
+        raw_server() as (raw_port, peers),
+        client(raw_port) as victim,
+    ):
+        calls = [victim.call_remote(Sum, a=i, b=i) for i in range(3)]
+        peer = await accepted(peers)
+        await peer.read_box()
+        peer.writer.write(BAD_INPUT[name])
+        for call in calls:
+            with pytest.raises(amp.ConnectionLostError) as info:
+                async with asyncio.timeout(LONG):
+                    await call
+            assert isinstance(info.value.__cause__, amp.ProtocolError)
+        assert await peer.closed_by_peer()
+        async with asyncio.timeout(LONG):
+            await victim.wait_closed()
+        # The bystander is not disturbed, and the server still takes new clients.
+        assert await bystander.call_remote(Sum, a=1, b=1) == {"total": 2}
+        async with client(port) as newcomer:
+            assert await newcomer.call_remote(Sum, a=2, b=2) == {"total": 4}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert f"{HOST}:{raw_port}" in message
+    assert "closing the connection" in message
+
+
+async def test_garbage_sent_to_a_server_closes_that_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncio_amp")
+    async with (
+        running_server(Server) as (_, port, _),
+        client(port) as bystander,
+        raw_connection(port) as (reader, writer),
+    ):
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        async with asyncio.timeout(LONG):
+            assert await reader.read() == b""
+        assert await bystander.call_remote(Sum, a=1, b=1) == {"total": 2}
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "18245" in record.getMessage()
+    assert "not AMP" in record.getMessage()
+
+
+async def test_boxes_before_bad_input_are_handled() -> None:
+    async with running_server(Server) as (_, port, _), raw_connection(port) as (reader, writer):
+        good = encode_box({b"_ask": b"1", b"_command": b"Sum", b"a": b"1", b"b": b"1"})
+        writer.write(good + b"\x00\x00")
+        async with asyncio.timeout(LONG):
+            data = await reader.read()
+        assert amp.parse_boxes(data) == [{b"_answer": b"1", b"total": b"2"}]
+
+
+# Logging
+
+
+async def test_traffic_is_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    assert logging.getLogger("asyncio_amp").handlers == []
+    caplog.set_level(logging.INFO, logger="asyncio_amp")
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        await proto.call_remote(Sum, a=1, b=1)
+    assert not [r for r in caplog.records if r.name == "asyncio_amp"]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="asyncio_amp")
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        await proto.call_remote(Sum, a=1, b=1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "asyncio_amp"]
+    assert any(m.startswith("> ") and "_command" in m for m in messages)
+    assert any(m.startswith("< ") and "_answer" in m for m in messages)
+
+
+async def test_repr_and_context_manager() -> None:
+    async with running_server(Server) as (_, port, _):
+        async with await amp.connect(HOST, port) as proto:
+            assert "open" in repr(proto)
+            assert proto.peer == f"{HOST}:{port}"
+        assert proto.closed
+        assert "closed" in repr(proto)
