@@ -8,7 +8,22 @@ The wire format is Twisted's ``twisted.protocols.amp``, byte for byte.
 
 from __future__ import annotations
 
-from ._arguments import Argument, Boolean, Bytes, Float, Integer, String, Unicode
+from ._arguments import (
+    AmpList,
+    Argument,
+    BigBytes,
+    BigString,
+    Boolean,
+    Bytes,
+    DateTime,
+    Decimal,
+    Float,
+    Integer,
+    ListOf,
+    Path,
+    String,
+    Unicode,
+)
 from ._commands import Command
 from ._errors import (
     AmpError,
@@ -28,15 +43,22 @@ __version__ = "0.1.0"
 __all__ = [
     "AMPProtocol",
     "AmpError",
+    "AmpList",
     "Argument",
+    "BigBytes",
+    "BigString",
     "Boolean",
     "Box",
     "BoxDecoder",
     "Bytes",
     "Command",
     "ConnectionLostError",
+    "DateTime",
+    "Decimal",
     "Float",
     "Integer",
+    "ListOf",
+    "Path",
     "ProtocolError",
     "RemoteAmpError",
     "String",

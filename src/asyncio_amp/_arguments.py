@@ -9,20 +9,71 @@ value over several keys (BigString) override :meth:`Argument.to_box` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Generic, TypeVar
+import datetime as _datetime
+import decimal as _decimal
+import keyword
+import os
+import pathlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from ._errors import TooLongError
+from ._wire import (
+    BOX_END,
+    MAX_KEY_LENGTH,
+    MAX_VALUE_LENGTH,
+    encode_items,
+    length_prefix,
+    parse_nested_boxes,
+)
 
 __all__ = [
+    "AmpList",
     "Argument",
+    "BigBytes",
+    "BigString",
     "Boolean",
     "Bytes",
+    "DateTime",
+    "Decimal",
     "Float",
     "Integer",
+    "ListOf",
+    "Path",
     "String",
     "Unicode",
 ]
 
 T = TypeVar("T")
+
+
+def python_name(wire: bytes) -> str:
+    """
+    Return the keyword under which a wire name reaches Python code.
+
+    Dashes become underscores (``b"hello-name"`` → ``hello_name``) and Python
+    keywords get a trailing underscore (``b"from"`` → ``from_``), as PEP 8 suggests.
+    """
+    name = wire.decode("utf-8", "backslashreplace").replace("-", "_")
+    if keyword.iskeyword(name):
+        name += "_"
+    return name
+
+
+def wire_name(name: object, what: str, owner: str) -> bytes:
+    """Encode an argument or command name for the wire, checking it."""
+    if isinstance(name, str):
+        wire = name.encode("utf-8")
+    elif isinstance(name, bytes):
+        wire = name
+    else:
+        raise TypeError(f"{owner}: {what} names are str or bytes, not {type(name).__name__}")
+    if not wire:
+        raise TypeError(f"{owner}: {what} names cannot be empty")
+    if len(wire) > MAX_KEY_LENGTH:
+        raise TypeError(f"{owner}: {what} name {wire!r} is over {MAX_KEY_LENGTH} bytes")
+    return wire
 
 
 class Argument(Generic[T]):
@@ -121,7 +172,10 @@ class Float(Argument[float]):
         if type(value) is not float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"expected a float, got {type(value).__name__}: {value!r}")
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ValueError("the int is too large for a float") from None
         return repr(value).encode("ascii")
 
     def from_bytes(self, data: bytes) -> float:
@@ -188,3 +242,343 @@ class Bytes(Argument[bytes]):
     def from_bytes(self, data: bytes) -> bytes:
         """Return the bytes as received."""
         return data
+
+
+class Decimal(Argument[_decimal.Decimal]):
+    """
+    A :class:`decimal.Decimal`, as ``str(d)``.
+
+    Every value survives the trip: ``NaN``, ``-NaN``, ``sNaN``, ``-sNaN``,
+    ``Infinity`` and ``-Infinity``, exponents (``1E+2``), ``-0`` and trailing zeros
+    (``1.10`` keeps its precision).
+    """
+
+    __slots__ = ()
+
+    def to_bytes(self, value: _decimal.Decimal) -> bytes:
+        """Encode a Decimal with :class:`str`; other numbers are refused."""
+        if not isinstance(value, _decimal.Decimal):
+            raise TypeError(f"expected a decimal.Decimal, got {type(value).__name__}: {value!r}")
+        return str(value).encode("ascii")
+
+    def from_bytes(self, data: bytes) -> _decimal.Decimal:
+        """Decode a Decimal (the specials in any case, as Python reads them)."""
+        try:
+            return _decimal.Decimal(data.decode("ascii"))
+        except (UnicodeDecodeError, _decimal.InvalidOperation):
+            raise ValueError(f"invalid decimal {data[:60]!r}") from None
+
+
+_DATETIME_FORMAT = re.compile(
+    rb"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})\.(\d{6})([+-])(\d{2}):(\d{2})"
+)
+
+
+class DateTime(Argument[_datetime.datetime]):
+    """
+    A timezone-aware :class:`datetime.datetime`, as exactly 32 ASCII characters.
+
+    The form is ``YYYY-MM-DDTHH:MM:SS.ffffff±HH:MM``, as Twisted writes it. UTC and
+    any zero offset are written ``-00:00`` (Twisted's choice); ``+00:00`` is
+    accepted too. A decoded value has a fixed-offset tzinfo equal to the sent one
+    (:data:`datetime.timezone.utc` for a zero offset).
+
+    A naive datetime is refused, and so is an offset with seconds, which the
+    format cannot carry (Twisted would drop them silently).
+    """
+
+    __slots__ = ()
+
+    def to_bytes(self, value: _datetime.datetime) -> bytes:
+        """Encode an aware datetime in the 32-character form."""
+        if not isinstance(value, _datetime.datetime):
+            raise TypeError(f"expected a datetime.datetime, got {type(value).__name__}: {value!r}")
+        offset = value.utcoffset()
+        if offset is None:
+            raise ValueError(
+                f"cannot send the naive datetime {value.isoformat()}: AMP needs a timezone"
+            )
+        seconds = int(offset.total_seconds())
+        if seconds % 60 or offset.microseconds:
+            raise ValueError(f"cannot send the UTC offset {offset}: AMP carries whole minutes")
+        minutes = seconds // 60
+        sign = "+" if minutes > 0 else "-"
+        hours, minutes = divmod(abs(minutes), 60)
+        return (
+            f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+            f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}"
+            f"{sign}{hours:02d}:{minutes:02d}"
+        ).encode("ascii")
+
+    def from_bytes(self, data: bytes) -> _datetime.datetime:
+        """Decode the 32-character form; anything else is an error."""
+        match = _DATETIME_FORMAT.fullmatch(data)
+        if match is None:
+            raise ValueError(
+                f"invalid datetime {data[:60]!r}: expected 32 characters like "
+                "b'2010-12-25T00:00:00.000000-00:00'"
+            )
+        year, month, day, hour, minute, second, micro = (int(g) for g in match.groups()[:7])
+        sign, off_hours, off_minutes = match.group(8), int(match.group(9)), int(match.group(10))
+        if off_minutes >= 60:
+            raise ValueError(f"invalid UTC offset in {data!r}")
+        delta = _datetime.timedelta(hours=off_hours, minutes=off_minutes)
+        if delta >= _datetime.timedelta(hours=24):
+            raise ValueError(f"invalid UTC offset in {data!r}: it must be under 24 hours")
+        tz = _datetime.UTC if not delta else _datetime.timezone(-delta if sign == b"-" else delta)
+        return _datetime.datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
+
+
+class Path(Argument[pathlib.Path]):
+    """A :class:`pathlib.Path` (or any text path), as UTF-8 text; decodes to a Path."""
+
+    __slots__ = ()
+
+    def to_bytes(self, value: pathlib.Path) -> bytes:
+        """Encode a path's text as UTF-8."""
+        try:
+            text = os.fspath(value)
+        except TypeError:
+            raise TypeError(f"expected a path, got {type(value).__name__}: {value!r}") from None
+        if not isinstance(text, str):
+            raise TypeError(f"expected a text path, got bytes: {text!r}")
+        return text.encode("utf-8")
+
+    def from_bytes(self, data: bytes) -> pathlib.Path:
+        """Decode UTF-8 text to a Path."""
+        return pathlib.Path(data.decode("utf-8"))
+
+
+class ListOf(Argument[list[T]]):
+    """
+    A list of values of one type, in one AMP value.
+
+    Each element is written as a 2-byte length and its bytes, with no count or
+    terminator (Twisted's ``ListOf``). The whole list must fit in 65,535 bytes.
+    Unlike Twisted, bytes at the end that do not make a whole element are an
+    error, not silently dropped.
+
+    Args:
+        element: The type of the elements; any type that encodes to one value.
+        optional: As for every type.
+    """
+
+    __slots__ = ("element",)
+
+    def __init__(self, element: Argument[T], optional: bool = False) -> None:
+        if not isinstance(element, Argument) or element.multi_key:
+            raise TypeError(f"ListOf needs a single-value Argument, not {element!r}")
+        super().__init__(optional)
+        self.element = element
+
+    def __repr__(self) -> str:
+        extra = ", optional=True" if self.optional else ""
+        return f"ListOf({self.element!r}{extra})"
+
+    def to_bytes(self, value: list[T]) -> bytes:
+        """Encode each element with its length prefix."""
+        if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+            raise TypeError(f"expected a list, got {type(value).__name__}: {value!r:.60}")
+        parts: list[bytes] = []
+        encode = self.element.to_bytes
+        for index, item in enumerate(value):
+            if item is None:
+                raise TypeError(f"element {index} is None; ListOf elements cannot be missing")
+            data = encode(item)
+            if len(data) > MAX_VALUE_LENGTH:
+                raise TooLongError(b"[%d]" % index, len(data), MAX_VALUE_LENGTH, is_key=False)
+            parts.append(length_prefix(len(data)))
+            parts.append(data)
+        return b"".join(parts)
+
+    def from_bytes(self, data: bytes) -> list[T]:
+        """Split the value into elements and decode each; a partial element is an error."""
+        result: list[T] = []
+        decode = self.element.from_bytes
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if end - pos < 2:
+                raise ValueError(f"ListOf: 1 stray byte after {len(result)} elements")
+            n = (data[pos] << 8) | data[pos + 1]
+            stop = pos + 2 + n
+            if stop > end:
+                raise ValueError(
+                    f"ListOf: element {len(result)} needs {n} bytes but {end - pos - 2} are left"
+                )
+            result.append(decode(data[pos + 2 : stop]))
+            pos = stop
+        return result
+
+
+class AmpList(Argument[list[dict[str, Any]]]):
+    """
+    A list of dicts, each with its own typed keys, in one AMP value.
+
+    Each dict is written as a whole nested box (sorted keys, then the empty key),
+    as Twisted's ``AmpList`` does. Dict keys are the Python names of the fields;
+    optional fields may be absent or ``None``, and a dict with every field absent
+    round-trips. The whole list must fit in 65,535 bytes.
+
+    Args:
+        fields: ``(name, Argument)`` pairs, like a Command's ``arguments``.
+        optional: As for every type.
+    """
+
+    __slots__ = ("_fields", "_names")
+
+    def __init__(
+        self, fields: Sequence[tuple[str | bytes, Argument[Any]]], optional: bool = False
+    ) -> None:
+        super().__init__(optional)
+        parsed: list[tuple[bytes, str, Argument[Any]]] = []
+        names: dict[str, bytes] = {}
+        for item in fields:
+            try:
+                name, argument = item
+            except (TypeError, ValueError):
+                raise TypeError(f"AmpList holds (name, Argument) pairs, not {item!r}") from None
+            key = wire_name(name, "field", "AmpList")
+            if not isinstance(argument, Argument):
+                raise TypeError(f"AmpList field {key!r} needs an Argument, not {argument!r}")
+            pyname = python_name(key)
+            if pyname in names:
+                raise TypeError(f"AmpList fields {names[pyname]!r} and {key!r} clash")
+            names[pyname] = key
+            parsed.append((key, pyname, argument))
+        self._fields = tuple(sorted(parsed))
+        self._names = frozenset(names)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"({key!r}, {arg!r})" for key, _, arg in self._fields)
+        extra = ", optional=True" if self.optional else ""
+        return f"AmpList([{fields}]{extra})"
+
+    def to_bytes(self, value: list[dict[str, Any]]) -> bytes:
+        """Encode each dict as a nested box."""
+        if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+            raise TypeError(f"expected a list of dicts, got {type(value).__name__}")
+        parts: list[bytes] = []
+        for index, element in enumerate(value):
+            if not isinstance(element, Mapping):
+                raise TypeError(f"element {index} is a {type(element).__name__}, not a dict")
+            unknown = set(element) - self._names
+            if unknown:
+                raise TypeError(f"element {index}: {sorted(unknown)!r} are not fields")
+            box: dict[bytes, bytes] = {}
+            for key, pyname, argument in self._fields:
+                item = element.get(pyname)
+                if item is None:
+                    if argument.optional:
+                        continue
+                    raise TypeError(f"element {index}: field {pyname!r} is missing")
+                argument.to_box(key, item, box)
+            encode_items(sorted(box.items()), parts)
+            parts.append(BOX_END)
+        return b"".join(parts)
+
+    def from_bytes(self, data: bytes) -> list[dict[str, Any]]:
+        """Parse the nested boxes and decode each field."""
+        result: list[dict[str, Any]] = []
+        for index, box in enumerate(parse_nested_boxes(data)):
+            element: dict[str, Any] = {}
+            for key, pyname, argument in self._fields:
+                item = argument.from_box(key, box)
+                if item is None and not argument.optional:
+                    raise ValueError(f"AmpList element {index}: field {pyname!r} is missing")
+                element[pyname] = item
+            result.append(element)
+        return result
+
+
+def _chunk_keys(key: bytes, count: int) -> list[bytes]:
+    return [key] + [key + b".%d" % i for i in range(2, count + 1)]
+
+
+class _Chunked(Argument[T]):
+    """A value of any size, split over ``name``, ``name.2``, … (see :class:`BigBytes`)."""
+
+    __slots__ = ()
+    multi_key = True
+
+    def _data(self, value: T) -> bytes | bytearray | memoryview:
+        raise NotImplementedError
+
+    def _value(self, data: bytes) -> T:
+        raise NotImplementedError
+
+    def to_bytes(self, value: T) -> bytes:
+        """Refused: a big value spans several keys, so it cannot be one value."""
+        raise TypeError(f"{type(self).__name__} spans several keys; it cannot be a ListOf element")
+
+    def from_bytes(self, data: bytes) -> T:
+        """Decode a value that fits in one key."""
+        return self._value(data)
+
+    def to_box(self, key: bytes, value: T, box: dict[bytes, bytes]) -> None:
+        """Write the value in chunks under ``key``, ``key.2``, …"""
+        data = self._data(value)
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        if size <= MAX_VALUE_LENGTH:
+            box[key] = bytes(view)
+            return
+        count = -(-size // MAX_VALUE_LENGTH)
+        for i, chunk_key in enumerate(_chunk_keys(key, count)):
+            if len(chunk_key) > MAX_KEY_LENGTH:
+                raise TooLongError(chunk_key, len(chunk_key), MAX_KEY_LENGTH, is_key=True)
+            start = i * MAX_VALUE_LENGTH
+            # A view of the value, not a copy: the box is joined once, when it is sent.
+            box[chunk_key] = view[start : start + MAX_VALUE_LENGTH]  # type: ignore[assignment]
+
+    def from_box(self, key: bytes, box: Mapping[bytes, bytes]) -> T | None:
+        """Join ``key``, ``key.2``, … up to the first missing one."""
+        first = box.get(key)
+        if first is None:
+            return None
+        chunks = [first]
+        index = 2
+        while (chunk := box.get(key + b".%d" % index)) is not None:
+            chunks.append(chunk)
+            index += 1
+        return self._value(first if len(chunks) == 1 else b"".join(chunks))
+
+
+class BigBytes(_Chunked[bytes]):
+    """
+    :class:`bytes` of any size, split over several keys.
+
+    A value over 65,535 bytes goes in chunks of at most 65,535 bytes under
+    ``name``, ``name.2``, ``name.3``, … (the BigString convention of
+    amp-protocol.net and clj-amp); an empty value is one empty ``name`` key.
+    A peer that does not know the convention sees ordinary keys.
+    """
+
+    __slots__ = ()
+
+    def _data(self, value: bytes) -> bytes | bytearray | memoryview:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return value
+        raise TypeError(f"expected bytes, got {type(value).__name__}: {value!r:.60}")
+
+    def _value(self, data: bytes) -> bytes:
+        return data
+
+
+class BigString(_Chunked[str]):
+    """
+    A :class:`str` of any size, as UTF-8 split over several keys (see :class:`BigBytes`).
+
+    The text is split as bytes, so a character may straddle two chunks; it is
+    whole again once decoded.
+    """
+
+    __slots__ = ()
+
+    def _data(self, value: str) -> bytes:
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        raise TypeError(f"expected a str, got {type(value).__name__}: {value!r:.60}")
+
+    def _value(self, data: bytes) -> str:
+        return data.decode("utf-8")

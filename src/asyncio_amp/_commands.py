@@ -9,11 +9,10 @@ and one ``bytes.join``.
 
 from __future__ import annotations
 
-import keyword
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from ._arguments import Argument
+from ._arguments import Argument, python_name, wire_name
 from ._errors import (
     ProtocolError,
     RemoteAmpError,
@@ -29,7 +28,6 @@ from ._wire import (
     ERROR,
     ERROR_CODE,
     ERROR_DESCRIPTION,
-    MAX_KEY_LENGTH,
     MAX_VALUE_LENGTH,
     PREFIXES,
     RESERVED_KEYS,
@@ -55,36 +53,6 @@ def _with_context(exc: TypeError | ValueError, where: str) -> TypeError | ValueE
     """Return a copy of ``exc`` (as a plain TypeError or ValueError) that says where it happened."""
     kind = TypeError if isinstance(exc, TypeError) else ValueError
     return kind(f"{where}: {exc}")
-
-
-def _to_wire_name(name: object, what: str, owner: str) -> bytes:
-    if isinstance(name, str):
-        try:
-            wire = name.encode("ascii")
-        except UnicodeEncodeError:
-            wire = name.encode("utf-8")
-    elif isinstance(name, bytes):
-        wire = name
-    else:
-        raise TypeError(f"{owner}: {what} names are str or bytes, not {type(name).__name__}")
-    if not wire:
-        raise TypeError(f"{owner}: {what} names cannot be empty")
-    if len(wire) > MAX_KEY_LENGTH:
-        raise TypeError(f"{owner}: {what} name {wire!r} is over {MAX_KEY_LENGTH} bytes")
-    return wire
-
-
-def python_name(wire: bytes) -> str:
-    """
-    Return the keyword under which a wire name reaches Python code.
-
-    Dashes become underscores (``b"hello-name"`` → ``hello_name``) and Python
-    keywords get a trailing underscore (``b"from"`` → ``from_``), as PEP 8 suggests.
-    """
-    name = wire.decode("utf-8", "backslashreplace").replace("-", "_")
-    if keyword.iskeyword(name):
-        name += "_"
-    return name
 
 
 class _Field:
@@ -126,7 +94,7 @@ class _Schema:
                 raise TypeError(
                     f"{owner}.{what} holds (name, Argument) pairs, not {item!r}"
                 ) from None
-            key = _to_wire_name(name, what, owner)
+            key = wire_name(name, what, owner)
             if not isinstance(argument, Argument):
                 raise TypeError(
                     f"{owner}.{what}: {key.decode(errors='replace')!r} needs an Argument "
@@ -375,7 +343,7 @@ class Command:
         owner = cls.__qualname__
         name = cls.__dict__.get("command_name", cls.__name__)
         cls.command_name = name
-        cls.wire_name = _to_wire_name(name, "command", owner)
+        cls.wire_name = wire_name(name, "command", owner)
         cls._command_value = length_prefix(len(cls.wire_name)) + cls.wire_name
         cls._arguments_schema = _Schema(owner, "arguments", cls.arguments)
         cls._response_schema = _Schema(owner, "response", cls.response)

@@ -85,11 +85,16 @@ def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> No
     for key, given in items:
         check_key(key)
         value = given
-        if type(value) is not bytes:
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise TypeError(f"AMP values are bytes, not {type(value).__name__} (key {key!r})")
+        if type(value) is bytes:
+            n = len(value)
+        elif isinstance(value, memoryview):
+            # Chunks of a big value: written as they are, copied only by the final join.
+            n = value.nbytes
+        elif isinstance(value, bytearray):
             value = bytes(value)
-        n = len(value)
+            n = len(value)
+        else:
+            raise TypeError(f"AMP values are bytes, not {type(value).__name__} (key {key!r})")
         if n > MAX_VALUE_LENGTH:
             raise TooLongError(key, n, MAX_VALUE_LENGTH, is_key=False)
         parts.append(PREFIXES[len(key)])
@@ -317,4 +322,40 @@ def parse_boxes(data: bytes) -> list[Box]:
     error = decoder.end_of_stream()
     if error is not None:
         raise error
+    return boxes
+
+
+def parse_nested_boxes(data: bytes) -> list[Box]:
+    """
+    Parse boxes nested in one value (an AmpList): empty boxes allowed, nothing left over.
+
+    Raises:
+        ValueError: ``data`` is not a whole number of boxes.
+    """
+    boxes: list[Box] = []
+    box: Box = {}
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if end - pos < 2:
+            raise ValueError(f"nested boxes: 1 stray byte at offset {pos}")
+        klen = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+        if klen == 0:
+            boxes.append(box)
+            box = {}
+            continue
+        if klen > MAX_KEY_LENGTH:
+            raise ValueError(f"nested boxes: key length {klen} at offset {pos - 2} is over 255")
+        vpos = pos + klen
+        if vpos + 2 > end:
+            raise ValueError(f"nested boxes: truncated key at offset {pos - 2}")
+        vlen = (data[vpos] << 8) | data[vpos + 1]
+        stop = vpos + 2 + vlen
+        if stop > end:
+            raise ValueError(f"nested boxes: truncated value at offset {vpos}")
+        box[data[pos:vpos]] = data[vpos + 2 : stop]
+        pos = stop
+    if box:
+        raise ValueError("nested boxes: the last box has no end")
     return boxes
