@@ -64,7 +64,10 @@ def python_name(wire: bytes) -> str:
 def wire_name(name: object, what: str, owner: str) -> bytes:
     """Encode an argument or command name for the wire, checking it."""
     if isinstance(name, str):
-        wire = name.encode("utf-8")
+        try:
+            wire = name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(f"{owner}: {what} name {name!r} cannot be encoded as UTF-8") from None
     elif isinstance(name, bytes):
         wire = name
     else:

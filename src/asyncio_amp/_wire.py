@@ -88,8 +88,11 @@ def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> No
         if type(value) is bytes:
             n = len(value)
         elif isinstance(value, memoryview):
-            # Chunks of a big value: written as they are, copied only by the final join.
+            # Chunks of a big value: written as they are, copied only by the final join
+            # (which needs them contiguous).
             n = value.nbytes
+            if not value.c_contiguous:
+                value = value.tobytes()
         elif isinstance(value, bytearray):
             value = bytes(value)
             n = len(value)
@@ -146,8 +149,9 @@ class BoxDecoder:
     the same error.
 
     Args:
-        max_box_size: The most bytes one box may take on the wire, length prefixes
-            included. Checked as soon as a value's length is known, before its
+        max_box_size: The most bytes the keys and values of one box may take on
+            the wire, their length prefixes included (the 2-byte end marker is not
+            counted). Checked as soon as a value's length is known, before its
             bytes are buffered.
         max_keys: The most keys one box may have.
     """
@@ -230,6 +234,7 @@ class BoxDecoder:
         except ProtocolError as exc:
             self._error = exc
             self._box = {}
+            self._box_size = 0
             self._rest = bytearray()
             return boxes, exc
         return boxes, None
@@ -292,14 +297,14 @@ class BoxDecoder:
                     f"{max_box_size} bytes (key {data[pos + 2 : vpos]!r} brings it to "
                     f"{size + pair})"
                 )
-            if stop > end:
-                self._need = pair
-                break
             if len(box) >= max_keys:
                 raise ProtocolError(
                     f"box at stream offset {self._offset + pos - size} has more than "
                     f"{max_keys} keys"
                 )
+            if stop > end:
+                self._need = pair
+                break
             box[data[pos + 2 : vpos]] = data[vpos + 2 : stop]
             size += pair
             pos = stop
