@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from ._arguments import Argument, python_name, wire_name
+from ._arguments import Argument, Bytes, Float, Integer, String, python_name, wire_name
 from ._errors import (
     ProtocolError,
     RemoteAmpError,
@@ -255,6 +255,179 @@ class _Schema:
         return result
 
 
+class _Fallback(Exception):
+    """Raised by compiled code when a value needs the general path (usually to report an error)."""
+
+
+# How the compiled encoders and decoders handle the built-in types inline, without a
+# method call. Only exact instances of these classes qualify: a subclass may override
+# to_bytes or from_bytes. {v} is the value, {a} the argument's bound method.
+_INLINE_ENCODE = {
+    Integer: '(b"%d" % {v}) if type({v}) is int else {a}({v})',
+    Bytes: "{v} if type({v}) is bytes else {a}({v})",
+    String: '{v}.encode("utf-8") if type({v}) is str else {a}({v})',
+    Float: 'repr({v}).encode("ascii") if type({v}) is float else {a}({v})',
+}
+_INLINE_DECODE = {
+    Integer: "int({x})",
+    Bytes: "{x}",
+    String: '{x}.decode("utf-8")',
+    Float: "float({x})",
+}
+
+
+def _compile_encoder(
+    name: str,
+    steps: tuple[tuple[bytes, _Field | int], ...],
+    specials: Sequence[bytes | str | None],
+) -> Callable[..., Any]:
+    """
+    Generate a function that writes one box of a schema, keys in sorted order.
+
+    ``specials`` gives, by index, the value of each special key: constant bytes,
+    the name of a parameter of the generated function (the tag of an answer), or
+    ``None`` for the tag placeholder of an ask, whose index in the parts the
+    function returns with them. The function raises :class:`_Fallback` for
+    anything unusual (a missing, unknown, mistyped or over-long value); the caller
+    then takes the general path, which reports the error precisely. Adjacent
+    constant parts are joined here, once.
+
+    Raises:
+        _Fallback: The schema has a type that writes several keys.
+    """
+    namespace: dict[str, Any] = {"_Fallback": _Fallback, "_P": PREFIXES}
+    has_optional = any(type(w) is not int and w.optional for _, w in steps)  # type: ignore[union-attr]
+    params = [p for p in specials if isinstance(p, str)]
+    body: list[str] = ["    count = 0"] if has_optional else []
+    pending: list[str] = []  # expressions of parts not yet added to `parts`
+    started = False  # whether `parts` exists yet
+    constant = b""
+    slot: str | None = None
+    required = 0
+
+    def const(value: bytes) -> str:
+        key = f"_C{len(namespace)}"
+        namespace[key] = value
+        return key
+
+    def flush_constant() -> None:
+        nonlocal constant
+        if constant:
+            pending.append(const(constant))
+            constant = b""
+
+    def flush_pending() -> None:
+        nonlocal started
+        flush_constant()
+        if not started:
+            body.append(f"    parts = [{', '.join(pending)}]")
+            started = True
+        elif pending:
+            body.append(f"    parts += ({', '.join(pending)},)")
+        pending.clear()
+
+    for index, (header, what) in enumerate(steps):
+        if type(what) is int:
+            special = specials[what]
+            if isinstance(special, bytes):
+                constant += header + length_prefix(len(special)) + special
+                continue
+            constant += header
+            flush_constant()
+            if special is None:
+                if has_optional:
+                    flush_pending()
+                    slot = "slot"
+                    body.append("    slot = len(parts)")
+                else:
+                    slot = str(len(pending))
+                pending.append('b""')
+            else:
+                pending.append(f"_P[len({special})] + {special}")
+            continue
+        field: _Field = what  # type: ignore[assignment]  # the only other kind
+        if field.argument.multi_key:
+            raise _Fallback
+        v, p, n = f"v{index}", f"p{index}", f"n{index}"
+        namespace[f"_a{index}"] = field.argument.to_bytes
+        template = _INLINE_ENCODE.get(type(field.argument), "{a}({v})")
+        encode = [
+            f"{p} = {template.format(v=v, a=f'_a{index}')}",
+            f"{n} = len({p})",
+            f"if {n} > {MAX_VALUE_LENGTH}:",
+            "    raise _Fallback",
+        ]
+        prefix = f"_P[{n}] if {n} < {len(PREFIXES)} else {n}.to_bytes(2, 'big')"
+        if field.optional:
+            flush_pending()
+            body.append(f"    {v} = values.get({field.name!r}, values)")
+            body.append(f"    if {v} is not values:")
+            body.append("        count += 1")
+            body.append(f"        if {v} is not None:")
+            body += ["            " + line for line in encode]
+            body.append(f"            parts += ({const(header)}, {prefix}, {p})")
+        else:
+            required += 1
+            body.append(f"    {v} = values.get({field.name!r})")
+            body.append(f"    if {v} is None:")
+            body.append("        raise _Fallback")
+            body += ["    " + line for line in encode]
+            constant += header
+            flush_constant()
+            pending.append(prefix)
+            pending.append(p)
+    constant += BOX_END
+    flush_pending()
+    count = f"count + {required}" if has_optional else str(required)
+    body.append(f"    if len(values) != {count}:")
+    body.append("        raise _Fallback")
+    body.append(f"    return parts, {slot}" if slot is not None else "    return parts")
+    source = f"def encode(values{''.join(', ' + p for p in params)}):\n" + "\n".join(body)
+    exec(compile(source, f"<encoder of {name}>", "exec"), namespace)
+    function: Callable[..., Any] = namespace["encode"]
+    return function
+
+
+def _compile_decoder(name: str, fields: tuple[_Field, ...]) -> Callable[..., dict[str, Any]]:
+    """
+    Generate a function that decodes the fields of a box to a dict of Python values.
+
+    It raises :class:`_Fallback` (or any other exception) when a value is missing
+    or does not decode; the caller then takes the general path to report it.
+    """
+    namespace: dict[str, Any] = {}
+    entries = []
+    for index, field in enumerate(fields):
+        key = f"_k{index}"
+        namespace[key] = field.key
+        argument = field.argument
+        if argument.multi_key:
+            namespace[f"_b{index}"] = argument.from_box
+            expr = f"_b{index}({key}, box)"
+            if not field.optional:
+                expr = f"_need({expr})"
+        else:
+            namespace[f"_a{index}"] = argument.from_bytes
+            template = _INLINE_DECODE.get(type(argument), "_a{i}({x})")
+            if field.optional:
+                expr = f"(None if (x{index} := box.get({key})) is None else "
+                expr += template.format(x=f"x{index}", i=index) + ")"
+            else:
+                expr = template.format(x=f"box[{key}]", i=index)
+        entries.append(f"{field.name!r}: {expr}")
+    namespace["_need"] = _need
+    source = "def decode(box):\n    return {" + ", ".join(entries) + "}"
+    exec(compile(source, f"<decoder of {name}>", "exec"), namespace)
+    function: Callable[..., dict[str, Any]] = namespace["decode"]
+    return function
+
+
+def _need(value: Any) -> Any:
+    if value is None:
+        raise _Fallback
+    return value
+
+
 def _error_map(owner: str, attribute: str, value: object) -> dict[type[BaseException], bytes]:
     items: Iterable[Any]
     if isinstance(value, Mapping):
@@ -337,6 +510,11 @@ class Command:
     _all_errors: ClassVar[dict[type[BaseException], bytes]] = {}
     _all_fatal_errors: ClassVar[dict[type[BaseException], bytes]] = {}
     _code_to_exception: ClassVar[dict[bytes, type[BaseException]]] = {}
+    # Compiled encoders and decoders (None where a type needs the general path).
+    _fast_ask: ClassVar[Callable[..., Any] | None] = None
+    _fast_answer: ClassVar[Callable[..., Any] | None] = None
+    _fast_arguments: ClassVar[Callable[..., dict[str, Any]]]
+    _fast_response: ClassVar[Callable[..., dict[str, Any]]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -352,6 +530,19 @@ class Command:
         cls._answer_steps = cls._response_schema.with_specials((ANSWER,))
         if not isinstance(cls.requires_answer, bool):
             raise TypeError(f"{owner}.requires_answer must be True or False")
+        try:
+            if cls.requires_answer:
+                cls._fast_ask = _compile_encoder(owner, cls._ask_steps, (None, cls.wire_name))
+            else:
+                cls._fast_ask = _compile_encoder(owner, cls._send_steps, (cls.wire_name,))
+        except _Fallback:
+            cls._fast_ask = None
+        try:
+            cls._fast_answer = _compile_encoder(owner, cls._answer_steps, ("tag",))
+        except _Fallback:
+            cls._fast_answer = None
+        cls._fast_arguments = _compile_decoder(owner, cls._arguments_schema.fields)
+        cls._fast_response = _compile_decoder(owner, cls._response_schema.fields)
         # errors and fatal_errors accumulate along the class hierarchy, base first.
         errors: dict[type[BaseException], bytes] = {}
         fatal: dict[type[BaseException], bytes] = {}
@@ -417,6 +608,15 @@ class Command:
             The parts of the box and the index of the tag's part (-1 when no
             answer is required: the box then has no ``_ask``).
         """
+        encoder = cls._fast_ask
+        if encoder is not None:
+            try:
+                if cls.requires_answer:
+                    result: tuple[list[bytes], int] = encoder(values)
+                    return result
+                return encoder(values), -1
+            except Exception:  # anything unusual: the general path reports it
+                pass
         parts: list[bytes] = []
         if cls.requires_answer:
             slot = cls._arguments_schema.encode(
@@ -437,6 +637,12 @@ class Command:
                 f"the responder of {cls.__qualname__} returned {type(values).__name__}, "
                 "not a dict keyed like its response"
             )
+        encoder = cls._fast_answer
+        if encoder is not None:
+            try:
+                return b"".join(encoder(values, tag))
+            except Exception:  # anything unusual: the general path reports it
+                pass
         parts: list[bytes] = []
         cls._response_schema.encode(cls._answer_steps, values, [tag], parts, "response")
         parts.append(BOX_END)
@@ -444,10 +650,17 @@ class Command:
 
     @classmethod
     def _decode_arguments(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
-        return cls._arguments_schema.decode(box, "argument")
+        try:
+            return cls._fast_arguments(box)
+        except Exception:  # the general path says what is wrong
+            return cls._arguments_schema.decode(box, "argument")
 
     @classmethod
     def _decode_response(cls, box: Mapping[bytes, bytes]) -> dict[str, Any]:
+        try:
+            return cls._fast_response(box)
+        except Exception:  # the general path says what is wrong
+            pass
         try:
             return cls._response_schema.decode(box, "response")
         except (KeyError, ValueError) as exc:

@@ -224,6 +224,11 @@ class AMPConnection:
         """``True`` if bytes are queued."""
         return bool(self._outgoing)
 
+    @property
+    def queued(self) -> int:
+        """How many pieces of data are queued (usually one box each)."""
+        return len(self._outgoing)
+
     # Private methods
 
     def _fail(self, error: ProtocolError) -> None:

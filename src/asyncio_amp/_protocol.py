@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
+import weakref
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any, ClassVar, Self, cast
@@ -30,10 +32,38 @@ __all__ = ["AMPProtocol"]
 
 logger = logging.getLogger("asyncio_amp")
 
+# While handling one read, queued answers are written every this many boxes, so the
+# peer can start on the first answers while the rest are still being computed.
+WRITE_BATCH = 32
+
 # How many cancelled calls' tags are remembered, so that their late answers are
 # dropped quietly. Older ones are forgotten: a late answer for one of those closes
 # the connection like any answer for a tag we never sent.
 MAX_CANCELLED_TAGS = 65_536
+
+
+# The buffer the transport reads into (asyncio.BufferedProtocol). The bytes are
+# copied out and parsed as soon as a read completes, so on the selector-based loops
+# (asyncio on Unix, uvloop), where a read and its buffer_updated() call happen in
+# one step, every connection of a loop can share one buffer: an idle connection
+# then holds no read buffer at all. The proactor loop (Windows) holds the buffer
+# across an overlapped read, so there each connection gets its own.
+READ_BUFFER_SIZE = 256 * 1024
+_shared_read_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _read_buffer_for(loop: asyncio.AbstractEventLoop) -> memoryview:
+    if sys.platform == "win32":
+        return memoryview(bytearray(64 * 1024))
+    try:
+        return _shared_read_buffers[loop]
+    except KeyError:
+        buffer = _shared_read_buffers[loop] = memoryview(bytearray(READ_BUFFER_SIZE))
+        return buffer
+    except TypeError:  # a loop that cannot be weakly referenced
+        return memoryview(bytearray(64 * 1024))
 
 
 def _format_peer(peername: Any) -> str:
@@ -64,7 +94,7 @@ class _Call(asyncio.Future[Any]):
         return True
 
 
-class AMPProtocol(asyncio.Protocol):
+class AMPProtocol(asyncio.BufferedProtocol):
     """
     An AMP connection on asyncio: call the peer's commands and answer its calls.
 
@@ -124,6 +154,7 @@ class AMPProtocol(asyncio.Protocol):
         self._lost = False
         self._closed_waiter: asyncio.Future[None] | None = None
         self._debug = False
+        self._read_buffer: memoryview | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -138,9 +169,22 @@ class AMPProtocol(asyncio.Protocol):
         self._loop = loop = asyncio.get_running_loop()
         self._closed_waiter = loop.create_future()
         self._peer = _format_peer(transport.get_extra_info("peername"))
+        self._read_buffer = _read_buffer_for(loop)
         self._debug = logger.isEnabledFor(logging.DEBUG)
         if self._debug:
             logger.debug("= connection made with %s", self._peer)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Return the buffer for the transport to read into."""
+        buffer = self._read_buffer
+        if buffer is None:
+            buffer = self._read_buffer = memoryview(bytearray(64 * 1024))
+        return buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Take the ``nbytes`` just read into the buffer."""
+        assert self._read_buffer is not None
+        self.data_received(bytes(self._read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         """Decode ``data``, resolve the calls it answers and run the calls it makes."""
@@ -480,7 +524,11 @@ class AMPProtocol(asyncio.Protocol):
         self._conn.send(data)
         if self._debug:
             logger.debug("> %s %r", self._peer, data)
-        if self._receiving or self._flush_handle is not None:
+        if self._receiving:
+            if self._conn.queued >= WRITE_BATCH:
+                self._flush()
+            return
+        if self._flush_handle is not None:
             return
         if now:
             self._flush()

@@ -11,6 +11,7 @@ This module does no I/O and imports nothing from asyncio.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping
 
 from ._errors import ProtocolError, TooLongError
@@ -56,6 +57,8 @@ DEFAULT_MAX_KEYS = 1024
 _PREFIX_TABLE_SIZE = 1024
 PREFIXES = tuple(n.to_bytes(2, "big") for n in range(_PREFIX_TABLE_SIZE))
 BOX_END = b"\x00\x00"
+
+_unpack_length = struct.Struct("!H").unpack_from
 
 
 def length_prefix(n: int) -> bytes:
@@ -257,51 +260,36 @@ class BoxDecoder:
     # Private methods
 
     def _parse(self, data: bytes, boxes: list[Box]) -> None:
+        # The hot loop: one iteration per key/value pair. Errors are built out of line.
         box = self._box
         size = self._box_size
         max_box_size = self._max_box_size
         max_keys = self._max_keys
+        unpack = _unpack_length
         pos = 0
         end = len(data)
-        while True:
-            if end - pos < 2:
-                self._need = 2
-                break
-            klen = (data[pos] << 8) | data[pos + 1]
-            if klen == 0:
+        self._need = 2
+        while end - pos >= 2:
+            (klen,) = unpack(data, pos)
+            if not klen:
                 if not box:
-                    raise ProtocolError(
-                        f"empty box at stream offset {self._offset + pos}: "
-                        "a box needs at least one key"
-                    )
+                    raise self._error_at(pos, "empty")
                 boxes.append(box)
                 box = {}
                 size = 0
                 pos += 2
                 continue
             if klen > MAX_KEY_LENGTH:
-                raise ProtocolError(
-                    f"key length {klen} at stream offset {self._offset + pos} is over the "
-                    f"AMP limit of {MAX_KEY_LENGTH}" + _describe_start(data[pos:])
-                )
+                raise self._error_at(pos, "key", data)
             vpos = pos + 2 + klen
             if end - vpos < 2:
                 self._need = vpos + 2 - pos
                 break
-            vlen = (data[vpos] << 8) | data[vpos + 1]
+            (vlen,) = unpack(data, vpos)
             stop = vpos + 2 + vlen
             pair = stop - pos
-            if size + pair > max_box_size:
-                raise ProtocolError(
-                    f"box at stream offset {self._offset + pos - size} is over the limit of "
-                    f"{max_box_size} bytes (key {data[pos + 2 : vpos]!r} brings it to "
-                    f"{size + pair})"
-                )
-            if len(box) >= max_keys:
-                raise ProtocolError(
-                    f"box at stream offset {self._offset + pos - size} has more than "
-                    f"{max_keys} keys"
-                )
+            if size + pair > max_box_size or len(box) >= max_keys:
+                raise self._error_at(pos, "limit", data, size, pair, box)
             if stop > end:
                 self._need = pair
                 break
@@ -313,6 +301,37 @@ class BoxDecoder:
         self._offset += pos
         if pos < end:
             self._rest += data[pos:] if pos else data
+
+    def _error_at(
+        self,
+        pos: int,
+        what: str,
+        data: bytes = b"",
+        size: int = 0,
+        pair: int = 0,
+        box: Box | None = None,
+    ) -> ProtocolError:
+        offset = self._offset + pos
+        if what == "empty":
+            return ProtocolError(
+                f"empty box at stream offset {offset}: a box needs at least one key"
+            )
+        klen = (data[pos] << 8) | data[pos + 1]
+        if what == "key":
+            return ProtocolError(
+                f"key length {klen} at stream offset {offset} is over the AMP limit of "
+                f"{MAX_KEY_LENGTH}" + _describe_start(data[pos:])
+            )
+        assert box is not None
+        if size + pair > self._max_box_size:
+            return ProtocolError(
+                f"box at stream offset {offset - size} is over the limit of "
+                f"{self._max_box_size} bytes (key {data[pos + 2 : pos + 2 + klen]!r} brings "
+                f"it to {size + pair})"
+            )
+        return ProtocolError(
+            f"box at stream offset {offset - size} has more than {self._max_keys} keys"
+        )
 
 
 def parse_boxes(data: bytes) -> list[Box]:
