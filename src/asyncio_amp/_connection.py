@@ -150,6 +150,24 @@ class AMPConnection:
         #: Why the connection failed, if the peer broke the protocol.
         self.error: ProtocolError | None = None
 
+    @property
+    def max_box_size(self) -> int:
+        """The most bytes one received box may take."""
+        return self._decoder.max_box_size
+
+    @max_box_size.setter
+    def max_box_size(self, value: int) -> None:
+        self._decoder.max_box_size = value
+
+    @property
+    def max_keys(self) -> int:
+        """The most keys one received box may have."""
+        return self._decoder.max_keys
+
+    @max_keys.setter
+    def max_keys(self, value: int) -> None:
+        self._decoder.max_keys = value
+
     # Receiving
 
     def receive_data(self, data: bytes) -> None:

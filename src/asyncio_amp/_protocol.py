@@ -9,6 +9,8 @@ go through one method, :meth:`AMPProtocol._flush`.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import inspect
 import logging
 import sys
@@ -66,6 +68,20 @@ def _read_buffer_for(loop: asyncio.AbstractEventLoop) -> memoryview:
         return memoryview(bytearray(64 * 1024))
 
 
+# Default limits; see AMPProtocol's docstring.
+DEFAULT_MAX_RESPONDERS = 100
+DEFAULT_MAX_PENDING_CALLS = 1000
+
+# The error code of an answer to a call that arrives while the connection shuts down.
+SHUTDOWN_ERROR_CODE = b"SHUTDOWN"
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, not {value!r}")
+    return value
+
+
 def _format_peer(peername: Any) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
         host, port = peername[0], peername[1]
@@ -76,13 +92,20 @@ def _format_peer(peername: Any) -> str:
 
 
 class _Call(asyncio.Future[Any]):
-    """The future of one pending call: it forgets its tag when cancelled."""
+    """
+    The future of one call: it forgets its tag when cancelled.
 
-    __slots__ = ("_command", "_protocol", "_tag")
+    A call that had to wait (too many pending calls, or the transport's buffer is
+    full) keeps its encoded parts until it is sent; it has no tag until then.
+    """
+
+    __slots__ = ("_command", "_parts", "_protocol", "_slot", "_tag")
 
     _command: type[Command]
     _protocol: AMPProtocol | None
-    _tag: bytes
+    _tag: bytes | None
+    _parts: list[bytes] | None
+    _slot: int
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
@@ -90,7 +113,7 @@ class _Call(asyncio.Future[Any]):
         protocol = self._protocol
         if protocol is not None:
             self._protocol = None
-            protocol._forget(self._tag)
+            protocol._forget(self)
         return True
 
 
@@ -108,10 +131,25 @@ class AMPProtocol(asyncio.BufferedProtocol):
     Subclasses that override :meth:`connection_made` or :meth:`connection_lost`
     must call ``super()``.
 
+    Every limit below is also an attribute of the same name, which may be changed
+    until the connection is made (``serve`` and ``connect`` take them as keywords
+    and set them that way).
+
     Args:
-        max_box_size: The most bytes one received box may take; a bigger box is
-            bad input and closes the connection.
-        max_keys: The most keys one received box may have.
+        max_box_size: The most bytes one received box may take (16 MiB); a bigger
+            box is bad input and closes the connection.
+        max_keys: The most keys one received box may have (1,024); more is bad
+            input and closes the connection.
+        max_responders: The most responders that may run at once on this
+            connection (100), counting those whose answer waits for the
+            transport. At the limit the protocol stops reading from the peer, so a
+            flooding peer is held back by TCP; calls already read wait their turn.
+        max_pending_calls: The most calls of ours that may wait for an answer at
+            once (1,000). Further calls wait, in order, before being sent.
+
+    While the transport's write buffer is over its high-water mark
+    (``pause_writing``), new calls wait and answers are held back, counting
+    against ``max_responders``; everything goes on at ``resume_writing``.
     """
 
     # command wire name -> (Command class, attribute name, responder is a coroutine function)
@@ -138,10 +176,23 @@ class AMPProtocol(asyncio.BufferedProtocol):
         *,
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
         max_keys: int = DEFAULT_MAX_KEYS,
+        max_responders: int = DEFAULT_MAX_RESPONDERS,
+        max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
     ) -> None:
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
         self._conn = AMPConnection(max_box_size=max_box_size, max_keys=max_keys)
+        #: The most responders that may run at once (see the class docstring).
+        self.max_responders = _positive("max_responders", max_responders)
+        #: The most calls of ours that may wait for an answer at once.
+        self.max_pending_calls = _positive("max_pending_calls", max_pending_calls)
+        self._waiting: collections.deque[_Call] = collections.deque()
+        self._busy = 0  # responders started whose answer is not yet with the transport
+        self._held = 0  # answers held back while writing is paused (part of _busy)
+        self._deferred: collections.deque[Ask] = collections.deque()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._shutting_down = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._peer = "unconnected peer"
         self._pending: dict[bytes, _Call] = {}
@@ -202,7 +253,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 if kind is Answer:
                     self._answer_received(event)  # type: ignore[arg-type]
                 elif kind is Ask:
-                    self._ask_received(event)  # type: ignore[arg-type]
+                    if self._busy < self.max_responders and not self._deferred:
+                        self._dispatch(event)  # type: ignore[arg-type]
+                    else:
+                        self._defer(event)  # type: ignore[arg-type]
                 elif kind is ErrorAnswer:
                     self._error_received(event)  # type: ignore[arg-type]
                 else:
@@ -211,7 +265,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
                     break
         finally:
             self._receiving = False
-        if conn.has_data_to_send or self._close_after_flush:
+        if self._waiting:
+            self._send_waiting()
+        if (conn.has_data_to_send and not self._writing_paused) or self._close_after_flush:
             self._flush()
 
     def eof_received(self) -> bool | None:
@@ -219,6 +275,26 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._debug:
             logger.debug("= %s sent EOF", self._peer)
         return None
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: hold back calls and answers."""
+        self._writing_paused = True
+        if self._debug:
+            logger.debug("= writing to %s paused", self._peer)
+
+    def resume_writing(self) -> None:
+        """The transport's buffer has drained: send what was held back."""
+        self._writing_paused = False
+        if self._debug:
+            logger.debug("= writing to %s resumed", self._peer)
+        if self._lost:
+            return
+        self._flush()
+        held, self._held = self._held, 0
+        self._busy -= held
+        if self._waiting:
+            self._send_waiting()
+        self._release()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """
@@ -236,6 +312,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._debug:
             logger.debug("= connection with %s lost: %s", self._peer, cause or "closed")
         self._fail_pending(cause)
+        self._deferred.clear()
         for task in self._tasks:
             task.cancel()
         if self._flush_handle is not None:
@@ -258,18 +335,24 @@ class AMPProtocol(asyncio.BufferedProtocol):
         ``asyncio.timeout``, ``wait_for`` and ``gather``; cancelling it forgets the
         call, and its answer is dropped if it comes later.
 
+        The call is checked and encoded at once. It is sent at once too, unless
+        ``max_pending_calls`` calls already wait for answers or the transport's
+        buffer is full: then it waits its turn, and the future stays pending.
+
         Returns:
             A future of the answer: a dict keyed like ``command.response``. For a
-            command with ``requires_answer = False`` the future is already done,
-            with ``None``.
+            command with ``requires_answer = False`` the future is done with
+            ``None`` as soon as the call is handed to the transport (at once,
+            unless it had to wait).
 
         Raises:
             TypeError: An argument is unknown, missing or of the wrong type.
             ValueError: An argument's type cannot represent its value.
             TooLongError: A value is over 65,535 bytes. Nothing was sent, no tag
                 was taken, and the connection is unaffected.
-            ConnectionLostError: The connection is closed (raised at once), or it
-                closes before the answer comes (raised by the future).
+            ConnectionLostError: The connection is closed or shutting down (raised
+                at once), or it closes before the answer comes (raised by the
+                future).
 
         The future raises the exception the command maps to the peer's error code,
         :class:`UnhandledCommandError` if the peer has no responder for it, or
@@ -287,25 +370,28 @@ class AMPProtocol(asyncio.BufferedProtocol):
             cmd = command
         else:
             raise TypeError(f"call_remote() needs a Command class or instance, not {command!r}")
-        conn = self._conn
-        if conn.state is not State.OPEN or self._loop is None or self._close_after_flush:
+        if self._conn.state is not State.OPEN or self._loop is None or self._close_after_flush:
             raise self._lost_error(f"cannot call {cmd.__qualname__}")
+        if self._shutting_down:
+            raise ConnectionLostError(
+                f"cannot call {cmd.__qualname__}: the connection with {self._peer} is shutting down"
+            )
         parts, slot = cmd._encode_ask(arguments)
-        idle = not self._pending
-        if slot < 0:
-            conn.skip_tag()
-            self._send(b"".join(parts), now=idle)
-            done = self._loop.create_future()
-            done.set_result(None)
-            return done
-        tag = conn.next_tag()
-        parts[slot] = PREFIXES[len(tag)] + tag
         call = _Call(loop=self._loop)
         call._command = cmd
         call._protocol = self
-        call._tag = tag
-        self._pending[tag] = call
-        self._send(b"".join(parts), now=idle)
+        call._tag = None
+        call._slot = slot
+        if (
+            self._waiting
+            or self._writing_paused
+            or (slot >= 0 and len(self._pending) >= self.max_pending_calls)
+        ):
+            call._parts = parts
+            self._waiting.append(call)
+            return call
+        call._parts = None
+        self._send_call(call, parts, now=not self._pending)
         return call
 
     def close(self) -> None:
@@ -315,6 +401,39 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._close_after_flush = True
         if not self._receiving:
             self._flush()
+
+    async def shutdown(self, grace: float | None = 30.0) -> None:
+        """
+        Close the connection gracefully.
+
+        New local calls are refused at once with :class:`ConnectionLostError`,
+        and calls that arrive from the peer are answered with the error code
+        ``SHUTDOWN``. The responders already running finish and send their
+        answers, and our calls already sent get theirs, for up to ``grace``
+        seconds (``None``: no limit). Then the connection closes: responders still
+        running are cancelled and calls still unanswered fail with
+        :class:`ConnectionLostError`.
+        """
+        if self._loop is None or self._lost:
+            await self.wait_closed()
+            return
+        self._shutting_down = True
+        for call in self._waiting:
+            if not call.done():
+                call._protocol = None
+                call.set_exception(
+                    ConnectionLostError(
+                        f"the connection with {self._peer} shut down before "
+                        f"{call._command.__qualname__} was sent"
+                    )
+                )
+        self._waiting.clear()
+        self._release()
+        work: set[asyncio.Future[Any]] = {*self._tasks, *self._pending.values()}
+        if work:
+            await asyncio.wait(work, timeout=grace)
+        self.close()
+        await self.wait_closed()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed and every pending call has failed."""
@@ -332,6 +451,24 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """The peer's address as text, as used in log lines."""
         return self._peer
 
+    @property
+    def max_box_size(self) -> int:
+        """The most bytes one received box may take."""
+        return self._conn.max_box_size
+
+    @max_box_size.setter
+    def max_box_size(self, value: int) -> None:
+        self._conn.max_box_size = value
+
+    @property
+    def max_keys(self) -> int:
+        """The most keys one received box may have."""
+        return self._conn.max_keys
+
+    @max_keys.setter
+    def max_keys(self, value: int) -> None:
+        self._conn.max_keys = value
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -344,19 +481,58 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self.close()
         await self.wait_closed()
 
-    # Private methods: calls and answers
+    # Private methods: our calls
 
-    def _forget(self, tag: bytes) -> None:
-        # A cancelled call: its answer, if it comes, is dropped.
+    def _send_call(self, call: _Call, parts: list[bytes], *, now: bool) -> None:
+        """Take a tag for ``call`` and queue its box (which was checked when encoded)."""
+        conn = self._conn
+        slot = call._slot
+        if slot < 0:
+            conn.skip_tag()
+            call._protocol = None
+            self._send(b"".join(parts), now=now)
+            call.set_result(None)
+            return
+        tag = conn.next_tag()
+        parts[slot] = PREFIXES[len(tag)] + tag
+        call._tag = tag
+        self._pending[tag] = call
+        self._send(b"".join(parts), now=now)
+
+    def _send_waiting(self) -> None:
+        """Send the calls that waited, in order, as far as the limits allow."""
+        waiting = self._waiting
+        limit = self.max_pending_calls
+        while waiting and not self._writing_paused and not self._lost:
+            call = waiting[0]
+            if call._slot >= 0 and len(self._pending) >= limit:
+                break
+            waiting.popleft()
+            parts = call._parts
+            call._parts = None
+            if parts is not None and not call.done():
+                self._send_call(call, parts, now=False)
+
+    def _forget(self, call: _Call) -> None:
+        # A cancelled call: if it was sent, its answer is dropped when it comes.
+        tag = call._tag
+        if tag is None:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(call)
+            call._parts = None
+            return
         if self._pending.pop(tag, None) is not None and not self._lost:
             cancelled = self._cancelled
             cancelled[tag] = None
             if len(cancelled) > MAX_CANCELLED_TAGS:
                 del cancelled[next(iter(cancelled))]
+            if self._waiting and not self._receiving:
+                self._send_waiting()
 
     def _take_call(self, tag: bytes) -> _Call | None:
         call = self._pending.pop(tag, None)
         if call is not None:
+            call._protocol = None
             return call
         if self._cancelled.pop(tag, False) is None:
             if self._debug:
@@ -384,8 +560,48 @@ class AMPProtocol(asyncio.BufferedProtocol):
             return
         call.set_exception(call._command._exception_for(event.code, event.description))
 
-    def _ask_received(self, event: Ask) -> None:
+    # Private methods: the peer's calls
+
+    def _defer(self, event: Ask) -> None:
+        """Keep a call that came over the responder limit until a responder is done."""
+        self._deferred.append(event)
+        self._pause_reading()
+
+    def _release(self) -> None:
+        """A responder is done: start deferred calls, and read again when below the limit."""
+        deferred = self._deferred
+        while deferred and self._busy < self.max_responders and not self._lost:
+            self._dispatch(deferred.popleft())
+        if not deferred and self._busy < self.max_responders:
+            self._resume_reading()
+        if self._conn.has_data_to_send and not self._writing_paused and not self._receiving:
+            self._schedule_flush()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+            if self._debug:
+                logger.debug("= reading from %s paused", self._peer)
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
+            if self._debug:
+                logger.debug("= reading from %s resumed", self._peer)
+
+    def _dispatch(self, event: Ask) -> None:
+        """Run the responder of a call from the peer (it counts against max_responders)."""
         tag = event.tag
+        self._busy += 1
+        if self._shutting_down:
+            self._responded(
+                None
+                if tag is None
+                else encode_error(tag, SHUTDOWN_ERROR_CODE, b"the peer is shutting down")
+            )
+            return
         entry = self._responder_table.get(event.command)
         if entry is None:
             logger.warning(
@@ -394,8 +610,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 event.command,
                 "; answering UNHANDLED" if tag is not None else "",
             )
-            if tag is not None:
-                self._send(encode_unhandled_error(tag, event.command))
+            self._responded(None if tag is None else encode_unhandled_error(tag, event.command))
             return
         command, attribute, is_coroutine = entry
         try:
@@ -405,12 +620,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 return
             result = getattr(self, attribute)(**arguments)
         except Exception as exc:
-            self._responder_failed(command, tag, exc)
+            self._responded(self._failure_answer(command, tag, exc))
             return
         if type(result) is not dict and inspect.isawaitable(result):
             self._run_task(command, tag, result)
         else:
-            self._answer(command, tag, result)
+            self._responded(self._answer_for(command, tag, result))
 
     def _run_task(
         self, command: type[Command], tag: bytes | None, awaitable: Awaitable[Any]
@@ -419,6 +634,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         task = self._loop.create_task(self._respond(command, tag, awaitable))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self._busy >= self.max_responders:
+            self._pause_reading()
 
     async def _respond(
         self, command: type[Command], tag: bytes | None, awaitable: Awaitable[Any]
@@ -426,15 +643,29 @@ class AMPProtocol(asyncio.BufferedProtocol):
         try:
             result = await awaitable
         except Exception as exc:
-            self._responder_failed(command, tag, exc)
+            data = self._failure_answer(command, tag, exc)
         else:
-            self._answer(command, tag, result)
+            data = self._answer_for(command, tag, result)
+        self._responded(data)
 
-    def _answer(self, command: type[Command], tag: bytes | None, result: Any) -> None:
-        if tag is None or self._lost:
+    def _responded(self, data: bytes | None) -> None:
+        """A responder is done; send its answer (if any) and free its place."""
+        if self._lost:
             return
+        if data is not None:
+            self._send(data)
+            if self._writing_paused:
+                self._held += 1  # its place is freed when the answer can be written
+                return
+        self._busy -= 1
+        if self._deferred or self._reading_paused:
+            self._release()
+
+    def _answer_for(self, command: type[Command], tag: bytes | None, result: Any) -> bytes | None:
+        if tag is None:
+            return None
         try:
-            data = command._encode_answer(tag, {} if result is None else result)
+            return command._encode_answer(tag, {} if result is None else result)
         except Exception as exc:
             logger.error(
                 "the responder of %s for %s returned an answer that cannot be sent "
@@ -444,10 +675,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 type(exc).__name__,
                 exc,
             )
-            data = encode_unknown_error(tag)
-        self._send(data)
+            return encode_unknown_error(tag)
 
-    def _responder_failed(self, command: type[Command], tag: bytes | None, exc: Exception) -> None:
+    def _failure_answer(
+        self, command: type[Command], tag: bytes | None, exc: Exception
+    ) -> bytes | None:
         mapped = command._error_code_for(exc)
         if mapped is None:
             logger.error(
@@ -458,12 +690,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 "; answering UNKNOWN" if tag is not None else "",
                 exc_info=exc,
             )
-            if tag is not None and not self._lost:
-                self._send(encode_unknown_error(tag))
-            return
+            return None if tag is None else encode_unknown_error(tag)
         code, fatal = mapped
-        if tag is not None and not self._lost:
-            self._send(encode_error(tag, code, str(exc).encode("utf-8", "replace")))
         if fatal:
             logger.info(
                 "the responder of %s for %s raised fatal error %s; closing the connection",
@@ -471,9 +699,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 self._peer,
                 code.decode("utf-8", "backslashreplace"),
             )
-            self.close()
+            self._close_after_flush = True
         elif self._debug:
             logger.debug("! %s: %s answered error %r", self._peer, command.__qualname__, code)
+        if tag is None:
+            return None
+        return encode_error(tag, code, str(exc).encode("utf-8", "replace"))
 
     # Private methods: connection state
 
@@ -495,13 +726,13 @@ class AMPProtocol(asyncio.BufferedProtocol):
         return error
 
     def _fail_pending(self, cause: BaseException | None) -> None:
-        pending = self._pending
-        if not pending:
-            return
+        pending = [*self._pending.values(), *self._waiting]
         self._pending = {}
+        self._waiting.clear()
         reason = f": {cause}" if cause is not None else ""
-        for call in pending.values():
+        for call in pending:
             call._protocol = None
+            call._parts = None
             if not call.done():
                 error = ConnectionLostError(
                     f"the connection with {self._peer} closed before "
@@ -516,14 +747,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """
         Queue ``data`` for the transport.
 
-        Bytes queued while a read is being handled go out in one write at its end.
-        Otherwise the first write of an idle connection goes out at once (no added
-        latency for one call at a time) and later ones are gathered until the
-        event loop's next turn.
+        Bytes queued while a read is being handled go out every WRITE_BATCH boxes
+        and at its end. Otherwise the first write of an idle connection goes out at
+        once (no added latency for one call at a time) and later ones are gathered
+        until the event loop's next turn. While writing is paused, they wait.
         """
         self._conn.send(data)
         if self._debug:
             logger.debug("> %s %r", self._peer, data)
+        if self._writing_paused:
+            return
         if self._receiving:
             if self._conn.queued >= WRITE_BATCH:
                 self._flush()
@@ -533,12 +766,17 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if now:
             self._flush()
         else:
-            assert self._loop is not None
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._loop is not None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write what is queued: the one place where bytes reach the transport."""
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         data = self._conn.data_to_send()
         transport = self.transport
         if transport is None or self._lost:

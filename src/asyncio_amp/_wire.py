@@ -176,8 +176,10 @@ class BoxDecoder:
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        self._max_box_size = max_box_size
-        self._max_keys = max_keys
+        self._max_box_size = 0
+        self._max_keys = 0
+        self.max_box_size = max_box_size
+        self.max_keys = max_keys
         self._box: Box = {}
         # Wire bytes of the complete pairs already in self._box.
         self._box_size = 0
@@ -190,6 +192,28 @@ class BoxDecoder:
         self._error: ProtocolError | None = None
 
     # Public methods
+
+    @property
+    def max_box_size(self) -> int:
+        """The most bytes the keys and values of one box may take (settable)."""
+        return self._max_box_size
+
+    @max_box_size.setter
+    def max_box_size(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_box_size must be a positive int, not {value!r}")
+        self._max_box_size = value
+
+    @property
+    def max_keys(self) -> int:
+        """The most keys one box may have (settable)."""
+        return self._max_keys
+
+    @max_keys.setter
+    def max_keys(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_keys must be a positive int, not {value!r}")
+        self._max_keys = value
 
     @property
     def in_box(self) -> bool:
