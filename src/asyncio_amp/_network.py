@@ -18,6 +18,27 @@ __all__ = ["connect", "serve"]
 
 P = TypeVar("P", bound=AMPProtocol)
 
+# The limits of AMPProtocol that serve() and connect() take as keywords.
+LIMITS = ("max_box_size", "max_keys", "max_responders", "max_pending_calls", "close_timeout")
+
+
+def _with_limits(factory: Callable[[], P], kwargs: dict[str, Any]) -> Callable[[], P]:
+    """Take the limit keywords out of ``kwargs`` and return a factory that sets them."""
+    limits = {name: kwargs.pop(name) for name in LIMITS if name in kwargs}
+    if not limits:
+        return factory
+    probe = AMPProtocol()
+    for name, value in limits.items():
+        setattr(probe, name, value)  # checks the values now, not at the first connection
+
+    def build() -> P:
+        protocol = factory()
+        for name, value in limits.items():
+            setattr(protocol, name, value)
+        return protocol
+
+    return build
+
 
 async def serve(
     protocol_factory: Callable[[], AMPProtocol],
@@ -38,12 +59,17 @@ async def serve(
         port: The TCP port; 0 picks a free one (see ``server.sockets``).
         path: Listen on this UNIX socket path instead of TCP.
         ssl: A server-side :class:`ssl.SSLContext` to accept TLS connections.
-        **kwargs: Passed on to ``loop.create_server`` (or ``create_unix_server``).
+        **kwargs: The limits of :class:`AMPProtocol` (``max_box_size``,
+            ``max_keys``, ``max_responders``, ``max_pending_calls``,
+            ``close_timeout``), set on each
+            protocol the factory builds; the rest is passed on to
+            ``loop.create_server`` (or ``create_unix_server``).
 
     The server is already serving when this returns. Use it as an async context
     manager, or call ``close()`` and ``await wait_closed()`` to stop it.
     """
     loop = asyncio.get_running_loop()
+    protocol_factory = _with_limits(protocol_factory, kwargs)
     if path is not None:
         if host is not None or port is not None:
             raise TypeError("serve() takes either host and port or path, not both")
@@ -95,7 +121,10 @@ async def connect(
         path: Connect to this UNIX socket path instead of TCP.
         ssl: An :class:`ssl.SSLContext` (or ``True`` for the default one) to
             speak TLS.
-        **kwargs: Passed on to ``loop.create_connection`` (or
+        **kwargs: The limits of :class:`AMPProtocol` (``max_box_size``,
+            ``max_keys``, ``max_responders``, ``max_pending_calls``,
+            ``close_timeout``); the rest is
+            passed on to ``loop.create_connection`` (or
             ``create_unix_connection``), e.g. ``server_hostname``.
 
     Use the protocol as an async context manager to close it at the end::
@@ -104,6 +133,7 @@ async def connect(
             print(await proto.call_remote(Sum, a=1, b=2))
     """
     loop = asyncio.get_running_loop()
+    protocol_factory = _with_limits(protocol_factory, kwargs)
     if path is not None:
         if host is not None or port is not None:
             raise TypeError("connect() takes either host and port or path, not both")

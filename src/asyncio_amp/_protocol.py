@@ -71,6 +71,7 @@ def _read_buffer_for(loop: asyncio.AbstractEventLoop) -> memoryview:
 # Default limits; see AMPProtocol's docstring.
 DEFAULT_MAX_RESPONDERS = 100
 DEFAULT_MAX_PENDING_CALLS = 1000
+DEFAULT_CLOSE_TIMEOUT = 10.0
 
 # The error code of an answer to a call that arrives while the connection shuts down.
 SHUTDOWN_ERROR_CODE = b"SHUTDOWN"
@@ -146,11 +147,45 @@ class AMPProtocol(asyncio.BufferedProtocol):
             flooding peer is held back by TCP; calls already read wait their turn.
         max_pending_calls: The most calls of ours that may wait for an answer at
             once (1,000). Further calls wait, in order, before being sent.
+        close_timeout: How long :meth:`close` lets the data already queued drain
+            to the peer before it drops the connection anyway (10 seconds), so a
+            peer that stops reading cannot keep a connection open.
 
     While the transport's write buffer is over its high-water mark
     (``pause_writing``), new calls wait and answers are held back, counting
     against ``max_responders``; everything goes on at ``resume_writing``.
     """
+
+    __slots__ = (
+        "__weakref__",
+        "_abort_handle",
+        "_busy",
+        "_cancelled",
+        "_close_after_flush",
+        "_close_cause",
+        "_close_timeout",
+        "_closed_waiter",
+        "_conn",
+        "_debug",
+        "_deferred",
+        "_flush_handle",
+        "_held",
+        "_loop",
+        "_lost",
+        "_max_pending_calls",
+        "_max_responders",
+        "_peer",
+        "_pending",
+        "_read_buffer",
+        "_reading_paused",
+        "_receiving",
+        "_releasing",
+        "_shutting_down",
+        "_tasks",
+        "_waiting",
+        "_writing_paused",
+        "transport",
+    )
 
     # command wire name -> (Command class, attribute name, responder is a coroutine function)
     _responder_table: ClassVar[dict[bytes, tuple[type[Command], str, bool]]] = {}
@@ -178,26 +213,30 @@ class AMPProtocol(asyncio.BufferedProtocol):
         max_keys: int = DEFAULT_MAX_KEYS,
         max_responders: int = DEFAULT_MAX_RESPONDERS,
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
         self._conn = AMPConnection(max_box_size=max_box_size, max_keys=max_keys)
-        #: The most responders that may run at once (see the class docstring).
-        self.max_responders = _positive("max_responders", max_responders)
-        #: The most calls of ours that may wait for an answer at once.
-        self.max_pending_calls = _positive("max_pending_calls", max_pending_calls)
-        self._waiting: collections.deque[_Call] = collections.deque()
+        self._max_responders = _positive("max_responders", max_responders)
+        self._max_pending_calls = _positive("max_pending_calls", max_pending_calls)
+        self._close_timeout = 0.0
+        self.close_timeout = close_timeout
+        self._abort_handle: asyncio.TimerHandle | None = None
+        # Created when first needed: an idle connection should cost little memory.
+        self._waiting: collections.deque[_Call] | tuple[()] = ()
         self._busy = 0  # responders started whose answer is not yet with the transport
         self._held = 0  # answers held back while writing is paused (part of _busy)
-        self._deferred: collections.deque[Ask] = collections.deque()
+        self._deferred: collections.deque[Ask] | tuple[()] = ()
         self._reading_paused = False
         self._writing_paused = False
+        self._releasing = False
         self._shutting_down = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._peer = "unconnected peer"
         self._pending: dict[bytes, _Call] = {}
-        self._cancelled: dict[bytes, None] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._cancelled: dict[bytes, None] | None = None
+        self._tasks: set[asyncio.Task[None]] | None = None
         self._receiving = False
         self._flush_handle: asyncio.Handle | None = None
         self._close_after_flush = False
@@ -218,7 +257,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # Not an isinstance check: uvloop's transports do not derive from asyncio's.
         self.transport = cast(asyncio.Transport, transport)
         self._loop = loop = asyncio.get_running_loop()
-        self._closed_waiter = loop.create_future()
         self._peer = _format_peer(transport.get_extra_info("peername"))
         self._read_buffer = _read_buffer_for(loop)
         self._debug = logger.isEnabledFor(logging.DEBUG)
@@ -253,7 +291,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 if kind is Answer:
                     self._answer_received(event)  # type: ignore[arg-type]
                 elif kind is Ask:
-                    if self._busy < self.max_responders and not self._deferred:
+                    if self._busy < self._max_responders and not self._deferred:
                         self._dispatch(event)  # type: ignore[arg-type]
                     else:
                         self._defer(event)  # type: ignore[arg-type]
@@ -312,12 +350,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._debug:
             logger.debug("= connection with %s lost: %s", self._peer, cause or "closed")
         self._fail_pending(cause)
-        self._deferred.clear()
-        for task in self._tasks:
+        self._deferred = ()
+        for task in self._tasks or ():
             task.cancel()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         self._conn.data_to_send()
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
@@ -385,9 +426,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if (
             self._waiting
             or self._writing_paused
-            or (slot >= 0 and len(self._pending) >= self.max_pending_calls)
+            or (slot >= 0 and len(self._pending) >= self._max_pending_calls)
         ):
             call._parts = parts
+            if not self._waiting:
+                self._waiting = collections.deque()
             self._waiting.append(call)
             return call
         call._parts = None
@@ -395,7 +438,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
         return call
 
     def close(self) -> None:
-        """Close the connection once the data already queued has been written."""
+        """
+        Close the connection once the data already queued has been written.
+
+        If the peer does not read it within ``close_timeout`` seconds, the
+        connection is dropped anyway.
+        """
         if self.transport is None or self._lost:
             return
         self._close_after_flush = True
@@ -417,6 +465,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._loop is None or self._lost:
             await self.wait_closed()
             return
+        loop = self._loop
+        deadline = None if grace is None else loop.time() + grace
         self._shutting_down = True
         for call in self._waiting:
             if not call.done():
@@ -427,18 +477,27 @@ class AMPProtocol(asyncio.BufferedProtocol):
                         f"{call._command.__qualname__} was sent"
                     )
                 )
-        self._waiting.clear()
+        self._waiting = ()
         self._release()
-        work: set[asyncio.Future[Any]] = {*self._tasks, *self._pending.values()}
+        work: set[asyncio.Future[Any]] = {*(self._tasks or ()), *self._pending.values()}
         if work:
             await asyncio.wait(work, timeout=grace)
+        # Let the answers drain within what is left of the grace period, then drop.
         self.close()
+        left = None if deadline is None else max(0.0, deadline - loop.time())
+        if left is not None and self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
+            if not self._lost:
+                self._abort_handle = loop.call_later(left, self._abort)
         await self.wait_closed()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed and every pending call has failed."""
-        if self._closed_waiter is None:
+        if self._loop is None or self._lost:
             return
+        if self._closed_waiter is None:
+            self._closed_waiter = self._loop.create_future()
         await asyncio.shield(self._closed_waiter)
 
     @property
@@ -450,6 +509,35 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def peer(self) -> str:
         """The peer's address as text, as used in log lines."""
         return self._peer
+
+    @property
+    def max_responders(self) -> int:
+        """The most responders that may run at once (see the class docstring)."""
+        return self._max_responders
+
+    @max_responders.setter
+    def max_responders(self, value: int) -> None:
+        self._max_responders = _positive("max_responders", value)
+
+    @property
+    def max_pending_calls(self) -> int:
+        """The most calls of ours that may wait for an answer at once."""
+        return self._max_pending_calls
+
+    @max_pending_calls.setter
+    def max_pending_calls(self, value: int) -> None:
+        self._max_pending_calls = _positive("max_pending_calls", value)
+
+    @property
+    def close_timeout(self) -> float:
+        """Seconds that :meth:`close` lets queued data drain before dropping the connection."""
+        return self._close_timeout
+
+    @close_timeout.setter
+    def close_timeout(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ValueError(f"close_timeout must be a number of seconds >= 0, not {value!r}")
+        self._close_timeout = float(value)
 
     @property
     def max_box_size(self) -> int:
@@ -517,12 +605,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # A cancelled call: if it was sent, its answer is dropped when it comes.
         tag = call._tag
         if tag is None:
-            with contextlib.suppress(ValueError):
-                self._waiting.remove(call)
+            if self._waiting:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(call)
             call._parts = None
             return
         if self._pending.pop(tag, None) is not None and not self._lost:
             cancelled = self._cancelled
+            if cancelled is None:
+                cancelled = self._cancelled = {}
             cancelled[tag] = None
             if len(cancelled) > MAX_CANCELLED_TAGS:
                 del cancelled[next(iter(cancelled))]
@@ -534,7 +625,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if call is not None:
             call._protocol = None
             return call
-        if self._cancelled.pop(tag, False) is None:
+        if self._cancelled and self._cancelled.pop(tag, False) is None:
             if self._debug:
                 logger.debug("= dropped the late answer to cancelled call %r", tag)
             return None
@@ -564,14 +655,22 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     def _defer(self, event: Ask) -> None:
         """Keep a call that came over the responder limit until a responder is done."""
+        if not self._deferred:
+            self._deferred = collections.deque()
         self._deferred.append(event)
         self._pause_reading()
 
     def _release(self) -> None:
         """A responder is done: start deferred calls, and read again when below the limit."""
+        if self._releasing:
+            return  # a responder finished inside the loop below, which goes on
         deferred = self._deferred
-        while deferred and self._busy < self.max_responders and not self._lost:
-            self._dispatch(deferred.popleft())
+        self._releasing = True
+        try:
+            while deferred and self._busy < self.max_responders and not self._lost:
+                self._dispatch(deferred.popleft())
+        finally:
+            self._releasing = False
         if not deferred and self._busy < self.max_responders:
             self._resume_reading()
         if self._conn.has_data_to_send and not self._writing_paused and not self._receiving:
@@ -615,6 +714,17 @@ class AMPProtocol(asyncio.BufferedProtocol):
         command, attribute, is_coroutine = entry
         try:
             arguments = command._decode_arguments(event.box)
+        except Exception as exc:
+            logger.warning(
+                "%s called %s with arguments that do not decode (%s)%s",
+                self._peer,
+                command.__qualname__,
+                exc,
+                "; answering UNKNOWN" if tag is not None else "",
+            )
+            self._responded(None if tag is None else encode_unknown_error(tag))
+            return
+        try:
             if is_coroutine:
                 self._run_task(command, tag, getattr(self, attribute)(**arguments))
                 return
@@ -632,6 +742,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
     ) -> None:
         assert self._loop is not None
         task = self._loop.create_task(self._respond(command, tag, awaitable))
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if self._busy >= self.max_responders:
@@ -716,7 +828,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._close_cause = error
         logger.warning("closing the connection with %s: %s", self._peer, error)
         self._fail_pending(error)
-        self.close()
+        # The answers to the peer's good calls go out if it reads them at once; a
+        # peer that broke the protocol gets no time to drain more than that.
+        self._close_after_flush = True
+        if not self._receiving:
+            self._flush()
 
     def _lost_error(self, what: str) -> ConnectionLostError:
         if self._loop is None:
@@ -728,7 +844,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _fail_pending(self, cause: BaseException | None) -> None:
         pending = [*self._pending.values(), *self._waiting]
         self._pending = {}
-        self._waiting.clear()
+        self._waiting = ()
         reason = f": {cause}" if cause is not None else ""
         for call in pending:
             call._protocol = None
@@ -784,4 +900,30 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if data and not transport.is_closing():
             transport.write(data[0] if len(data) == 1 else b"".join(data))
         if self._close_after_flush:
+            self._close_transport(0 if self._close_cause is not None else self.close_timeout)
+
+    def _close_transport(self, timeout: float) -> None:
+        """Close the transport, and abort it if it has not closed within ``timeout``."""
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if transport.get_write_buffer_size() == 0:
             transport.close()
+            return
+        if timeout <= 0:
+            transport.abort()
+            return
+        transport.close()
+        if self._abort_handle is None and self._loop is not None:
+            self._abort_handle = self._loop.call_later(timeout, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_handle = None
+        if self.transport is not None and not self._lost:
+            logger.info(
+                "%s did not read the last %d bytes within %s s; dropping the connection",
+                self._peer,
+                self.transport.get_write_buffer_size(),
+                self.close_timeout,
+            )
+            self.transport.abort()

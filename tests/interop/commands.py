@@ -20,24 +20,34 @@ from collections.abc import Callable
 from typing import Any
 
 from asyncio_amp import (
+    AmpList,
     AMPProtocol,
+    Argument,
+    BigBytes,
+    BigString,
     Boolean,
     Box,
     BoxDecoder,
     Bytes,
     Command,
+    DateTime,
+    Decimal,
     Float,
     Integer,
+    ListOf,
+    Path,
     String,
 )
 
 __all__ = [
     "ECHO_CASES",
     "Big",
+    "BigEcho",
     "Boom",
     "CallBack",
     "Divide",
     "EchoAll",
+    "EchoTypes",
     "Fatal",
     "Hello",
     "Nope",
@@ -126,6 +136,34 @@ ECHO_CASES: list[dict[str, Any]] = [
     {"i": -1, "s": "\U0010ffff", "b": b"\x80", "f": 5e-324, "flag": False},
     {"i": 3, "s": "tiny", "b": b"z", "f": 0.1, "flag": True},
 ]
+
+
+def _echo_types_schema() -> list[tuple[str, Argument[Any]]]:
+    return [
+        ("dec", Decimal()),
+        ("when", DateTime()),
+        ("path", Path()),
+        ("ints", ListOf(Integer())),
+        ("texts", ListOf(String())),
+        ("decs", ListOf(Decimal())),
+        ("times", ListOf(DateTime())),
+        ("rows", AmpList([("a", Integer()), ("b", String(optional=True))])),
+        ("maybe", Decimal(optional=True)),
+    ]
+
+
+class EchoTypes(Command):
+    """The newer argument types; Twisted's side has amp.Path (FilePath) for ``path``."""
+
+    arguments = _echo_types_schema()
+    response = _echo_types_schema()
+
+
+class BigEcho(Command):
+    """BigBytes and BigString; the peer implements the BigString convention by hand."""
+
+    arguments = [("data", BigBytes()), ("text", BigString())]
+    response = [("data", BigBytes()), ("text", BigString())]
 
 
 class Nope(Command):

@@ -8,7 +8,15 @@ the conventions implemented by :func:`encode_value` / :func:`decode_value`:
 * ints, bools, strings and ``None`` stand for themselves;
 * bytes are ``{"$bytes": "<hex>"}``;
 * floats are ``{"$float": "<repr>"}`` (so nan and the infinities survive);
-* raw AMP boxes (``dict[bytes, bytes]``) are ``{"$box": {"<hex key>": "<hex value>"}}``.
+* raw AMP boxes (``dict[bytes, bytes]``) are ``{"$box": {"<hex key>": "<hex value>"}}``;
+* ``decimal.Decimal`` is ``{"$decimal": "<str(d)>"}`` (every special survives);
+* an aware ``datetime`` is ``{"$datetime": "<isoformat>"}`` (offset included);
+* a path is ``{"$path": "<text>"}``: a ``pathlib.Path`` here, a ``FilePath`` in the peer.
+
+Argument types in the ``encode``/``decode``/``to_box``/``from_box`` requests are
+Twisted's names (``"Unicode"`` is our String, ``"String"`` our Bytes, plus
+``"Decimal"``, ``"DateTime"``, ``"Path"``, ``"BigBytes"``, ``"BigString"``),
+``{"ListOf": <type>}`` or ``{"AmpList": [["<name>", <type>, <optional>], ...]}``.
 
 Every wait is bounded; the default timeout is multiplied by the environment
 variable ``AMP_TEST_TIME_SCALE`` (a float, default 1).
@@ -18,8 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import decimal
 import json
 import os
+import pathlib
 import sys
 import tempfile
 from pathlib import Path
@@ -69,6 +80,12 @@ def encode_value(value: Any) -> Any:
         return {"$float": repr(value)}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": bytes(value).hex()}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, datetime.datetime):
+        return {"$datetime": value.isoformat(timespec="microseconds")}
+    if isinstance(value, pathlib.PurePath):
+        return {"$path": str(value)}
     if isinstance(value, dict):
         if value and all(isinstance(k, (bytes, bytearray)) for k in value):
             return encode_box(value)
@@ -89,6 +106,12 @@ def decode_value(value: Any) -> Any:
                 return float(inner)
             if key == "$box":
                 return {bytes.fromhex(k): bytes.fromhex(v) for k, v in inner.items()}
+            if key == "$decimal":
+                return decimal.Decimal(inner)
+            if key == "$datetime":
+                return datetime.datetime.fromisoformat(inner)
+            if key == "$path":
+                return pathlib.Path(inner)
         return {k: decode_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [decode_value(v) for v in value]
@@ -370,6 +393,44 @@ class TwistedPeer:
     async def connect(self, port: int) -> int:
         """Connect an AMP client to 127.0.0.1:port; return its connection id."""
         result = await self.request("connect", port=port)
+        return int(result["conn"])
+
+    async def listen_tls(
+        self,
+        cert: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        ca: str | os.PathLike[str] | None = None,
+    ) -> int:
+        """Start an AMP server over TLS on 127.0.0.1; return its port.
+
+        ``cert`` and ``key`` are PEM files; with ``ca`` (a PEM file), clients must
+        present a certificate that this CA signed.
+        """
+        fields: dict[str, Any] = {"cert": os.fspath(cert), "key": os.fspath(key)}
+        if ca is not None:
+            fields["ca"] = os.fspath(ca)
+        result = await self.request("listen_tls", **fields)
+        return int(result["port"])
+
+    async def connect_tls(
+        self,
+        port: int,
+        *,
+        ca: str | os.PathLike[str],
+        hostname: str,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+    ) -> int:
+        """Connect an AMP client over TLS to 127.0.0.1:port; return its connection id.
+
+        The server's certificate must be signed by ``ca`` (a PEM file) and match
+        ``hostname``; ``cert`` and ``key`` (PEM files) are a client certificate.
+        The id comes once TCP is connected: a failed handshake is a ``lost`` event.
+        """
+        fields: dict[str, Any] = {"port": port, "ca": os.fspath(ca), "hostname": hostname}
+        if cert is not None and key is not None:
+            fields.update(cert=os.fspath(cert), key=os.fspath(key))
+        result = await self.request("connect_tls", **fields)
         return int(result["conn"])
 
     async def call(self, conn: int, command: str, **args: Any) -> Any:

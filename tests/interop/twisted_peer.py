@@ -18,14 +18,24 @@ Protocol (one JSON object per line):
 
 Value encoding: JSON ints/bools/strings stand for themselves; bytes are
 ``{"$bytes": "<hex>"}``; floats are ``{"$float": "<repr>"}``; raw boxes are
-``{"$box": {"<hex key>": "<hex value>"}}``; absent optional values are ``null``.
+``{"$box": {"<hex key>": "<hex value>"}}``; absent optional values are ``null``;
+``decimal.Decimal`` is ``{"$decimal": "<str(d)>"}``; an aware ``datetime`` is
+``{"$datetime": "<isoformat>"}``; a ``FilePath`` is ``{"$path": "<text>"}``.
+
+Argument types (the ``type`` of encode, decode, to_box and from_box) are a name
+from ``ARGUMENT_TYPES`` (``"Integer"``, ``"Decimal"``, ``"BigString"``, ...),
+``{"ListOf": <type>}`` or ``{"AmpList": [["<name>", <type>, <optional>], ...]}``.
 
 Operations: listen, connect, call, call_raw, send_raw, close, serialize,
-received, encode, decode, quit.  Stdin reaching EOF also stops the program.
+received, encode, decode, to_box, from_box, encode_box, quit.  Over TLS:
+listen_tls and connect_tls (certificates and keys are PEM file paths).  Stdin reaching EOF
+also stops the program.
 """
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import sys
 from collections.abc import Callable
@@ -46,6 +56,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 from twisted.protocols import amp
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 
 reactor: Any = _reactor
 
@@ -69,6 +80,12 @@ def encode_value(value: Any) -> Any:
         return {"$float": repr(value)}
     if isinstance(value, (bytes, bytearray)):
         return {"$bytes": bytes(value).hex()}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, datetime.datetime):
+        return {"$datetime": value.isoformat(timespec="microseconds")}
+    if isinstance(value, FilePath):
+        return {"$path": value.asTextMode().path}
     if isinstance(value, dict):
         if value and all(isinstance(k, bytes) for k in value):
             return encode_box(value)
@@ -89,6 +106,12 @@ def decode_value(value: Any) -> Any:
                 return float(inner)
             if key == "$box":
                 return {bytes.fromhex(k): bytes.fromhex(v) for k, v in inner.items()}
+            if key == "$decimal":
+                return decimal.Decimal(inner)
+            if key == "$datetime":
+                return datetime.datetime.fromisoformat(inner)
+            if key == "$path":
+                return FilePath(inner)
         return {k: decode_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [decode_value(v) for v in value]
@@ -191,9 +214,113 @@ class Hello(amp.Command):
     response = [(b"greeting", amp.Unicode())]
 
 
+# The BigString convention (amp-protocol.net, clj-amp), which Twisted does not ship:
+# a value of any size is cut into chunks of at most MAX_VALUE_LENGTH bytes, sent
+# under the keys name, name.2, name.3, ...; an empty value is one empty key.
+
+
+class _BigArgument(amp.Argument):
+    """A Twisted argument that spreads one value over ``name``, ``name.2``, ..."""
+
+    def to_data(self, value: Any) -> bytes:
+        raise NotImplementedError
+
+    def from_data(self, data: bytes) -> Any:
+        raise NotImplementedError
+
+    def toBox(
+        self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any], proto: Any
+    ) -> None:
+        value = objects.pop(python_name(name), None)
+        if value is None:
+            if self.optional:
+                return
+            raise amp.InvalidSignature(f"missing {name!r}")
+        data = self.to_data(value)
+        step = amp.MAX_VALUE_LENGTH
+        strings[name] = data[:step]
+        for number, start in enumerate(range(step, len(data), step), start=2):
+            strings[name + b".%d" % number] = data[start : start + step]
+
+    def fromBox(
+        self, name: bytes, strings: dict[bytes, bytes], objects: dict[str, Any], proto: Any
+    ) -> None:
+        first = strings.pop(name, None)
+        if first is None:
+            if not self.optional:
+                raise KeyError(name)
+            objects[python_name(name)] = None
+            return
+        chunks = [first]
+        number = 2
+        while (chunk := strings.pop(name + b".%d" % number, None)) is not None:
+            chunks.append(chunk)
+            number += 1
+        objects[python_name(name)] = self.from_data(b"".join(chunks))
+
+
+class BigBytesArgument(_BigArgument):
+    def to_data(self, value: Any) -> bytes:
+        if not isinstance(value, bytes):
+            raise TypeError(f"expected bytes, got {type(value).__name__}")
+        return value
+
+    def from_data(self, data: bytes) -> bytes:
+        return data
+
+
+class BigStringArgument(_BigArgument):
+    def to_data(self, value: Any) -> bytes:
+        if not isinstance(value, str):
+            raise TypeError(f"expected str, got {type(value).__name__}")
+        return value.encode("utf-8")
+
+    def from_data(self, data: bytes) -> str:
+        return data.decode("utf-8")
+
+
+def _echo_types_schema() -> list[tuple[bytes, amp.Argument]]:
+    return [
+        (b"dec", amp.Decimal()),
+        (b"when", amp.DateTime()),
+        (b"path", amp.Path()),
+        (b"ints", amp.ListOf(amp.Integer())),
+        (b"texts", amp.ListOf(amp.Unicode())),
+        (b"decs", amp.ListOf(amp.Decimal())),
+        (b"times", amp.ListOf(amp.DateTime())),
+        (b"rows", amp.AmpList([(b"a", amp.Integer()), (b"b", amp.Unicode(optional=True))])),
+        (b"maybe", amp.Decimal(optional=True)),
+    ]
+
+
+class EchoTypes(amp.Command):
+    commandName = b"EchoTypes"
+    arguments = _echo_types_schema()
+    response = _echo_types_schema()
+
+
+class BigEcho(amp.Command):
+    commandName = b"BigEcho"
+    arguments = [(b"data", BigBytesArgument()), (b"text", BigStringArgument())]
+    response = [(b"data", BigBytesArgument()), (b"text", BigStringArgument())]
+
+
 COMMANDS: dict[str, type[amp.Command]] = {
     cls.commandName.decode("ascii"): cls
-    for cls in (Sum, Divide, Fatal, Boom, Notify, EchoAll, Big, Slow, CallBack, Hello)
+    for cls in (
+        Sum,
+        Divide,
+        Fatal,
+        Boom,
+        Notify,
+        EchoAll,
+        Big,
+        Slow,
+        CallBack,
+        Hello,
+        EchoTypes,
+        BigEcho,
+    )
 }
 
 ARGUMENT_TYPES: dict[str, Callable[[], amp.Argument]] = {
@@ -202,7 +329,32 @@ ARGUMENT_TYPES: dict[str, Callable[[], amp.Argument]] = {
     "Unicode": amp.Unicode,
     "Float": amp.Float,
     "Boolean": amp.Boolean,
+    "Decimal": amp.Decimal,
+    "DateTime": amp.DateTime,
+    "Path": amp.Path,
+    "BigBytes": BigBytesArgument,
+    "BigString": BigStringArgument,
 }
+
+
+def argument_type(spec: Any) -> amp.Argument:
+    """Build the Twisted argument a type spec names (see the module docstring)."""
+    if isinstance(spec, str):
+        if spec not in ARGUMENT_TYPES:
+            raise PeerRequestError(f"unknown argument type {spec!r}")
+        return ARGUMENT_TYPES[spec]()
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((kind, inner),) = spec.items()
+        if kind == "ListOf":
+            return amp.ListOf(argument_type(inner))
+        if kind == "AmpList":
+            fields = []
+            for name, field_spec, optional in inner:
+                field = argument_type(field_spec)
+                field.optional = bool(optional)
+                fields.append((str(name).encode("utf-8"), field))
+            return amp.AmpList(fields)
+    raise PeerRequestError(f"bad argument type {spec!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +504,16 @@ class PeerAMP(amp.AMP):
         self._record(Hello, hello_name=hello_name)
         return {"greeting": "hello " + hello_name}
 
+    @EchoTypes.responder
+    def echo_types(self, **kwargs: Any) -> dict[str, Any]:
+        self._record(EchoTypes, **kwargs)
+        return dict(kwargs)
+
+    @BigEcho.responder
+    def big_echo(self, data: bytes, text: str) -> dict[str, Any]:
+        self._record(BigEcho, data=data, text=text)
+        return {"data": data, "text": text}
+
 
 class ServerFactory(Factory):
     def __init__(self, controller: Controller) -> None:
@@ -479,6 +641,53 @@ class Controller(LineReceiver):
         d: Deferred[Any] = connectProtocol(endpoint, PeerAMP(self, inbound=False))
         return d.addCallback(lambda proto: {"conn": proto.conn_id})
 
+    # TLS: twisted.internet.ssl needs pyOpenSSL (Twisted's "tls" extra), so it is
+    # imported only by the TLS operations; the other operations run without it.
+
+    def op_listen_tls(self, request: dict[str, Any]) -> Deferred[Any]:
+        """Like ``listen``, over TLS.
+
+        ``cert`` and ``key`` are PEM file paths of the server's certificate and
+        key; with ``ca`` (a PEM file path), clients must present a certificate
+        that this CA signed.
+        """
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+        from twisted.internet.ssl import Certificate
+
+        identity = _tls_identity(request["cert"], request["key"])
+        ca = request.get("ca")
+        authorities = [Certificate.loadPEM(FilePath(str(ca)).getContent())] if ca else []
+        endpoint = SSL4ServerEndpoint(reactor, 0, identity.options(*authorities), interface=HOST)
+        d: Deferred[Any] = endpoint.listen(ServerFactory(self))
+
+        def listening(port: IListeningPort) -> dict[str, Any]:
+            self.ports.append(port)
+            return {"port": port.getHost().port}  # type: ignore[attr-defined]
+
+        return d.addCallback(listening)
+
+    def op_connect_tls(self, request: dict[str, Any]) -> Deferred[Any]:
+        """Like ``connect``, over TLS (``optionsForClientTLS``).
+
+        ``ca`` is the PEM file path of the CA to trust, ``hostname`` the name
+        (or IP address) the server certificate must match; ``cert`` and ``key``
+        (PEM file paths, optional) are a client certificate to present. The
+        reply comes once TCP is connected: a failed handshake shows up as a
+        ``lost`` event.
+        """
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        cert = request.get("cert")
+        options = optionsForClientTLS(
+            str(request["hostname"]),
+            trustRoot=Certificate.loadPEM(FilePath(str(request["ca"])).getContent()),
+            clientCertificate=_tls_identity(cert, request["key"]) if cert else None,
+        )
+        endpoint = SSL4ClientEndpoint(reactor, HOST, int(request["port"]), options)
+        d: Deferred[Any] = connectProtocol(endpoint, PeerAMP(self, inbound=False))
+        return d.addCallback(lambda proto: {"conn": proto.conn_id})
+
     def op_call(self, request: dict[str, Any]) -> Any:
         proto = self.conn(request)
         name = str(request["command"])
@@ -531,10 +740,7 @@ class Controller(LineReceiver):
         return list(self.received[conn_id])
 
     def _argument_type(self, request: dict[str, Any]) -> amp.Argument:
-        name = str(request["type"])
-        if name not in ARGUMENT_TYPES:
-            raise PeerRequestError(f"unknown argument type {name!r}")
-        return ARGUMENT_TYPES[name]()
+        return argument_type(request["type"])
 
     def op_encode(self, request: dict[str, Any]) -> dict[str, Any]:
         argument = self._argument_type(request)
@@ -547,6 +753,42 @@ class Controller(LineReceiver):
         raw = bytes.fromhex(str(request["hex"]))
         return encode_value(argument.fromStringProto(raw, None))
 
+    def op_to_box(self, request: dict[str, Any]) -> dict[str, Any]:
+        """What ``toBox`` writes for one value under ``name`` (a multi-key type may write several keys)."""
+        argument = self._argument_type(request)
+        name = str(request["name"]).encode("utf-8")
+        strings = amp.AmpBox()
+        objects = {python_name(name): decode_value(request["value"])}
+        argument.toBox(name, strings, objects, None)
+        return encode_box(dict(strings))
+
+    def op_from_box(self, request: dict[str, Any]) -> Any:
+        """The value ``fromBox`` reads under ``name`` from a raw box."""
+        argument = self._argument_type(request)
+        name = str(request["name"]).encode("utf-8")
+        objects: dict[str, Any] = {}
+        argument.fromBox(name, decode_box(request["box"]), objects, None)
+        return encode_value(objects[python_name(name)])
+
+    def op_encode_box(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The bytes Twisted writes for a call (``kind`` "ask") or an answer ("answer").
+
+        ``args`` are the command's arguments (or response values) and ``tag`` the
+        ``_ask`` (or ``_answer``) value; no connection is needed.
+        """
+        command = COMMANDS[str(request["command"])]
+        args = decode_value(request.get("args") or {})
+        objects = {k.replace("-", "_"): v for k, v in args.items()}
+        tag = str(request.get("tag", "1")).encode("ascii")
+        if request.get("kind", "ask") == "ask":
+            box = command.makeArguments(objects, None)
+            box[amp.COMMAND] = command.commandName
+            box[amp.ASK] = tag
+        else:
+            box = command.makeResponse(objects, None)
+            box[amp.ANSWER] = tag
+        return {"hex": box.serialize().hex()}
+
     def op_quit(self, request: dict[str, Any]) -> None:
         # Reply first; closing stdio flushes pending output and then
         # connectionLost stops the reactor.
@@ -555,6 +797,14 @@ class Controller(LineReceiver):
     def _shutdown(self) -> None:
         if self.transport is not None:
             self.transport.loseConnection()
+
+
+def _tls_identity(cert: Any, key: Any) -> Any:
+    """A Twisted ``PrivateCertificate`` from PEM file paths of a certificate and its key."""
+    from twisted.internet.ssl import PrivateCertificate
+
+    pem = FilePath(str(cert)).getContent() + b"\n" + FilePath(str(key)).getContent()
+    return PrivateCertificate.loadPEM(pem)
 
 
 def main() -> None:

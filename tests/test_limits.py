@@ -1,0 +1,239 @@
+"""Limits and backpressure: memory stays bounded against floods and slow peers, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tracemalloc
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import asyncio_amp as amp
+from asyncio_amp import encode_box
+from helpers import HOST, LONG, raw_connection, running_server
+
+ANSWER_SIZE = 60_000
+
+
+class Big(amp.Command):
+    arguments = [("n", amp.Integer())]
+    response = [("data", amp.Bytes())]
+
+
+class Slow(amp.Command):
+    arguments = [("n", amp.Integer())]
+    response = [("n", amp.Integer())]
+
+
+class Huge(amp.Command):
+    arguments = [("size", amp.Integer())]
+    response = [("data", amp.BigBytes())]
+
+
+class Server(amp.AMPProtocol):
+    running = 0
+    most_running = 0
+    release: asyncio.Event | None = None
+
+    @Big.responder
+    def big(self, n: int) -> dict[str, bytes]:
+        return {"data": bytes([n % 256]) * ANSWER_SIZE}
+
+    @Slow.responder
+    async def slow(self, n: int) -> dict[str, int]:
+        cls = type(self)
+        cls.running += 1
+        cls.most_running = max(cls.most_running, cls.running)
+        try:
+            if cls.release is not None:
+                await cls.release.wait()
+            else:
+                await asyncio.sleep(0)
+        finally:
+            cls.running -= 1
+        return {"n": n}
+
+    @Huge.responder
+    def huge(self, size: int) -> dict[str, bytes]:
+        return {"data": b"h" * size}
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters() -> Iterator[None]:
+    Server.running = Server.most_running = 0
+    Server.release = None
+    yield
+    Server.release = None
+
+
+@pytest.fixture
+def traced() -> Iterator[None]:
+    tracemalloc.start()
+    yield
+    tracemalloc.stop()
+
+
+def ask(tag: int, command: bytes, **values: int) -> bytes:
+    box = {b"_ask": b"%x" % tag, b"_command": command}
+    box.update({key.encode(): b"%d" % value for key, value in values.items()})
+    return encode_box(box)
+
+
+async def read_answers(
+    reader: asyncio.StreamReader, count: int, decoder: amp.BoxDecoder | None = None
+) -> list[amp.Box]:
+    decoder = decoder or amp.BoxDecoder()
+    boxes: list[amp.Box] = []
+    async with asyncio.timeout(LONG * 3):
+        while len(boxes) < count:
+            data = await reader.read(1 << 20)
+            assert data, f"closed after {len(boxes)} of {count} answers"
+            boxes += decoder.receive_data(data)
+    return boxes
+
+
+async def settle(predicate: Callable[[], object], what: str) -> None:
+    """Poll (bounded in time) until ``predicate()`` is true: there is no event to wait on."""
+    for _ in range(int(LONG / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_peer_that_never_reads_answers_is_held_back(traced: None) -> None:
+    calls = 800  # answers would take 800 * 60 kB = 48 MB if nothing held them back
+    async with (
+        running_server(Server, max_responders=20) as (_, port, protocols),
+        raw_connection(port) as (reader, writer),
+    ):
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 65536
+        )
+        before, _ = tracemalloc.get_traced_memory()
+        writer.write(b"".join(ask(i + 1, b"Big", n=i) for i in range(calls)))
+        await settle(lambda: protocols and protocols[0]._reading_paused, "reading paused")
+        server = protocols[0]
+        # Let the server do all it can; it must stay stopped.
+        await asyncio.sleep(0.2)
+        assert server._reading_paused
+        assert server._writing_paused
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert held < 16 * 1024 * 1024, f"{held} bytes held for a peer that does not read"
+        # Now the peer reads: every answer comes, in order, none lost.
+        answers = await read_answers(reader, calls)
+        assert [a[b"_answer"] for a in answers] == [b"%x" % (i + 1) for i in range(calls)]
+        assert all(a[b"data"] == bytes([i % 256]) * ANSWER_SIZE for i, a in enumerate(answers))
+        assert not server._reading_paused
+        assert server._busy == 0
+
+
+async def test_a_flood_of_pipelined_calls_runs_at_most_max_responders(traced: None) -> None:
+    calls = 5000
+    Server.release = asyncio.Event()
+    async with (
+        running_server(Server, max_responders=50) as (_, port, protocols),
+        raw_connection(port) as (reader, writer),
+    ):
+        before, _ = tracemalloc.get_traced_memory()
+        writer.write(b"".join(ask(i + 1, b"Slow", n=i) for i in range(calls)))
+        await settle(lambda: Server.running == 50, "50 responders running")
+        await asyncio.sleep(0.2)
+        server = protocols[0]
+        assert server._reading_paused
+        assert Server.running == 50
+        # What is held: at most one read's worth of calls, not the whole flood.
+        assert len(server._deferred) < calls
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert held < 8 * 1024 * 1024
+        Server.release.set()
+        answers = await read_answers(reader, calls)
+        assert sorted(int(a[b"n"]) for a in answers) == list(range(calls))
+        assert Server.most_running == 50
+
+
+async def test_a_slow_reader_of_a_large_answer(traced: None) -> None:
+    size = 10_000_000
+    async with (
+        running_server(Server) as (_, port, protocols),
+        raw_connection(port) as (reader, writer),
+    ):
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        writer.write(ask(1, b"Huge", size=size))
+        for i in range(2, 12):
+            writer.write(ask(i, b"Big", n=i))
+        await settle(lambda: protocols and protocols[0]._writing_paused, "writing paused")
+        # Read slowly, a little at a time, for a while.
+        decoder = amp.BoxDecoder()
+        early: list[amp.Box] = []
+        for _ in range(20):
+            early += decoder.receive_data(await reader.read(16384))
+            await asyncio.sleep(0.005)
+        _, peak = tracemalloc.get_traced_memory()
+        assert peak - before < 3 * size, f"peak {peak - before} for a {size}-byte answer"
+        answers = early + await read_answers(reader, 11 - len(early), decoder)
+        assert [a[b"_answer"] for a in answers] == [b"%x" % i for i in range(1, 12)]
+        assert amp.BigBytes().from_box(b"data", answers[0]) == b"h" * size
+
+
+async def test_calls_wait_for_max_pending_calls_and_keep_order() -> None:
+    async with running_server(Server) as (_, port, _):
+        proto = await amp.connect(HOST, port, max_pending_calls=5)
+        async with proto:
+            calls = [proto.call_remote(Slow, n=i) for i in range(100)]
+            assert len(proto._pending) == 5
+            assert len(proto._waiting) == 95
+            async with asyncio.timeout(LONG):
+                results = await asyncio.gather(*calls)
+            assert [r["n"] for r in results] == list(range(100))
+
+
+async def test_a_waiting_call_can_be_cancelled_before_it_is_sent() -> None:
+    Server.release = asyncio.Event()
+    async with running_server(Server) as (_, port, _):
+        proto = await amp.connect(HOST, port, max_pending_calls=1)
+        async with proto:
+            first = proto.call_remote(Slow, n=1)
+            second = proto.call_remote(Slow, n=2)
+            third = proto.call_remote(Slow, n=3)
+            second.cancel()
+            assert len(proto._waiting) == 1
+            Server.release.set()
+            async with asyncio.timeout(LONG):
+                assert await first == {"n": 1}
+                assert await third == {"n": 3}
+            # The cancelled call never took a tag: the third call was sent with tag 2.
+            assert proto._conn._tag_counter == 2
+
+
+async def test_limits_are_keywords_and_attributes() -> None:
+    proto = amp.AMPProtocol(max_box_size=100, max_keys=3, max_responders=2, max_pending_calls=4)
+    assert (proto.max_box_size, proto.max_keys) == (100, 3)
+    assert (proto.max_responders, proto.max_pending_calls) == (2, 4)
+    proto.max_keys = 5
+    assert proto.max_keys == 5
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="positive int"):
+            amp.AMPProtocol(max_responders=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="positive int"):
+            proto.max_box_size = bad  # type: ignore[assignment]
+
+
+class Pair(amp.Command):
+    arguments = [("a", amp.Integer()), ("b", amp.Integer())]
+
+
+async def test_serve_and_connect_set_limits() -> None:
+    async with running_server(Server, max_keys=3) as (_, port, protocols):
+        proto = await amp.connect(HOST, port, max_pending_calls=7)
+        async with proto:
+            assert proto.max_pending_calls == 7
+            assert await proto.call_remote(Slow, n=1) == {"n": 1}  # 3 keys: accepted
+            assert protocols[0].max_keys == 3
+            with pytest.raises(amp.ConnectionLostError):
+                async with asyncio.timeout(LONG):
+                    await proto.call_remote(Pair, a=1, b=2)  # 4 keys: refused
+    with pytest.raises(ValueError, match="max_responders"):
+        await amp.serve(Server, HOST, 0, max_responders=0)
