@@ -1,0 +1,25 @@
+"""
+The implementations the benchmarks compare, each in its own module.
+
+Every module offers the same three entry points, which ``_child.py`` calls in a
+fresh process:
+
+* ``serve(workload, params, loop)``: listen on 127.0.0.1, port 0, announce the
+  port with :func:`common.announce_port`, then answer ``Sum``, ``Echo`` and
+  ``BigEcho`` until the process is stopped. For ``idle`` it reports the memory
+  taken by the idle connections instead (see :func:`common.idle_report`).
+* ``client(workload, port, params, loop)``: drive one network workload against a
+  server and return the measurement.
+* ``inproc(workload, params, loop)``: the ``codec`` and ``inproc`` workloads.
+"""
+
+from __future__ import annotations
+
+# Implementation name -> (module under impls/, event loop or None when the module has its own).
+IMPLS: dict[str, tuple[str, str | None]] = {
+    "twisted": ("twisted_amp", None),
+    "raw": ("raw", "asyncio"),
+    "raw-uvloop": ("raw", "uvloop"),
+    "amp": ("amp", "asyncio"),
+    "amp-uvloop": ("amp", "uvloop"),
+}
