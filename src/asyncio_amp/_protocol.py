@@ -26,7 +26,7 @@ from ._commands import (
     encode_unhandled_error,
     encode_unknown_error,
 )
-from ._connection import AMPConnection, Answer, Ask, ErrorAnswer, Failure, State
+from ._connection import AMPConnection, Answer, Ask, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, PREFIXES
 
@@ -399,42 +399,45 @@ class AMPProtocol(asyncio.BufferedProtocol):
         :class:`UnhandledCommandError` if the peer has no responder for it, or
         :class:`UnknownRemoteError` for any other error answer.
         """
-        if isinstance(command, Command):
+        if isinstance(command, type):
+            if not issubclass(command, Command):
+                raise TypeError(f"call_remote() needs a Command class or instance, not {command!r}")
+            cmd: type[Command] = command
+        elif isinstance(command, Command):
             if arguments:
                 raise TypeError(
                     "call_remote() takes a Command instance or a Command class with keyword "
                     "arguments, not both"
                 )
-            cmd: type[Command] = type(command)
+            cmd = type(command)
             arguments = command.values
-        elif isinstance(command, type) and issubclass(command, Command):
-            cmd = command
         else:
             raise TypeError(f"call_remote() needs a Command class or instance, not {command!r}")
-        if self._conn.state is not State.OPEN or self._loop is None or self._close_after_flush:
+        loop = self._loop
+        if self._close_after_flush or self._lost or loop is None or self._close_cause:
             raise self._lost_error(f"cannot call {cmd.__qualname__}")
         if self._shutting_down:
             raise ConnectionLostError(
                 f"cannot call {cmd.__qualname__}: the connection with {self._peer} is shutting down"
             )
         parts, slot = cmd._encode_ask(arguments)
-        call = _Call(loop=self._loop)
+        call = _Call(loop=loop)
         call._command = cmd
         call._protocol = self
         call._tag = None
-        call._slot = slot
+        pending = self._pending
         if (
             self._waiting
             or self._writing_paused
-            or (slot >= 0 and len(self._pending) >= self._max_pending_calls)
+            or (slot >= 0 and len(pending) >= self._max_pending_calls)
         ):
+            call._slot = slot
             call._parts = parts
             if not self._waiting:
                 self._waiting = collections.deque()
             self._waiting.append(call)
             return call
-        call._parts = None
-        self._send_call(call, parts, now=not self._pending)
+        self._send_call(call, parts, slot, now=not pending)
         return call
 
     def close(self) -> None:
@@ -571,10 +574,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     # Private methods: our calls
 
-    def _send_call(self, call: _Call, parts: list[bytes], *, now: bool) -> None:
+    def _send_call(self, call: _Call, parts: list[bytes], slot: int, *, now: bool) -> None:
         """Take a tag for ``call`` and queue its box (which was checked when encoded)."""
         conn = self._conn
-        slot = call._slot
         if slot < 0:
             conn.skip_tag()
             call._protocol = None
@@ -599,7 +601,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             parts = call._parts
             call._parts = None
             if parts is not None and not call.done():
-                self._send_call(call, parts, now=False)
+                self._send_call(call, parts, call._slot, now=False)
 
     def _forget(self, call: _Call) -> None:
         # A cancelled call: if it was sent, its answer is dropped when it comes.
