@@ -35,9 +35,16 @@ def amp_loop(request: pytest.FixtureRequest) -> str:
     return kind
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "asyncio_loop_only: run this async test on the standard asyncio loop only"
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if inspect.iscoroutinefunction(metafunc.function):
-        metafunc.parametrize("amp_loop", LOOP_KINDS, indirect=True)
+        only = metafunc.definition.get_closest_marker("asyncio_loop_only")
+        metafunc.parametrize("amp_loop", ["asyncio"] if only else LOOP_KINDS, indirect=True)
 
 
 @pytest.hookimpl(tryfirst=True)

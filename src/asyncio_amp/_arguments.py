@@ -9,6 +9,7 @@ value over several keys (BigString) override :meth:`Argument.to_box` and
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _datetime
 import decimal as _decimal
 import keyword
@@ -37,6 +38,7 @@ __all__ = [
     "Bytes",
     "DateTime",
     "Decimal",
+    "Descriptor",
     "Float",
     "Integer",
     "ListOf",
@@ -96,6 +98,8 @@ class Argument(Generic[T]):
 
     #: ``True`` for types that write more than one key per value (see :meth:`to_box`).
     multi_key: bool = False
+    #: ``True`` for types that pass file descriptors (see :class:`Descriptor`).
+    uses_descriptors: bool = False
 
     def __init__(self, optional: bool = False) -> None:
         self.optional = optional
@@ -451,6 +455,8 @@ class AmpList(Argument[list[dict[str, Any]]]):
             parsed.append((key, pyname, argument))
         self._fields = tuple(sorted(parsed))
         self._names = frozenset(names)
+        if any(argument.uses_descriptors for _, _, argument in parsed):
+            raise TypeError("AmpList cannot hold a Descriptor: it is encoded with to_bytes()")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"({key!r}, {arg!r})" for key, _, arg in self._fields)
@@ -585,3 +591,146 @@ class BigString(_Chunked[str]):
 
     def _value(self, data: bytes) -> str:
         return data.decode("utf-8")
+
+
+class DescriptorExchange:
+    """
+    The file descriptors one connection has sent and received (sans-I/O).
+
+    The asyncio layer creates one per UNIX socket connection and makes it the
+    :data:`descriptor_exchange` while it encodes or decodes a box that has a
+    :class:`Descriptor`. It sends :attr:`outgoing` (and then closes them) with
+    the next bytes it writes, and adds the descriptors it receives with
+    :meth:`received`.
+
+    Ordinals count from 0 per connection and direction, as in Twisted: our n-th
+    descriptor sent is ordinal n, and the n-th one that arrives is the peer's n.
+    """
+
+    __slots__ = ("_claimed", "_next_in", "_next_out", "_unclaimed", "outgoing")
+
+    def __init__(self) -> None:
+        #: Duplicates of the descriptors encoded, owned here until they are sent.
+        self.outgoing: list[int] = []
+        self._next_out = 0
+        self._next_in = 0
+        # ordinal -> fd received and not yet claimed by a decoded box
+        self._unclaimed: dict[int, int] = {}
+        # ordinal -> fd claimed by the box being decoded (see end_decode())
+        self._claimed: dict[int, int] = {}
+
+    def send(self, fd: int) -> int:
+        """Duplicate ``fd`` to go out with the next write; return its ordinal."""
+        self.outgoing.append(os.dup(fd))
+        ordinal = self._next_out
+        self._next_out += 1
+        return ordinal
+
+    def mark(self) -> int:
+        """Return a point to :meth:`rollback` to if the box being encoded fails."""
+        return len(self.outgoing)
+
+    def rollback(self, mark: int) -> None:
+        """Forget (and close) the descriptors encoded since ``mark``: their box was not sent."""
+        while len(self.outgoing) > mark:
+            os.close(self.outgoing.pop())
+            self._next_out -= 1
+
+    def received(self, fds: Iterable[int]) -> None:
+        """Take ownership of descriptors that arrived, in arrival order."""
+        for fd in fds:
+            self._unclaimed[self._next_in] = fd
+            self._next_in += 1
+
+    def receive(self, ordinal: int) -> int:
+        """Return the descriptor the peer sent as ``ordinal``, claimed by the box being decoded."""
+        fd = self._unclaimed.pop(ordinal, None)
+        if fd is None:
+            fd = self._claimed.get(ordinal)  # a second decoding pass of the same box
+            if fd is None:
+                raise ValueError(f"no file descriptor was received as number {ordinal}")
+        self._claimed[ordinal] = fd
+        return fd
+
+    def end_decode(self, ok: bool) -> None:
+        """A box is decoded: its descriptors now belong to its user, or are closed if it failed."""
+        if not ok:
+            for fd in self._claimed.values():
+                os.close(fd)
+        self._claimed.clear()
+
+    def close(self) -> None:
+        """The connection is closed: close every descriptor still owned here."""
+        for fd in (*self.outgoing, *self._unclaimed.values(), *self._claimed.values()):
+            os.close(fd)
+        self.outgoing.clear()
+        self._unclaimed.clear()
+        self._claimed.clear()
+
+
+#: The exchange of the connection whose box is being encoded or decoded, if it
+#: is a UNIX socket connection; set by the asyncio layer.
+descriptor_exchange: contextvars.ContextVar[DescriptorExchange | None] = contextvars.ContextVar(
+    "asyncio_amp_descriptor_exchange", default=None
+)
+
+
+class Descriptor(Argument[int]):
+    """
+    A file descriptor, passed over a UNIX socket connection (``SCM_RIGHTS``).
+
+    It only works on connections made with ``loop.create_unix_server`` or
+    ``create_unix_connection`` (or ``serve``/``connect`` given a ``path``), on
+    asyncio's own event loop (not TLS, not uvloop, whose transports cannot be made
+    to read with ``recvmsg``); on any other connection, sending one raises
+    :class:`TypeError` and receiving one answers the call with an error. As in Twisted,
+    the wire value is an ``Integer``: the sender's count of descriptors sent on
+    this connection, from 0. The descriptor itself goes out with (so never after)
+    the bytes of the box that names it.
+
+    Who owns what:
+
+    * **Sending** (an argument of ``call_remote``, or a value a responder
+      returns): the descriptor is duplicated when the box is encoded, that is,
+      when ``call_remote`` is called or when the responder returns. The caller
+      keeps its own descriptor and closes it whenever it likes after that. The
+      duplicate belongs to the connection, which closes it once it is sent (or
+      when the connection closes, if it never was).
+    * **Receiving** (a responder's argument, or a value in a call's result): the
+      descriptor is new in this process and belongs to the code that gets it,
+      which must close it (``os.close``). Descriptors that arrive but are never
+      named by a box that decodes are closed when the connection closes.
+    """
+
+    __slots__ = ()
+
+    multi_key = True  # not for the compiled codecs: it needs the connection's exchange
+    uses_descriptors = True
+
+    @staticmethod
+    def _exchange() -> DescriptorExchange:
+        exchange = descriptor_exchange.get()
+        if exchange is None:
+            raise TypeError(
+                "Descriptor needs a UNIX socket connection (create_unix_server or "
+                "create_unix_connection, or serve/connect with path=) on asyncio's own "
+                "event loop; uvloop is not supported"
+            )
+        return exchange
+
+    def to_bytes(self, value: int) -> bytes:
+        raise TypeError("Descriptor is only sent as a command's argument or response value")
+
+    def from_bytes(self, data: bytes) -> int:
+        raise ValueError("Descriptor is only received as a command's argument or response value")
+
+    def to_box(self, key: bytes, value: int, box: dict[bytes, bytes]) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TypeError(f"a Descriptor is a file descriptor (an int >= 0), not {value!r}")
+        box[key] = Integer().to_bytes(self._exchange().send(value))
+
+    def from_box(self, key: bytes, box: Mapping[bytes, bytes]) -> int | None:
+        data = box.get(key)
+        if data is None:
+            return None
+        return self._exchange().receive(Integer().from_bytes(data))

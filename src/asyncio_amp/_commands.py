@@ -515,6 +515,9 @@ class Command:
     _fast_answer: ClassVar[Callable[..., Any] | None] = None
     _fast_arguments: ClassVar[Callable[..., dict[str, Any]]]
     _fast_response: ClassVar[Callable[..., dict[str, Any]]]
+    # True if an argument or response value is a Descriptor: the protocol then
+    # gives the encoders and decoders its connection's descriptor exchange.
+    _uses_descriptors: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -528,6 +531,10 @@ class Command:
         cls._ask_steps = cls._arguments_schema.with_specials((ASK, COMMAND))
         cls._send_steps = cls._arguments_schema.with_specials((COMMAND,))
         cls._answer_steps = cls._response_schema.with_specials((ANSWER,))
+        cls._uses_descriptors = any(
+            f.argument.uses_descriptors
+            for f in (*cls._arguments_schema.fields, *cls._response_schema.fields)
+        )
         if not isinstance(cls.requires_answer, bool):
             raise TypeError(f"{owner}.requires_answer must be True or False")
         try:

@@ -8,17 +8,21 @@ go through one method, :meth:`AMPProtocol._flush`.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
 import inspect
 import logging
+import os
+import socket
 import sys
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Self, cast
 
+from ._arguments import DescriptorExchange, descriptor_exchange
 from ._commands import (
     RESPONDER_ATTRIBUTE,
     Command,
@@ -67,6 +71,22 @@ def _read_buffer_for(loop: asyncio.AbstractEventLoop) -> memoryview:
     except TypeError:  # a loop that cannot be weakly referenced
         return memoryview(bytearray(64 * 1024))
 
+
+# File descriptor passing (Descriptor) on UNIX socket connections. asyncio's
+# transports neither send nor receive ancillary data, so on such a connection the
+# protocol reads by itself with recvmsg() (the transport's own reading stays
+# paused) and, when a write must carry descriptors, sends it with sendmsg() once
+# the transport's buffer is empty, so that nothing can overtake it. Both use a
+# duplicate of the transport's socket.
+#
+# Linux takes at most 253 descriptors per message (SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
+_FD_SIZE = array.array("i").itemsize
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# How often a write that carries descriptors checks whether the transport's
+# buffer has drained (seconds).
+FD_WRITE_RETRY = 0.001
 
 # Default limits; see AMPProtocol's docstring.
 DEFAULT_MAX_RESPONDERS = 100
@@ -168,6 +188,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_conn",
         "_debug",
         "_deferred",
+        "_fd_socket",
+        "_fds",
         "_flush_handle",
         "_held",
         "_loop",
@@ -245,6 +267,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._closed_waiter: asyncio.Future[None] | None = None
         self._debug = False
         self._read_buffer: memoryview | None = None
+        # On UNIX socket connections: the descriptors sent and received, and the
+        # duplicate socket they go through.
+        self._fds: DescriptorExchange | None = None
+        self._fd_socket: socket.socket | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -262,6 +288,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._debug = logger.isEnabledFor(logging.DEBUG)
         if self._debug:
             logger.debug("= connection made with %s", self._peer)
+        sock = transport.get_extra_info("socket")
+        if (
+            # uvloop starts the transport's reading after connection_made(), so the
+            # protocol cannot read by itself there: Descriptor says it is unsupported.
+            isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+            and sock is not None
+            and getattr(sock, "family", None) == socket.AF_UNIX
+            and transport.get_extra_info("sslcontext") is None
+        ):
+            self._start_fd_passing(sock.fileno())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Return the buffer for the transport to read into."""
@@ -360,6 +396,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._abort_handle.cancel()
             self._abort_handle = None
         self._conn.data_to_send()
+        if self._fd_socket is not None:
+            self._stop_fd_reading()
+            self._fd_socket.close()
+            self._fd_socket = None
+        if self._fds is not None:
+            self._fds.close()
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
 
@@ -420,7 +462,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             raise ConnectionLostError(
                 f"cannot call {cmd.__qualname__}: the connection with {self._peer} is shutting down"
             )
-        parts, slot = cmd._encode_ask(arguments)
+        if cmd._uses_descriptors:
+            parts, slot = self._encode_with_fds(cmd._encode_ask, arguments)
+        else:
+            parts, slot = cmd._encode_ask(arguments)
         call = _Call(loop=loop)
         call._command = cmd
         call._protocol = self
@@ -640,8 +685,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
         call = self._take_call(event.tag)
         if call is None:
             return
+        command = call._command
         try:
-            result = call._command._decode_response(event.box)
+            if command._uses_descriptors:
+                result = self._decode_with_fds(command._decode_response, event.box)
+            else:
+                result = command._decode_response(event.box)
         except ProtocolError as exc:
             call.set_exception(exc)
         else:
@@ -681,14 +730,21 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._lost:
             self._reading_paused = True
-            self.transport.pause_reading()
+            if self._fd_socket is not None:
+                self._stop_fd_reading()
+            else:
+                self.transport.pause_reading()
             if self._debug:
                 logger.debug("= reading from %s paused", self._peer)
 
     def _resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None and not self._lost:
             self._reading_paused = False
-            self.transport.resume_reading()
+            if self._fd_socket is not None:
+                assert self._loop is not None
+                self._loop.add_reader(self._fd_socket.fileno(), self._read_with_fds)
+            else:
+                self.transport.resume_reading()
             if self._debug:
                 logger.debug("= reading from %s resumed", self._peer)
 
@@ -715,7 +771,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             return
         command, attribute, is_coroutine = entry
         try:
-            arguments = command._decode_arguments(event.box)
+            if command._uses_descriptors:
+                arguments = self._decode_with_fds(command._decode_arguments, event.box)
+            else:
+                arguments = command._decode_arguments(event.box)
         except Exception as exc:
             logger.warning(
                 "%s called %s with arguments that do not decode (%s)%s",
@@ -779,6 +838,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if tag is None:
             return None
         try:
+            if command._uses_descriptors:
+                data: bytes = self._encode_with_fds(
+                    command._encode_answer, tag, {} if result is None else result
+                )
+                return data
             return command._encode_answer(tag, {} if result is None else result)
         except Exception as exc:
             logger.error(
@@ -895,14 +959,153 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        data = self._conn.data_to_send()
         transport = self.transport
+        if (
+            self._fds is not None
+            and self._fds.outgoing
+            and transport is not None
+            and not self._lost
+            and not transport.is_closing()
+            and not self._flush_fds()
+        ):
+            return  # the bytes wait in the queue, with their descriptors
+        data = self._conn.data_to_send()
         if transport is None or self._lost:
             return
         if data and not transport.is_closing():
             transport.write(data[0] if len(data) == 1 else b"".join(data))
         if self._close_after_flush:
             self._close_transport(0 if self._close_cause is not None else self.close_timeout)
+
+    def _flush_fds(self) -> bool:
+        """
+        Send the queued bytes with the descriptors waiting to go out.
+
+        Returns ``False`` if they must wait (they stay queued and a retry is
+        scheduled), ``True`` if :meth:`_flush` should go on with what is left.
+        """
+        transport, exchange, sock = self.transport, self._fds, self._fd_socket
+        assert transport is not None and exchange is not None and sock is not None
+        if not self._conn.has_data_to_send:
+            return True  # the box that names them waits for its turn
+        if transport.get_write_buffer_size():
+            # Bytes written earlier are still in the transport: the descriptors,
+            # sent directly, would overtake them. Wait until it drains.
+            if self._loop is not None:
+                self._flush_handle = self._loop.call_later(FD_WRITE_RETRY, self._flush)
+            return False
+        data = b"".join(self._conn.data_to_send())
+        fds = exchange.outgoing
+        try:
+            while fds:
+                # Each message carries a batch of descriptors and at least one byte;
+                # the last one carries the rest of the bytes.
+                batch = fds[:MAX_FDS_PER_MESSAGE]
+                chunk = data if len(fds) <= MAX_FDS_PER_MESSAGE else data[:1]
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))]
+                sent = sock.sendmsg([chunk], rights)
+                del fds[: len(batch)]
+                for fd in batch:
+                    os.close(fd)  # the peer has its own copies now
+                data = data[sent:]
+        except (BlockingIOError, InterruptedError):
+            if data:
+                self._conn.send(data)  # nothing of it was sent: try again later
+            if self._loop is not None:
+                self._flush_handle = self._loop.call_later(FD_WRITE_RETRY, self._flush)
+            return False
+        except OSError as exc:
+            if self._close_cause is None:
+                self._close_cause = exc
+            transport.abort()
+            return False
+        if data:
+            self._conn.send(data)  # a partial send: the transport writes the rest
+        return True
+
+    def _encode_with_fds(self, encode: Callable[..., Any], *args: Any) -> Any:
+        """Encode a box that may hold a Descriptor, with this connection's exchange."""
+        exchange = self._fds
+        if exchange is None:
+            return encode(*args)  # not a UNIX socket: Descriptor says so
+        token = descriptor_exchange.set(exchange)
+        mark = exchange.mark()
+        try:
+            return encode(*args)
+        except BaseException:
+            exchange.rollback(mark)  # the box is not sent: neither are its descriptors
+            raise
+        finally:
+            descriptor_exchange.reset(token)
+
+    def _decode_with_fds(
+        self, decode: Callable[[Mapping[bytes, bytes]], dict[str, Any]], box: Mapping[bytes, bytes]
+    ) -> dict[str, Any]:
+        """Decode a box that may name Descriptors, with this connection's exchange."""
+        exchange = self._fds
+        if exchange is None:
+            return decode(box)
+        token = descriptor_exchange.set(exchange)
+        ok = False
+        try:
+            result = decode(box)
+            ok = True
+            return result
+        finally:
+            exchange.end_decode(ok)
+            descriptor_exchange.reset(token)
+
+    def _start_fd_passing(self, fileno: int) -> None:
+        """Read from this UNIX socket with recvmsg(), so that descriptors can arrive."""
+        assert self.transport is not None and self._loop is not None
+        self._fds = DescriptorExchange()
+        # A duplicate: the event loop refuses a reader on the transport's own fd.
+        self._fd_socket = sock = socket.socket(fileno=os.dup(fileno))
+        sock.setblocking(False)
+        self.transport.pause_reading()
+        self._loop.add_reader(sock.fileno(), self._read_with_fds)
+
+    def _stop_fd_reading(self) -> None:
+        if self._fd_socket is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd_socket.fileno())
+
+    def _read_with_fds(self) -> None:
+        """Read what the peer sent, with the descriptors that came with it."""
+        sock, exchange, transport = self._fd_socket, self._fds, self.transport
+        if sock is None or exchange is None or transport is None or self._lost:
+            return
+        if transport.is_closing():
+            self._stop_fd_reading()  # as the transport itself stops reading when closed
+            return
+        buffer = self.get_buffer(-1)
+        try:
+            nbytes, ancdata, flags, _ = sock.recvmsg_into([buffer], _ANCILLARY_SIZE, _RECV_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._stop_fd_reading()
+            if self._close_cause is None:
+                self._close_cause = exc
+            transport.abort()
+            return
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                exchange.received(fds)
+        if flags & socket.MSG_CTRUNC:
+            self._protocol_failure(
+                ProtocolError(
+                    f"the peer sent more than {MAX_FDS_PER_MESSAGE} file descriptors at once"
+                )
+            )
+            return
+        if nbytes == 0:
+            self._stop_fd_reading()
+            if not self.eof_received():
+                transport.close()
+            return
+        self.buffer_updated(nbytes)
 
     def _close_transport(self, timeout: float) -> None:
         """Close the transport, and abort it if it has not closed within ``timeout``."""

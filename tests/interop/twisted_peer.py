@@ -28,8 +28,9 @@ from ``ARGUMENT_TYPES`` (``"Integer"``, ``"Decimal"``, ``"BigString"``, ...),
 
 Operations: listen, connect, call, call_raw, send_raw, close, serialize,
 received, encode, decode, to_box, from_box, encode_box, quit.  Over TLS:
-listen_tls and connect_tls (certificates and keys are PEM file paths).  Stdin reaching EOF
-also stops the program.
+listen_tls and connect_tls (certificates and keys are PEM file paths).  Over UNIX
+sockets, where ``Descriptor`` passes file descriptors: listen_unix, connect_unix
+and fd_calls.  Stdin reaching EOF also stops the program.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +48,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
+    UNIXClientEndpoint,
     connectProtocol,
 )
 from twisted.internet.interfaces import IListeningPort
@@ -305,6 +308,29 @@ class BigEcho(amp.Command):
     response = [(b"data", BigBytesArgument()), (b"text", BigStringArgument())]
 
 
+class WriteTo(amp.Command):
+    """The responder writes ``text`` to the descriptor ``fd`` and closes it."""
+
+    commandName = b"WriteTo"
+    arguments = [(b"fd", amp.Descriptor()), (b"text", amp.String())]
+    response = [(b"written", amp.Integer())]
+
+
+class OpenPipe(amp.Command):
+    """The responder returns the read end of a new pipe that holds ``text``."""
+
+    commandName = b"OpenPipe"
+    arguments = [(b"text", amp.String())]
+    response = [(b"fd", amp.Descriptor())]
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 COMMANDS: dict[str, type[amp.Command]] = {
     cls.commandName.decode("ascii"): cls
     for cls in (
@@ -320,6 +346,8 @@ COMMANDS: dict[str, type[amp.Command]] = {
         Hello,
         EchoTypes,
         BigEcho,
+        WriteTo,
+        OpenPipe,
     )
 }
 
@@ -514,6 +542,22 @@ class PeerAMP(amp.AMP):
         self._record(BigEcho, data=data, text=text)
         return {"data": data, "text": text}
 
+    @WriteTo.responder
+    def write_to(self, fd: int, text: bytes) -> dict[str, Any]:
+        try:
+            return {"written": os.write(fd, text)}
+        finally:
+            os.close(fd)
+
+    @OpenPipe.responder
+    def open_pipe(self, text: bytes) -> dict[str, Any]:
+        read_end, write_end = os.pipe()
+        os.write(write_end, text)
+        os.close(write_end)
+        # Twisted sends the descriptor later, when it writes: close ours after that.
+        reactor.callLater(1, os.close, read_end)
+        return {"fd": read_end}
+
 
 class ServerFactory(Factory):
     def __init__(self, controller: Controller) -> None:
@@ -640,6 +684,45 @@ class Controller(LineReceiver):
         endpoint = TCP4ClientEndpoint(reactor, HOST, int(request["port"]))
         d: Deferred[Any] = connectProtocol(endpoint, PeerAMP(self, inbound=False))
         return d.addCallback(lambda proto: {"conn": proto.conn_id})
+
+    def op_listen_unix(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Listen on the UNIX socket ``path``."""
+        self.ports.append(reactor.listenUNIX(str(request["path"]), ServerFactory(self)))
+        return {"path": str(request["path"])}
+
+    def op_connect_unix(self, request: dict[str, Any]) -> Deferred[Any]:
+        """Connect to the UNIX socket ``path``; reply with the connection id."""
+        endpoint = UNIXClientEndpoint(reactor, str(request["path"]))
+        d: Deferred[Any] = connectProtocol(endpoint, PeerAMP(self, inbound=False))
+        return d.addCallback(lambda proto: {"conn": proto.conn_id})
+
+    def op_fd_calls(self, request: dict[str, Any]) -> Deferred[Any]:
+        """Over UNIX connection ``conn``, call WriteTo then OpenPipe with ``text``.
+
+        WriteTo gets the write end of a new pipe; OpenPipe's answer is a descriptor.
+        The reply has what WriteTo answered and the bytes read from each pipe.
+        """
+        proto = self.conn(request)
+        text = bytes.fromhex(str(request["hex"]))
+        read_end, write_end = os.pipe()
+        result: dict[str, Any] = {}
+
+        def written(answer: dict[str, Any]) -> Deferred[Any]:
+            os.close(write_end)  # Twisted sent it with the call's bytes
+            result["written"] = answer["written"]
+            result["pipe"] = _read_all(read_end).hex()
+            os.close(read_end)
+            return proto.callRemote(OpenPipe, text=text)
+
+        def opened(answer: dict[str, Any]) -> dict[str, Any]:
+            fd = answer["fd"]
+            result["opened"] = _read_all(fd).hex()
+            os.close(fd)
+            return result
+
+        d = proto.callRemote(WriteTo, fd=write_end, text=text)
+        assert d is not None
+        return d.addCallback(written).addCallback(opened)
 
     # TLS: twisted.internet.ssl needs pyOpenSSL (Twisted's "tls" extra), so it is
     # imported only by the TLS operations; the other operations run without it.
