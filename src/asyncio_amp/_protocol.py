@@ -12,13 +12,14 @@ import array
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 import os
 import socket
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Self, cast
 
@@ -101,6 +102,12 @@ def _positive(name: str, value: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, not {value!r}")
     return value
+
+
+def _close_unstarted(coroutine: Coroutine[Any, Any, Any], task: asyncio.Task[None]) -> None:
+    """Close a responder's coroutine whose task was cancelled before awaiting it."""
+    if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+        coroutine.close()
 
 
 def _format_peer(peername: Any) -> str:
@@ -787,34 +794,52 @@ class AMPProtocol(asyncio.BufferedProtocol):
             return
         try:
             if is_coroutine:
-                self._run_task(command, tag, getattr(self, attribute)(**arguments))
+                # The coroutine is created inside the task: a task cancelled before
+                # its first step (the connection closed) then leaves none unawaited.
+                self._run_task(command, tag, getattr(self, attribute), arguments)
                 return
             result = getattr(self, attribute)(**arguments)
         except Exception as exc:
             self._responded(self._failure_answer(command, tag, exc))
             return
         if type(result) is not dict and inspect.isawaitable(result):
-            self._run_task(command, tag, result)
+            task = self._run_task(command, tag, lambda: result, None)
+            if inspect.iscoroutine(result):
+                # Close it if the task is cancelled before it starts awaiting it.
+                task.add_done_callback(functools.partial(_close_unstarted, result))
         else:
             self._responded(self._answer_for(command, tag, result))
 
     def _run_task(
-        self, command: type[Command], tag: bytes | None, awaitable: Awaitable[Any]
-    ) -> None:
+        self,
+        command: type[Command],
+        tag: bytes | None,
+        responder: Callable[..., Awaitable[Any]],
+        arguments: dict[str, Any] | None,
+    ) -> asyncio.Task[None]:
         assert self._loop is not None
-        task = self._loop.create_task(self._respond(command, tag, awaitable))
+        task = self._loop.create_task(self._respond(command, tag, responder, arguments))
         if self._tasks is None:
             self._tasks = set()
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if self._busy >= self.max_responders:
+        task.add_done_callback(self._task_done)
+        if self._busy >= self._max_responders:
             self._pause_reading()
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._tasks is not None:
+            self._tasks.discard(task)
 
     async def _respond(
-        self, command: type[Command], tag: bytes | None, awaitable: Awaitable[Any]
+        self,
+        command: type[Command],
+        tag: bytes | None,
+        responder: Callable[..., Awaitable[Any]],
+        arguments: dict[str, Any] | None,
     ) -> None:
         try:
-            result = await awaitable
+            result = await (responder() if arguments is None else responder(**arguments))
         except Exception as exc:
             data = self._failure_answer(command, tag, exc)
         else:
