@@ -492,8 +492,13 @@ async def drive(data: bytes) -> bytes:
             await asyncio.sleep(0)
         if transport.closing:
             break
-        # A real transport delivers nothing while reading is paused.
-        await turns(lambda: not transport.reading_paused, "reading still paused")
+        # A real transport delivers nothing while reading is paused, nor once it
+        # is closing (the connection may close while reading is paused).
+        await turns(
+            lambda: transport.closing or not transport.reading_paused, "reading still paused"
+        )
+        if transport.closing:
+            break
         server.data_received(chunk)
     hung_up_early = bool(more & HANG_UP_EARLY) and not transport.closing
     if hung_up_early:

@@ -107,6 +107,17 @@ def test_server_target_passes_the_seed_corpus(seed: pathlib.Path, server_target:
     assert written or seed.name in {"answer_to_own_call", "error_answer"}
 
 
+REGRESSIONS = sorted((FUZZING / "regressions").iterdir())
+
+
+@pytest.mark.parametrize("finding", REGRESSIONS, ids=lambda path: path.name)
+def test_targets_pass_past_findings(finding: pathlib.Path, server_target: Any) -> None:
+    """Inputs the fuzzers once failed on (see fuzzing/README.md) pass both targets."""
+    data = finding.read_bytes()
+    fuzz_decoder.test_one_input(data)
+    server_target.test_one_input(data)
+
+
 def test_decoder_target_passes_random_inputs() -> None:
     for data in mutations(RANDOM_INPUTS):
         try:
