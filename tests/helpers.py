@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncio_amp as amp
 
@@ -97,3 +97,48 @@ async def raw_connection(
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+class HasWriter(Protocol):
+    """A peer object built on an accepted stream connection."""
+
+    writer: asyncio.StreamWriter
+
+
+PeerT = TypeVar("PeerT", bound=HasWriter)
+
+
+@contextlib.asynccontextmanager
+async def accepting_server(
+    peer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], PeerT],
+) -> AsyncIterator[tuple[int, asyncio.Queue[PeerT]]]:
+    """
+    A plain asyncio server on 127.0.0.1 that hands each accepted connection to the test.
+
+    ``peer`` wraps each connection; the queue yields them in order of arrival, and
+    every one is closed at the end.
+    """
+    peers: asyncio.Queue[PeerT] = asyncio.Queue()
+    everyone: list[PeerT] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        wrapped = peer(reader, writer)
+        everyone.append(wrapped)
+        await peers.put(wrapped)
+
+    server = await asyncio.start_server(accept, HOST, 0)
+    try:
+        yield port_of(server), peers
+    finally:
+        server.close()
+        for wrapped in everyone:
+            wrapped.writer.close()
+            with contextlib.suppress(ConnectionError):
+                await wrapped.writer.wait_closed()
+        await server.wait_closed()
+
+
+async def accepted(peers: asyncio.Queue[PeerT]) -> PeerT:
+    """The next connection the server accepted (bounded wait)."""
+    async with asyncio.timeout(LONG):
+        return await peers.get()

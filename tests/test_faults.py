@@ -32,7 +32,18 @@ import asyncio_amp as amp
 from asyncio_amp import encode_box
 from asyncio_amp._protocol import _Call
 from fault_peer import BIG_SIZE, big_box, big_data, sum_box, upload_box
-from helpers import HOST, LONG, SHORT, TIME, client, port_of, raw_connection, running_server
+from helpers import (
+    HOST,
+    LONG,
+    SHORT,
+    TIME,
+    accepted,
+    accepting_server,
+    client,
+    port_of,
+    raw_connection,
+    running_server,
+)
 
 PEER_PROGRAM = pathlib.Path(__file__).with_name("fault_peer.py")
 
@@ -313,32 +324,11 @@ class StreamPeer:
         self.writer.transport.abort()
 
 
-@contextlib.asynccontextmanager
-async def stream_server() -> AsyncIterator[tuple[int, asyncio.Queue[StreamPeer]]]:
-    """A plain asyncio server on 127.0.0.1 that hands each accepted connection to the test."""
-    peers: asyncio.Queue[StreamPeer] = asyncio.Queue()
-    everyone: list[StreamPeer] = []
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = StreamPeer(reader, writer)
-        everyone.append(peer)
-        await peers.put(peer)
-
-    server = await asyncio.start_server(accept, HOST, 0)
-    try:
-        yield port_of(server), peers
-    finally:
-        server.close()
-        for peer in everyone:
-            peer.writer.close()
-            with contextlib.suppress(ConnectionError):
-                await peer.writer.wait_closed()
-        await server.wait_closed()
-
-
-async def accepted(peers: asyncio.Queue[StreamPeer]) -> StreamPeer:
-    async with asyncio.timeout(LONG):
-        return await peers.get()
+def stream_server() -> contextlib.AbstractAsyncContextManager[
+    tuple[int, asyncio.Queue[StreamPeer]]
+]:
+    """A plain asyncio server on 127.0.0.1 whose connections are StreamPeer objects."""
+    return accepting_server(StreamPeer)
 
 
 @contextlib.asynccontextmanager

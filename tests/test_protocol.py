@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 import asyncio_amp as amp
 from asyncio_amp import encode_box
-from helpers import HOST, LONG, SHORT, client, port_of, raw_connection, running_server
+from helpers import (
+    HOST,
+    LONG,
+    SHORT,
+    accepted,
+    accepting_server,
+    client,
+    port_of,
+    raw_connection,
+    running_server,
+)
 
 # Commands
 
@@ -183,31 +192,9 @@ class RawPeer:
                     return True
 
 
-@contextlib.asynccontextmanager
-async def raw_server() -> AsyncIterator[tuple[int, asyncio.Queue[RawPeer]]]:
-    peers: asyncio.Queue[RawPeer] = asyncio.Queue()
-    everyone: list[RawPeer] = []
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = RawPeer(reader, writer)
-        everyone.append(peer)
-        await peers.put(peer)
-
-    server = await asyncio.start_server(accept, HOST, 0)
-    try:
-        yield port_of(server), peers
-    finally:
-        server.close()
-        for peer in everyone:
-            peer.writer.close()
-            with contextlib.suppress(ConnectionError):
-                await peer.writer.wait_closed()
-        await server.wait_closed()
-
-
-async def accepted(peers: asyncio.Queue[RawPeer]) -> RawPeer:
-    async with asyncio.timeout(LONG):
-        return await peers.get()
+def raw_server() -> contextlib.AbstractAsyncContextManager[tuple[int, asyncio.Queue[RawPeer]]]:
+    """A plain asyncio server on 127.0.0.1 whose connections are RawPeer objects."""
+    return accepting_server(RawPeer)
 
 
 async def read_boxes(reader: asyncio.StreamReader, count: int) -> list[amp.Box]:
