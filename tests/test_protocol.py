@@ -711,3 +711,101 @@ async def test_repr_and_context_manager() -> None:
             assert proto.peer == f"{HOST}:{port}"
         assert proto.closed
         assert "closed" in repr(proto)
+
+
+# call_remote_box: calls by name with wire values
+
+
+async def test_call_remote_box_sends_wire_values_and_returns_the_answer_box() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        answer = await proto.call_remote_box("Sum", {"a": "13", b"b": b"81"})
+        assert answer == {b"total": b"94"}
+        # A typed call on the same connection still works; tags keep counting.
+        assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
+        assert await proto.call_remote_box(b"Sum", {"a": "-5", "b": "5"}) == {b"total": b"0"}
+
+
+async def test_call_remote_box_bytes_on_the_wire() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        peer = await accepted(peers)
+        call = proto.call_remote_box("Hello", {"zz": "é", "Aa": b"\x00\xff"})
+        box = await peer.read_box()
+        # Keys sorted, str sent as UTF-8, a tag from the same counter as call_remote.
+        assert list(box) == [b"Aa", b"_ask", b"_command", b"zz"]
+        assert box == {
+            b"Aa": b"\x00\xff",
+            b"_ask": b"1",
+            b"_command": b"Hello",
+            b"zz": "é".encode(),
+        }
+        peer.writer.write(encode_box({b"_answer": b"1", b"x": b"\x01"}))
+        async with asyncio.timeout(LONG):
+            assert await call == {b"x": b"\x01"}
+
+
+async def test_call_remote_box_without_answer_sends_no_ask() -> None:
+    async with running_server(Server) as (_, port, protocols), client(port) as proto:
+        result = proto.call_remote_box("Note", {"text": "hi"}, requires_answer=False)
+        assert result.done() and result.result() is None
+        async with asyncio.timeout(LONG):
+            await protocols[0].noted.wait()
+        assert protocols[0].notes == ["hi"]
+        # The skipped tag is not reused: the next call still gets an answer.
+        assert await proto.call_remote_box("Sum", {"a": "1", "b": "1"}) == {b"total": b"2"}
+
+
+async def test_call_remote_box_error_answers() -> None:
+    async with running_server(Server) as (_, port, _), client(port) as proto:
+        with pytest.raises(amp.UnhandledCommandError) as unhandled:
+            await proto.call_remote_box("Nope")
+        assert unhandled.value.error_code == "UNHANDLED"
+        assert unhandled.value.command == "Nope"
+        with pytest.raises(amp.RemoteAmpError) as mapped:
+            await proto.call_remote_box("Divide", {"numerator": "1", "denominator": "0"})
+        # The code is known to the server's command, not to a raw call: the base class.
+        assert type(mapped.value) is amp.RemoteAmpError
+        assert (mapped.value.error_code, mapped.value.command) == ("ZERO_DIVISION", "Divide")
+        with pytest.raises(amp.UnknownRemoteError) as unknown:
+            await proto.call_remote_box("Boom")
+        assert unknown.value.error_code == "UNKNOWN"
+        # A bad wire value is the server's problem to report: its responder never runs.
+        with pytest.raises(amp.UnknownRemoteError):
+            await proto.call_remote_box("Sum", {"a": "one", "b": "2"})
+        assert await proto.call_remote_box("Sum", {"a": "2", "b": "2"}) == {b"total": b"4"}
+
+
+async def test_call_remote_box_mistakes_raise_before_sending() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        peer = await accepted(peers)
+        with pytest.raises(ValueError, match="reserved"):
+            proto.call_remote_box("Sum", {"_ask": "1"})
+        with pytest.raises(ValueError, match="twice"):
+            proto.call_remote_box("Sum", {"a": "1", b"a": "2"})
+        with pytest.raises(ValueError, match="empty"):
+            proto.call_remote_box("")
+        with pytest.raises(ValueError, match="empty"):
+            proto.call_remote_box("Sum", {"": "1"})
+        with pytest.raises(TypeError, match="int"):
+            proto.call_remote_box("Sum", {"a": 1})  # type: ignore[dict-item]
+        with pytest.raises(amp.TooLongError):
+            proto.call_remote_box("Sum", {"a": "x" * 65_536})
+        with pytest.raises(amp.TooLongError):
+            proto.call_remote_box("Sum", {"k" * 256: "1"})
+        # Nothing was sent and no tag was taken.
+        call = proto.call_remote_box("Sum", {"a": "1"})
+        box = await peer.read_box()
+        assert box[b"_ask"] == b"1"
+        call.cancel()
+
+
+async def test_call_remote_box_fails_when_the_connection_is_lost() -> None:
+    async with raw_server() as (port, peers), client(port) as proto:
+        peer = await accepted(peers)
+        call = proto.call_remote_box("Wait")
+        await peer.read_box()
+        peer.writer.close()
+        with pytest.raises(amp.ConnectionLostError, match="before Wait was answered"):
+            async with asyncio.timeout(LONG):
+                await call
+        with pytest.raises(amp.ConnectionLostError, match="cannot call Wait"):
+            proto.call_remote_box("Wait")

@@ -729,3 +729,76 @@ def encode_unknown_error(tag: bytes) -> bytes:
 def encode_unhandled_error(tag: bytes, command: bytes) -> bytes:
     """Encode the ``UNHANDLED`` answer with Twisted's description text."""
     return encode_error(tag, UNHANDLED_ERROR_CODE, b"Unhandled Command: " + repr(command).encode())
+
+
+def _raw_bytes(value: object, what: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}: {value!r}")
+
+
+class RawCommand:
+    """
+    A call by command name with wire values, for ``AMPProtocol.call_remote_box``.
+
+    It stands in for a :class:`Command` class in the protocol's call machinery:
+    the same private methods, with no schema. Text is sent as UTF-8.
+    """
+
+    __slots__ = ("_parts", "_slot", "label", "requires_answer", "wire_name")
+
+    _uses_descriptors = False
+
+    def __init__(
+        self,
+        command: str | bytes,
+        arguments: Mapping[str | bytes, str | bytes] | None,
+        requires_answer: bool,
+    ) -> None:
+        name = _raw_bytes(command, "the command name")
+        if not name:
+            raise ValueError("the command name cannot be empty")
+        self.wire_name = name
+        self.label = name.decode("utf-8", "backslashreplace")
+        self.requires_answer = bool(requires_answer)
+        items: dict[bytes, bytes] = {}
+        for key, value in (arguments or {}).items():
+            wire_key = _raw_bytes(key, "an argument key")
+            if wire_key in RESERVED_KEYS:
+                raise ValueError(f"{wire_key!r} is a reserved AMP key, not an argument")
+            if wire_key in items:
+                raise ValueError(f"the argument key {wire_key!r} is given twice")
+            items[wire_key] = _raw_bytes(value, f"the value of {wire_key!r}")
+        items[COMMAND] = name
+        if self.requires_answer:
+            items[ASK] = b""
+        ordered = sorted(items.items())
+        parts: list[bytes] = []
+        encode_items(ordered, parts)
+        parts.append(BOX_END)
+        slot = -1
+        if self.requires_answer:
+            # Each pair is 4 parts (key length, key, value length, value); the tag
+            # goes into the value part with its length, as Command._encode_ask does.
+            index = 4 * [key for key, _ in ordered].index(ASK)
+            parts[index + 2] = b""
+            slot = index + 3
+        self._parts = parts
+        self._slot = slot
+
+    def _encode_ask(self, values: Mapping[str, Any]) -> tuple[list[bytes], int]:
+        return self._parts, self._slot
+
+    def _decode_response(self, box: Mapping[bytes, bytes]) -> Box:
+        return {key: value for key, value in box.items() if key != ANSWER}
+
+    def _exception_for(self, code: bytes, description: bytes) -> BaseException:
+        text = description.decode("utf-8", "replace")
+        code_text = code.decode("utf-8", "backslashreplace")
+        if code == UNHANDLED_ERROR_CODE:
+            return UnhandledCommandError(code_text, text, self.label)
+        if code == UNKNOWN_ERROR_CODE:
+            return UnknownRemoteError(code_text, text, self.label)
+        return RemoteAmpError(code_text, text, self.label)

@@ -21,19 +21,20 @@ import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Self, cast
+from typing import Any, ClassVar, Literal, Self, cast, overload
 
 from ._arguments import DescriptorExchange, descriptor_exchange
 from ._commands import (
     RESPONDER_ATTRIBUTE,
     Command,
+    RawCommand,
     encode_error,
     encode_unhandled_error,
     encode_unknown_error,
 )
 from ._connection import AMPConnection, Answer, Ask, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError
-from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, PREFIXES
+from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, PREFIXES, Box
 
 __all__ = ["AMPProtocol"]
 
@@ -110,6 +111,13 @@ def _close_unstarted(coroutine: Coroutine[Any, Any, Any], task: asyncio.Task[Non
         coroutine.close()
 
 
+def _label(command: type[Command] | RawCommand) -> str:
+    """The name of a call's command in messages."""
+    if isinstance(command, RawCommand):
+        return command.label
+    return command.__qualname__
+
+
 def _format_peer(peername: Any) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
         host, port = peername[0], peername[1]
@@ -129,7 +137,7 @@ class _Call(asyncio.Future[Any]):
 
     __slots__ = ("_command", "_parts", "_protocol", "_slot", "_tag")
 
-    _command: type[Command]
+    _command: type[Command] | RawCommand
     _protocol: AMPProtocol | None
     _tag: bytes | None
     _parts: list[bytes] | None
@@ -492,6 +500,100 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._send_call(call, parts, slot, now=not pending)
         return call
 
+    @overload
+    def call_remote_box(
+        self,
+        command: str | bytes,
+        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        /,
+        *,
+        requires_answer: Literal[True] = True,
+    ) -> asyncio.Future[Box]: ...
+
+    @overload
+    def call_remote_box(
+        self,
+        command: str | bytes,
+        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        /,
+        *,
+        requires_answer: Literal[False],
+    ) -> asyncio.Future[None]: ...
+
+    @overload
+    def call_remote_box(
+        self,
+        command: str | bytes,
+        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        /,
+        *,
+        requires_answer: bool,
+    ) -> asyncio.Future[Box | None]: ...
+
+    def call_remote_box(
+        self,
+        command: str | bytes,
+        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        /,
+        *,
+        requires_answer: bool = True,
+    ) -> asyncio.Future[Any]:
+        """
+        Call a command by name with raw wire values, without a :class:`Command` class.
+
+        This is the untyped form of :meth:`call_remote`, for tools and for peers
+        whose schema is not known in advance: keys and values are sent as they are
+        (``str`` as UTF-8), and the answer comes back as its wire box. It queues,
+        waits and is cancelled exactly like :meth:`call_remote`.
+
+        Args:
+            command: The command name on the wire.
+            arguments: Argument keys to wire values.
+            requires_answer: If false, no ``_ask`` is sent and the future is done
+                with ``None`` once the call is handed to the transport.
+
+        Returns:
+            A future of the answer box (wire keys to wire values, without the
+            ``_answer`` key).
+
+        Raises:
+            TypeError: A key or value is neither ``str`` nor bytes.
+            ValueError: A key is empty or reserved (``_ask``, ``_command``...).
+            TooLongError: A key is over 255 bytes or a value over 65,535 bytes.
+            ConnectionLostError: The connection is closed or shutting down, or
+                it closes before the answer comes (raised by the future).
+
+        The future raises :class:`UnhandledCommandError` for ``UNHANDLED``,
+        :class:`UnknownRemoteError` for ``UNKNOWN`` and :class:`RemoteAmpError`
+        for any other error code.
+        """
+        raw = RawCommand(command, arguments, requires_answer)
+        loop = self._loop
+        if self._close_after_flush or self._lost or loop is None or self._close_cause:
+            raise self._lost_error(f"cannot call {raw.label}")
+        if self._shutting_down:
+            raise ConnectionLostError(
+                f"cannot call {raw.label}: the connection with {self._peer} is shutting down"
+            )
+        parts, slot = raw._encode_ask({})
+        call = _Call(loop=loop)
+        call._command = raw
+        call._protocol = self
+        call._tag = None
+        if (
+            self._waiting
+            or self._writing_paused
+            or (slot >= 0 and len(self._pending) >= self._max_pending_calls)
+        ):
+            call._slot = slot
+            call._parts = parts
+            if not self._waiting:
+                self._waiting = collections.deque()
+            self._waiting.append(call)
+            return call
+        self._send_call(call, parts, slot, now=not self._pending)
+        return call
+
     def close(self) -> None:
         """
         Close the connection once the data already queued has been written.
@@ -529,7 +631,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 call.set_exception(
                     ConnectionLostError(
                         f"the connection with {self._peer} shut down before "
-                        f"{call._command.__qualname__} was sent"
+                        f"{_label(call._command)} was sent"
                     )
                 )
         self._waiting = ()
@@ -693,9 +795,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if call is None:
             return
         command = call._command
+        result: Any
         try:
             if command._uses_descriptors:
-                result = self._decode_with_fds(command._decode_response, event.box)
+                result = self._decode_with_fds(command._decode_response, event.box)  # type: ignore[arg-type]
             else:
                 result = command._decode_response(event.box)
         except ProtocolError as exc:
@@ -943,7 +1046,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if not call.done():
                 error = ConnectionLostError(
                     f"the connection with {self._peer} closed before "
-                    f"{call._command.__qualname__} was answered{reason}"
+                    f"{_label(call._command)} was answered{reason}"
                 )
                 error.__cause__ = cause
                 call.set_exception(error)

@@ -217,6 +217,25 @@ async def test_unknown_command_is_unhandled_and_connection_stays_usable() -> Non
         assert s.lost_events() == []
 
 
+async def test_call_remote_box_against_twisted() -> None:
+    async with twisted_server() as s:
+        assert await s.proto.call_remote_box("Sum", {"a": "13", "b": "81"}) == {b"total": b"94"}
+        with pytest.raises(amp.RemoteAmpError) as mapped:
+            await s.proto.call_remote_box("Divide", {"numerator": "1", "denominator": "0"})
+        assert mapped.value.error_code == "ZERO_DIVISION"
+        with pytest.raises(amp.UnhandledCommandError) as unhandled:
+            await s.proto.call_remote_box(b"Nope")
+        assert unhandled.value.description == "Unhandled Command: b'Nope'"
+        assert s.proto.call_remote_box("Notify", {"message": "hi"}, requires_answer=False).done()
+        assert await s.proto.call_remote_box("Sum", {"a": "1", "b": "1"}) == {b"total": b"2"}
+        assert await s.received() == [
+            {"command": "Sum", "args": {"a": 13, "b": 81}},
+            {"command": "Divide", "args": {"numerator": 1, "denominator": 0}},
+            {"command": "Notify", "args": {"message": "hi"}},
+            {"command": "Sum", "args": {"a": 1, "b": 1}},
+        ]
+
+
 # No answer, ordering, concurrency
 
 
