@@ -739,6 +739,12 @@ def _raw_bytes(value: object, what: str) -> bytes:
     raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}: {value!r}")
 
 
+#: The arguments of a call by name: keys and values as ``str`` (sent as UTF-8) or bytes.
+RawArguments = (
+    Mapping[str, str | bytes] | Mapping[bytes, str | bytes] | Mapping[str | bytes, str | bytes]
+)
+
+
 class RawCommand:
     """
     A call by command name with wire values, for ``AMPProtocol.call_remote_box``.
@@ -754,7 +760,7 @@ class RawCommand:
     def __init__(
         self,
         command: str | bytes,
-        arguments: Mapping[str | bytes, str | bytes] | None,
+        arguments: RawArguments | None,
         requires_answer: bool,
     ) -> None:
         name = _raw_bytes(command, "the command name")

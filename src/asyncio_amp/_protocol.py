@@ -27,6 +27,7 @@ from ._arguments import DescriptorExchange, descriptor_exchange
 from ._commands import (
     RESPONDER_ATTRIBUTE,
     Command,
+    RawArguments,
     RawCommand,
     encode_error,
     encode_unhandled_error,
@@ -504,7 +505,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def call_remote_box(
         self,
         command: str | bytes,
-        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        arguments: RawArguments | None = None,
         /,
         *,
         requires_answer: Literal[True] = True,
@@ -514,7 +515,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def call_remote_box(
         self,
         command: str | bytes,
-        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        arguments: RawArguments | None = None,
         /,
         *,
         requires_answer: Literal[False],
@@ -524,7 +525,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def call_remote_box(
         self,
         command: str | bytes,
-        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        arguments: RawArguments | None = None,
         /,
         *,
         requires_answer: bool,
@@ -533,7 +534,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def call_remote_box(
         self,
         command: str | bytes,
-        arguments: Mapping[str | bytes, str | bytes] | None = None,
+        arguments: RawArguments | None = None,
         /,
         *,
         requires_answer: bool = True,

@@ -1,0 +1,1317 @@
+"""
+The ``asyncio-amp`` command: call, serve, decode and proxy AMP from a shell.
+
+``call`` sends one command and prints the answer; ``serve`` runs a user's
+:class:`AMPProtocol` subclass as a server; ``decode`` prints the boxes of a raw
+AMP byte stream; ``proxy`` forwards a connection and prints every box on it.
+Standard library only, like the rest of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import datetime
+import importlib
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import IO, Any, NoReturn
+
+from . import __version__
+from ._arguments import (
+    AmpList,
+    Argument,
+    BigBytes,
+    BigString,
+    Boolean,
+    Bytes,
+    DateTime,
+    Descriptor,
+    ListOf,
+    String,
+)
+from ._commands import Command, RawCommand
+from ._errors import ConnectionLostError, ProtocolError, RemoteAmpError, TooLongError
+from ._network import connect, serve
+from ._protocol import AMPProtocol
+from ._wire import (
+    ANSWER,
+    ASK,
+    COMMAND,
+    ERROR,
+    ERROR_CODE,
+    ERROR_DESCRIPTION,
+    MAX_KEY_LENGTH,
+    RESERVED_KEYS,
+    BoxDecoder,
+)
+
+__all__ = ["main"]
+
+PROG = "asyncio-amp"
+
+# Exit statuses: one per kind of failure, so that scripts can tell them apart.
+EXIT_OK = 0
+EXIT_REMOTE_ERROR = 1  # call: the peer answered with an error; decode: malformed stream
+EXIT_USAGE = 2  # bad command line, arguments, module or file (argparse's own status)
+EXIT_CONNECT = 3  # could not connect (refused, unknown host, TLS handshake failed)
+EXIT_TIMEOUT = 4  # no answer within --timeout
+EXIT_LOST = 5  # the connection closed before the answer, or the answer was not valid AMP
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+# How much of a long value the human-readable output shows (--full shows all).
+SHOW_LIMIT = 200
+
+logger = logging.getLogger("asyncio_amp.cli")
+
+
+class UsageError(Exception):
+    """A mistake on the command line: reported as one line, exit status 2."""
+
+
+# Showing values
+
+
+def show_bytes(value: bytes, limit: int | None = SHOW_LIMIT) -> str:
+    """
+    Show a wire value readably: text as text, anything else as a bytes literal.
+
+    Printable UTF-8 text is shown bare; text with control characters or edge spaces
+    as a quoted ``str``; other bytes as a ``b'...'`` literal. Over ``limit``
+    characters, the rest is replaced by a count of the bytes in the value.
+    """
+    try:
+        text: str | None = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None:
+        shown = repr(value)
+    elif text and text.isprintable() and text == text.strip() and not _looks_quoted(text):
+        shown = text
+    else:
+        shown = repr(text)
+    if limit is not None and len(shown) > limit:
+        shown = f"{shown[:limit]}… ({len(value):,} bytes)"
+    return shown
+
+
+def _looks_quoted(text: str) -> bool:
+    return text[0] in "'\"" or (text[:2] in ("b'", 'b"'))
+
+
+def json_bytes(value: bytes) -> Any:
+    """A wire value for JSON: the text if it is UTF-8, else ``{"base64": ...}``."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode("ascii")}
+
+
+def json_value(value: Any) -> Any:
+    """A decoded Python value (of any built-in AMP type) for JSON."""
+    if isinstance(value, bytes):
+        return json_bytes(value)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(key): json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(item) for item in value]
+    return str(value)  # Decimal, Path and custom types: their text
+
+
+def show_value(value: Any, limit: int | None = SHOW_LIMIT) -> str:
+    """A decoded Python value for people."""
+    if isinstance(value, bytes):
+        return show_bytes(value, limit)
+    if isinstance(value, str):
+        return show_bytes(value.encode("utf-8"), limit)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, list | tuple | Mapping):
+        return json.dumps(json_value(value), ensure_ascii=False)
+    return str(value)
+
+
+def box_summary(items: Mapping[bytes, bytes]) -> tuple[str, str | None, str | None]:
+    """
+    Say what a box is: ``(kind, command, tag)``.
+
+    ``kind`` is ``call``, ``call (no answer)``, ``answer``, ``error`` or ``not AMP``
+    (a box with none of the keys that make it one).
+    """
+    tag = items.get(ANSWER)
+    if tag is not None:
+        return "answer", None, _text(tag)
+    tag = items.get(ERROR)
+    if tag is not None:
+        return "error", None, _text(tag)
+    command = items.get(COMMAND)
+    if command is not None:
+        ask = items.get(ASK)
+        if ask is None:
+            return "call (no answer)", _text(command), None
+        return "call", _text(command), _text(ask)
+    return "not AMP", None, None
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "backslashreplace")
+
+
+def _user_fields(items: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+    return {key: value for key, value in items.items() if key not in RESERVED_KEYS}
+
+
+def _error_text(items: Mapping[bytes, bytes]) -> str:
+    code = _text(items.get(ERROR_CODE, b"?"))
+    description = show_bytes(items.get(ERROR_DESCRIPTION, b""))
+    return f"{code}: {description}"
+
+
+# Parsing command-line values
+
+
+def parse_address(text: str, what: str, *, default_host: str | None = None) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6; ``PORT`` alone if a host is implied)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        if default_host is None:
+            raise UsageError(f"{what} must be HOST:PORT, not {text!r}")
+        host, port_text = default_host, text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        if default_host is None:
+            raise UsageError(f"{what} {text!r} has no host")
+        host = default_host
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: the port must be a number") from None
+    if not 0 <= port <= 65_535:
+        raise UsageError(f"{what} {text!r}: the port must be 0 to 65535")
+    return host, port
+
+
+def split_pair(text: str) -> tuple[str, str]:
+    """Split ``key=value`` at the first ``=``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"arguments are key=value, not {text!r}")
+    return key, value
+
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def parse_typed(argument: Argument[Any], text: str) -> Any:
+    """
+    Turn command-line text into a value of ``argument``'s type.
+
+    Text types take the text as it is, booleans take true/false (yes/no, on/off,
+    1/0), DateTime takes ISO 8601 with a UTC offset, ListOf and AmpList take JSON,
+    and every other single-key type parses the text as its wire form.
+
+    Raises:
+        ValueError: The text is not a value of that type.
+    """
+    if isinstance(argument, String):
+        return text
+    if isinstance(argument, Bytes):
+        return text.encode("utf-8")
+    if isinstance(argument, Boolean):
+        lowered = text.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"expected true or false, not {text!r}")
+    if isinstance(argument, DateTime):
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(
+                f"expected an ISO 8601 date and time like 2026-11-26T10:30:00+00:00, not {text!r}"
+            ) from None
+        if moment.tzinfo is None:
+            raise ValueError(f"{text!r} needs a UTC offset, like +00:00 or Z")
+        return moment
+    if isinstance(argument, ListOf | AmpList):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"expected a JSON list: {exc}") from None
+        return _from_json(argument, data)
+    if isinstance(argument, Descriptor):
+        raise ValueError("a Descriptor (a file descriptor) cannot be given on the command line")
+    if isinstance(argument, BigString):
+        return text
+    if isinstance(argument, BigBytes):
+        return text.encode("utf-8")
+    if argument.multi_key:
+        raise ValueError(f"a {type(argument).__name__} value cannot be given as text")
+    return argument.from_bytes(text.encode("utf-8"))
+
+
+def _from_json(argument: Argument[Any], data: Any) -> Any:
+    """Convert a JSON value to ``argument``'s type (elements of lists, AmpList fields)."""
+    if isinstance(argument, ListOf):
+        if not isinstance(data, list):
+            raise ValueError(f"expected a JSON list, not {json.dumps(data)}")
+        return [_from_json(argument.element, item) for item in data]
+    if isinstance(argument, AmpList):
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise ValueError("expected a JSON list of objects")
+        fields = {name: field for _, name, field in argument._fields}
+        rows = []
+        for row in data:
+            converted = {}
+            for name, value in row.items():
+                if name not in fields:
+                    raise ValueError(f"{name!r} is not a field (fields: {', '.join(fields)})")
+                converted[name] = None if value is None else _from_json(fields[name], value)
+            rows.append(converted)
+        return rows
+    if isinstance(data, str):
+        return parse_typed(argument, data)
+    if isinstance(data, bool):
+        return parse_typed(argument, "true" if data else "false")
+    if isinstance(data, int | float):
+        return parse_typed(argument, json.dumps(data))
+    return parse_typed(argument, json.dumps(data))
+
+
+# Loading the user's code
+
+
+def _import(module_name: str) -> Any:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _attribute(target: Any, path: str, spec: str) -> Any:
+    for part in path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(f"{spec}: {part!r} not found") from None
+    return target
+
+
+def load_commands(spec: str) -> dict[str, type[Command]]:
+    """
+    Import ``MODULE[:NAME]`` and return its Command classes by wire and class name.
+
+    ``NAME`` may be one Command class, or an object (a class, a module) whose
+    attributes are Command classes; without it, every Command class in the module.
+    """
+    module_name, _, name = spec.partition(":")
+    if not module_name:
+        raise UsageError(f"--commands must be MODULE or MODULE:NAME, not {spec!r}")
+    target = _import(module_name)
+    if name:
+        target = _attribute(target, name, spec)
+    if isinstance(target, type) and issubclass(target, Command):
+        found = [target]
+    else:
+        found = [
+            value
+            for value in vars(target).values()
+            if isinstance(value, type) and issubclass(value, Command) and value is not Command
+        ]
+    if not found:
+        raise UsageError(f"{spec} has no Command classes")
+    commands: dict[str, type[Command]] = {}
+    for command in found:
+        commands.setdefault(command.__name__, command)
+        commands[command.wire_name.decode("utf-8", "backslashreplace")] = command
+    return commands
+
+
+def load_protocol(spec: str) -> type[AMPProtocol]:
+    """Import ``MODULE:ProtocolClass`` and check that it is an AMPProtocol subclass."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise UsageError(f"the server must be given as MODULE:ProtocolClass, not {spec!r}")
+    target = _attribute(_import(module_name), name, spec)
+    if not (isinstance(target, type) and issubclass(target, AMPProtocol)):
+        raise UsageError(f"{spec} is {target!r}, not an AMPProtocol subclass")
+    return target
+
+
+# TLS
+
+
+def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client's TLS context from --tls, --cafile, --cert/--key and --insecure."""
+    if not (args.tls or args.cafile or args.cert or args.insecure):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=args.cafile)
+        if args.cert:
+            context.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS files: {exc}") from None
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context from --certfile, --keyfile and --cafile (client certs)."""
+    if not args.certfile:
+        if args.keyfile or args.cafile:
+            raise UsageError("--keyfile and --cafile need --certfile")
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        if args.cafile:
+            context.load_verify_locations(args.cafile)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS files: {exc}") from None
+    return context
+
+
+# call
+
+
+def _resolve_call(
+    args: argparse.Namespace,
+) -> tuple[type[Command] | None, str, dict[str, Any], dict[str, str]]:
+    """Work out the command and its values before connecting: mistakes exit with 2."""
+    pairs = [split_pair(text) for text in args.values]
+    if not args.commands:
+        raw: dict[str, str] = {}
+        for key, value in pairs:
+            if key in raw:
+                raise UsageError(f"{key!r} is given twice")
+            raw[key] = value
+        try:  # check the keys and sizes now, not after connecting
+            RawCommand(args.command, raw, not args.no_answer)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        return None, args.command, {}, raw
+    commands = load_commands(args.commands)
+    command = commands.get(args.command)
+    if command is None:
+        known = ", ".join(sorted({c.__name__ for c in commands.values()}))
+        raise UsageError(f"no command {args.command!r} in {args.commands} (it has: {known})")
+    by_name = command._arguments_schema.by_name
+    by_key = {field.key.decode("utf-8", "replace"): field for field in by_name.values()}
+    values: dict[str, Any] = {}
+    for key, text in pairs:
+        field = by_name.get(key) or by_key.get(key)
+        if field is None:
+            known = ", ".join(by_name) or "none"
+            raise UsageError(f"{command.__name__} has no argument {key!r} (arguments: {known})")
+        if field.name in values:
+            raise UsageError(f"{key!r} is given twice")
+        try:
+            values[field.name] = parse_typed(field.argument, text)
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise UsageError(f"{key}={text!r}: {exc}") from None
+    missing = [name for name, field in by_name.items() if not field.optional and name not in values]
+    if missing:
+        raise UsageError(f"{command.__name__} needs {', '.join(f'{m}=...' for m in missing)}")
+    if args.no_answer and command.requires_answer:
+        # The same command, sent without _ask.
+        command = type(
+            command.__name__,
+            (command,),
+            {"requires_answer": False, "command_name": command.command_name},
+        )
+    return command, command.__name__, values, {}
+
+
+async def _call(args: argparse.Namespace) -> int:
+    command, name, values, raw = _resolve_call(args)
+    tls = client_tls(args)
+    if args.unix:
+        where = args.unix
+        host, port = None, None
+    else:
+        host, port = parse_address(args.target, "the target")
+        where = f"{host}:{port}"
+    out = sys.stdout
+    timeout = args.timeout if args.timeout and args.timeout > 0 else None
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            if args.unix:
+                protocol = await connect(path=args.unix, ssl=tls)
+            else:
+                protocol = await connect(
+                    host, port, ssl=tls, server_hostname=args.server_hostname if tls else None
+                )
+    except TimeoutError:
+        return _fail(EXIT_TIMEOUT, f"no connection to {where} within {timeout:g} s")
+    except (OSError, ssl.SSLError) as exc:
+        return _fail(EXIT_CONNECT, f"cannot connect to {where}: {_os_error(exc)}")
+    try:
+        async with asyncio.timeout_at(deadline):
+            if command is not None:
+                future = protocol.call_remote(command, **values)
+            else:
+                future = protocol.call_remote_box(name, raw, requires_answer=not args.no_answer)
+            answer = await future
+            if answer is None:
+                protocol.close()
+                await protocol.wait_closed()
+                return EXIT_OK
+    except RemoteAmpError as exc:
+        return _remote_error(args, name, exc.error_code, exc.description)
+    except TimeoutError:
+        return _fail(EXIT_TIMEOUT, f"no answer to {name} from {where} within {timeout:g} s")
+    except TooLongError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except (ConnectionLostError, ProtocolError) as exc:
+        cause = exc.__cause__
+        detail = f" ({cause})" if cause is not None and str(cause) else ""
+        return _fail(EXIT_LOST, f"{exc}{detail}")
+    except Exception as exc:
+        # An error code the command maps to an exception class of the user's.
+        code = command._error_code_for(exc) if command is not None else None
+        if code is None:
+            raise
+        return _remote_error(args, name, code[0].decode("utf-8", "replace"), str(exc))
+    finally:
+        protocol.close()
+    if command is None:
+        shown = {_text(key): value for key, value in answer.items()}
+        if args.json:
+            print(json.dumps({k: json_bytes(v) for k, v in shown.items()}, ensure_ascii=False))
+        else:
+            for key, value in shown.items():
+                print(f"{key}: {show_bytes(value, None if args.full else SHOW_LIMIT)}", file=out)
+    elif args.json:
+        print(json.dumps(json_value(answer), ensure_ascii=False), file=out)
+    else:
+        for key, value in answer.items():
+            print(f"{key}: {show_value(value, None if args.full else SHOW_LIMIT)}", file=out)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1):
+            await protocol.wait_closed()
+    return EXIT_OK
+
+
+def _remote_error(args: argparse.Namespace, name: str, code: str, description: str) -> int:
+    if args.json:
+        error = {"code": code, "description": description}
+        print(json.dumps({"error": error}, ensure_ascii=False))
+    return _fail(EXIT_REMOTE_ERROR, f"{name} failed: {code}: {description}")
+
+
+def _os_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        detail = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc))
+        return f"TLS handshake failed: {detail}"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _fail(status: int, message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+# serve
+
+
+def _logged(cls: type[AMPProtocol]) -> type[AMPProtocol]:
+    """The user's protocol class, logging each connection at INFO."""
+
+    def connection_made(self: AMPProtocol, transport: asyncio.BaseTransport) -> None:
+        cls.connection_made(self, transport)
+        logger.info("connection from %s", self.peer)
+
+    def connection_lost(self: AMPProtocol, exc: Exception | None) -> None:
+        cls.connection_lost(self, exc)
+        logger.info("connection from %s closed%s", self.peer, f": {exc}" if exc else "")
+
+    namespace = {
+        "connection_made": connection_made,
+        "connection_lost": connection_lost,
+        "__qualname__": cls.__qualname__,
+        "__module__": cls.__module__,
+    }
+    return type(cls.__name__, (cls,), namespace)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    cls = load_protocol(args.app)
+    tls = server_tls(args)
+    live: set[AMPProtocol] = set()
+    logged = _logged(cls)
+
+    def factory() -> AMPProtocol:
+        protocol = logged()
+        live.add(protocol)
+        return protocol
+
+    try:
+        if args.unix:
+            server = await serve(factory, path=args.unix, ssl=tls)
+            where = args.unix
+        else:
+            server = await serve(factory, args.host, args.port, ssl=tls)
+            where = ", ".join(_format_sockname(s.getsockname()) for s in server.sockets)
+    except OSError as exc:
+        target = args.unix or f"{args.host}:{args.port}"
+        return _fail(EXIT_CONNECT, f"cannot listen on {target}: {_os_error(exc)}")
+    scheme = " with TLS" if tls else ""
+    logger.info("serving %s on %s%s (press Ctrl-C to stop)", args.app, where, scheme)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        stop.clear()
+        for protocol in list(live):
+            if protocol.closed:
+                live.discard(protocol)
+        logger.info(
+            "shutting down: %d open connection%s, grace period %g s (Ctrl-C again to stop now)",
+            len(live),
+            "" if len(live) == 1 else "s",
+            args.grace,
+        )
+        server.close()
+        shutdowns = asyncio.gather(
+            *(protocol.shutdown(args.grace) for protocol in live), return_exceptions=True
+        )
+        interrupt = asyncio.ensure_future(stop.wait())
+        waiters: set[asyncio.Future[Any]] = {shutdowns, interrupt}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not shutdowns.done():
+            logger.info("stopping now")
+            for protocol in live:
+                if protocol.transport is not None:
+                    protocol.transport.abort()
+            await shutdowns
+        interrupt.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(1.0, args.grace)):
+                await server.wait_closed()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        if args.unix:
+            with contextlib.suppress(OSError):
+                os.unlink(args.unix)
+    logger.info("stopped")
+    return EXIT_OK
+
+
+def _format_sockname(name: Any) -> str:
+    if isinstance(name, tuple) and len(name) >= 2:
+        host = f"[{name[0]}]" if ":" in str(name[0]) else name[0]
+        return f"{host}:{name[1]}"
+    return str(name)
+
+
+# decode
+
+
+class ScannedBox:
+    """One box of a byte stream, with its place in the stream and its pairs in order."""
+
+    __slots__ = ("items", "length", "offset")
+
+    def __init__(self, offset: int, length: int, items: list[tuple[bytes, bytes]]) -> None:
+        self.offset = offset
+        self.length = length
+        self.items = items
+
+
+def scan_boxes(data: bytes) -> tuple[list[ScannedBox], str | None]:
+    """
+    Split a byte stream into boxes, keeping each pair in wire order (duplicates too).
+
+    Returns:
+        The complete boxes, and what stopped the scan (where the stream breaks and
+        why), or ``None`` if it is a whole number of boxes.
+    """
+    boxes: list[ScannedBox] = []
+    end = len(data)
+    pos = 0
+    while pos < end:
+        start = pos
+        items: list[tuple[bytes, bytes]] = []
+        number = len(boxes) + 1
+        while True:
+            if end - pos < 2:
+                return boxes, (
+                    f"the stream ends inside box {number}, which starts at byte {start} "
+                    f"({end - start} bytes of it, {len(items)} complete keys)"
+                )
+            klen = (data[pos] << 8) | data[pos + 1]
+            if klen == 0:
+                if not items:
+                    return boxes, f"box {number} at byte {start} is empty (an AMP box needs a key)"
+                pos += 2
+                boxes.append(ScannedBox(start, pos - start, items))
+                break
+            if klen > MAX_KEY_LENGTH:
+                head = data[pos : pos + 24]
+                hint = ""
+                if head[:1].isalpha() and all(32 <= c < 127 or c in b"\r\n\t" for c in head):
+                    hint = f"; the bytes there are text ({head!r}), not AMP"
+                return boxes, (
+                    f"box {number}: the key length {klen} at byte {pos} is over the AMP "
+                    f"limit of {MAX_KEY_LENGTH}{hint}"
+                )
+            vpos = pos + 2 + klen
+            if vpos + 2 > end:
+                return boxes, (
+                    f"the stream ends inside box {number} (starting at byte {start}): "
+                    f"the key at byte {pos} needs {klen} bytes and its value's length"
+                )
+            vlen = (data[vpos] << 8) | data[vpos + 1]
+            stop = vpos + 2 + vlen
+            if stop > end:
+                return boxes, (
+                    f"the stream ends inside box {number} (starting at byte {start}): the "
+                    f"value of {data[pos + 2 : vpos]!r} at byte {vpos} needs {vlen} bytes, "
+                    f"and only {end - vpos - 2} follow"
+                )
+            items.append((data[pos + 2 : vpos], data[vpos + 2 : stop]))
+            pos = stop
+    return boxes, None
+
+
+_HEX_OFFSET = re.compile(r"^\s*[0-9a-fA-F]{4,}:?(\s|$)")
+
+
+def parse_hex(text: str) -> bytes:
+    """
+    Read a hex dump: plain hex digits (spaces, newlines, colons and ``0x`` ignored),
+    or the output of ``xxd`` or ``hexdump -C`` (offsets and text columns dropped).
+
+    Raises:
+        UsageError: The text is not hex.
+    """
+    digits: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        body = line.strip()
+        if not body:
+            continue
+        if "|" in body:  # hexdump -C: the text column is between bars
+            body = body.split("|", 1)[0]
+        elif re.match(r"^[0-9a-fA-F]+: ", body):  # xxd: "offset: hex groups  text"
+            body = body.split(": ", 1)[1].split("  ", 1)[0]
+        if _HEX_OFFSET.match(body) and len(body.split()) > 1 and "|" in line:
+            body = body.split(None, 1)[1]
+        elif re.match(r"^[0-9a-fA-F]{8}\s*$", body) and "|" not in line and digits:
+            continue  # hexdump -C's last line: the total length alone
+        body = re.sub(r"0x|[\s:,]", "", body, flags=re.IGNORECASE)
+        if not re.fullmatch(r"[0-9a-fA-F]*", body):
+            bad = re.search(r"[^0-9a-fA-F]", body)
+            assert bad is not None
+            raise UsageError(f"line {number} of the hex dump has {bad.group()!r}, not hex")
+        digits.append(body)
+    joined = "".join(digits)
+    if len(joined) % 2:
+        raise UsageError("the hex dump has an odd number of digits")
+    try:
+        return binascii.unhexlify(joined)
+    except binascii.Error as exc:  # pragma: no cover - checked above
+        raise UsageError(f"not a hex dump: {exc}") from None
+
+
+def _read_input(source: str, binary_stdin: IO[bytes]) -> bytes:
+    if source == "-":
+        return binary_stdin.read()
+    try:
+        return pathlib.Path(source).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {_os_error(exc)}") from None
+
+
+def _box_header(number: int, box: ScannedBox) -> str:
+    items = dict(box.items)
+    kind, command, tag = box_summary(items)
+    head = f"box {number} at byte {box.offset} ({box.length} bytes): {kind}"
+    if command is not None:
+        head += f" {command}"
+    if tag is not None:
+        head += f", tag {tag}"
+    if kind == "error":
+        head += f": {_error_text(items)}"
+    return head
+
+
+def _box_json(number: int, box: ScannedBox) -> dict[str, Any]:
+    items = dict(box.items)
+    kind, command, tag = box_summary(items)
+    record: dict[str, Any] = {
+        "box": number,
+        "offset": box.offset,
+        "length": box.length,
+        "kind": kind,
+        "command": command,
+        "tag": tag,
+        "fields": {_text(key): json_bytes(value) for key, value in box.items},
+    }
+    if len(items) != len(box.items):
+        record["duplicate_keys"] = sorted({_text(k) for k, _ in box.items if _count(box, k) > 1})
+    return record
+
+
+def _count(box: ScannedBox, key: bytes) -> int:
+    return sum(1 for k, _ in box.items if k == key)
+
+
+def _decode(args: argparse.Namespace, stdin: IO[bytes], out: IO[str]) -> int:
+    data = _read_input(args.file, stdin)
+    if args.hex:
+        data = parse_hex(data.decode("utf-8", "replace"))
+    boxes, problem = scan_boxes(data)
+    limit = None if args.full else SHOW_LIMIT
+    for number, box in enumerate(boxes, 1):
+        if args.json:
+            print(json.dumps(_box_json(number, box), ensure_ascii=False), file=out)
+            continue
+        if number > 1:
+            print(file=out)
+        print(_box_header(number, box), file=out)
+        seen: set[bytes] = set()
+        for key, value in box.items:
+            note = "  (again: the last one counts)" if key in seen else ""
+            seen.add(key)
+            print(f"  {show_bytes(key)}: {show_bytes(value, limit)}{note}", file=out)
+    out.flush()
+    if problem is not None:
+        return _fail(EXIT_REMOTE_ERROR, f"malformed AMP stream: {problem}")
+    if not data:
+        print(f"{PROG}: the input is empty", file=sys.stderr)
+    return EXIT_OK
+
+
+# proxy
+
+
+class _ProxyLog:
+    """Prints the boxes of proxied connections, pairing each answer with its call."""
+
+    def __init__(self, out: IO[str], *, as_json: bool, full: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.limit = None if full else 80
+        # (connection, direction of the call) -> tag -> (time sent, command)
+        self.calls: dict[tuple[int, str], dict[bytes, tuple[float, str]]] = {}
+
+    def event(self, conn: int, text: str, **fields: Any) -> None:
+        now = time.time()
+        if self.as_json:
+            record = {"time": _iso(now), "conn": conn, "event": text, **fields}
+            print(json.dumps(record, ensure_ascii=False), file=self.out, flush=True)
+        else:
+            print(f"{_clock(now)} #{conn} {text}", file=self.out, flush=True)
+
+    def box(self, conn: int, direction: str, items: Mapping[bytes, bytes]) -> None:
+        now = time.time()
+        moment = time.monotonic()
+        kind, command, tag_text = box_summary(items)
+        reverse = "S->C" if direction == "C->S" else "C->S"
+        latency = None
+        if kind == "call" and tag_text is not None:
+            assert command is not None
+            self.calls.setdefault((conn, direction), {})[items[ASK]] = (moment, command)
+        elif kind in ("answer", "error"):
+            tag = items[ANSWER] if kind == "answer" else items[ERROR]
+            sent = self.calls.get((conn, reverse), {}).pop(tag, None)
+            if sent is not None:
+                latency = (moment - sent[0]) * 1000
+                command = sent[1]
+        fields = _user_fields(items)
+        if self.as_json:
+            record: dict[str, Any] = {
+                "time": _iso(now),
+                "conn": conn,
+                "direction": direction,
+                "kind": kind,
+                "command": command,
+                "tag": tag_text,
+            }
+            if kind in ("answer", "error"):
+                record["latency_ms"] = None if latency is None else round(latency, 3)
+            if kind == "error":
+                record["error_code"] = _text(items.get(ERROR_CODE, b""))
+                record["error_description"] = _text(items.get(ERROR_DESCRIPTION, b""))
+            record["fields"] = {_text(k): json_bytes(v) for k, v in fields.items()}
+            print(json.dumps(record, ensure_ascii=False), file=self.out, flush=True)
+            return
+        parts = [_clock(now), f"#{conn}", direction, kind]
+        if kind.startswith("call"):
+            parts.append(command or "?")
+        if tag_text is not None:
+            parts.append(f"tag={tag_text}")
+        if kind in ("answer", "error"):
+            if latency is None:
+                parts.append("(no call with this tag seen)")
+            else:
+                parts.append(f"{command} {latency:.3f} ms")
+        if kind == "error":
+            parts.append(_error_text(items))
+        parts.extend(
+            f"{show_bytes(key)}={show_bytes(value, self.limit)}" for key, value in fields.items()
+        )
+        print(" ".join(parts), file=self.out, flush=True)
+
+
+def _clock(now: float) -> str:
+    return datetime.datetime.fromtimestamp(now).strftime("%H:%M:%S.%f")
+
+
+def _iso(now: float) -> str:
+    return datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat()
+
+
+async def _pump(
+    conn: int,
+    direction: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    log: _ProxyLog,
+) -> None:
+    """Forward bytes from ``reader`` to ``writer`` unchanged, printing the boxes they hold."""
+    # No limits: a proxy shows what passes, it does not police it.
+    decoder: BoxDecoder | None = BoxDecoder(max_box_size=1 << 62, max_keys=1 << 62)
+    while True:
+        data = await reader.read(256 * 1024)
+        if not data:
+            break
+        writer.write(data)
+        if decoder is not None:
+            boxes, error = decoder.receive_data_partial(data)
+            for box in boxes:
+                log.box(conn, direction, box)
+            if error is not None:
+                decoder = None
+                log.event(
+                    conn,
+                    f"{direction} malformed AMP, forwarding the rest unparsed: {error}",
+                    direction=direction,
+                    error=str(error),
+                )
+        await writer.drain()
+    if decoder is not None:
+        error = decoder.end_of_stream()
+        if error is not None:
+            log.event(conn, f"{direction} {error}", direction=direction, error=str(error))
+    if writer.can_write_eof():
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+
+
+async def _proxy_connection(
+    conn: int,
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    target: tuple[str, int],
+    log: _ProxyLog,
+) -> None:
+    peer = _format_sockname(client_writer.get_extra_info("peername"))
+    try:
+        server_reader, server_writer = await asyncio.open_connection(*target)
+    except OSError as exc:
+        log.event(
+            conn,
+            f"from {peer}: cannot connect to {target[0]}:{target[1]}: {_os_error(exc)}",
+            peer=peer,
+            error=_os_error(exc),
+        )
+        client_writer.close()
+        return
+    log.event(conn, f"open {peer} -> {target[0]}:{target[1]}", peer=peer)
+    pumps = [
+        asyncio.ensure_future(_pump(conn, "C->S", client_reader, server_writer, log)),
+        asyncio.ensure_future(_pump(conn, "S->C", server_reader, client_writer, log)),
+    ]
+    reason = ""
+    try:
+        pending: set[asyncio.Future[None]] = set(pumps)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            failed = [task for task in done if task.exception() is not None]
+            if failed:
+                reason = f": {_os_error(failed[0].exception())}"  # type: ignore[arg-type]
+                for task in pending:
+                    task.cancel()
+                break
+    finally:
+        for task in pumps:
+            if not task.done():
+                task.cancel()
+        for writer in (client_writer, server_writer):
+            if reason and writer.transport is not None:
+                writer.transport.abort()
+            writer.close()
+        for writer in (client_writer, server_writer):
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    log.event(conn, f"closed{reason}", **({"error": reason[2:]} if reason else {}))
+
+
+async def _proxy(args: argparse.Namespace) -> int:
+    listen = parse_address(args.listen, "LISTEN", default_host="127.0.0.1")
+    target = parse_address(args.target, "TARGET")
+    log = _ProxyLog(sys.stdout, as_json=args.json, full=args.full)
+    count = 0
+    connections: set[asyncio.Task[None]] = set()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        count += 1
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            await _proxy_connection(count, reader, writer, target, log)
+        finally:
+            connections.discard(task)
+
+    try:
+        server = await asyncio.start_server(accept, *listen)
+    except OSError as exc:
+        return _fail(EXIT_CONNECT, f"cannot listen on {listen[0]}:{listen[1]}: {_os_error(exc)}")
+    where = ", ".join(_format_sockname(s.getsockname()) for s in server.sockets)
+    print(
+        f"{PROG} proxy: listening on {where}, forwarding to {target[0]}:{target[1]}",
+        file=sys.stderr,
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        server.close()
+        for task in list(connections):
+            task.cancel()
+        if connections:
+            await asyncio.wait(connections, timeout=5)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await server.wait_closed()
+    print(f"{PROG} proxy: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+# The command line
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+CALL_EXAMPLES = """\
+examples:
+  asyncio-amp call 127.0.0.1:7000 Sum a=13 b=81
+  asyncio-amp call 127.0.0.1:7000 Sum a=13 b=81 --commands myapp.commands
+  asyncio-amp call 127.0.0.1:7000 Divide numerator=1 denominator=0 --commands myapp --json
+  asyncio-amp call --unix /run/app.sock Notify message=hello --no-answer
+  asyncio-amp call example.com:7443 Ping --tls --cafile ca.pem
+
+Without --commands every value is sent as UTF-8 text and the answer is shown as
+it came (text as text, other bytes as b'...'). With --commands the values are
+checked and converted by the command's argument types: Integer, Float and
+Decimal take numbers, Boolean true/false, DateTime ISO 8601 with an offset,
+ListOf and AmpList JSON, text and bytes types the text as it is.
+
+exit status:
+  0  the answer came (or, with --no-answer, the call was sent)
+  1  the peer answered with an error (its code and description are printed)
+  2  bad command line or arguments
+  3  could not connect (refused, unknown host, TLS failure)
+  4  timed out
+  5  the connection closed before the answer came, or the answer was not valid
+"""
+
+SERVE_EXAMPLES = """\
+examples:
+  asyncio-amp serve myapp.server:Calculator --port 7000
+  asyncio-amp serve myapp.server:Calculator --host 0.0.0.0 --port 7000 -v
+  asyncio-amp serve myapp.server:Calculator --unix /run/app.sock
+  asyncio-amp serve myapp.server:Calculator --port 7443 --certfile cert.pem --keyfile key.pem
+
+The current directory is on the import path. Each connection is logged at INFO,
+every box at DEBUG (-v). SIGINT (Ctrl-C) or SIGTERM stops accepting, refuses new
+calls with SHUTDOWN, and lets running responders finish for --grace seconds;
+a second Ctrl-C stops at once.
+"""
+
+DECODE_EXAMPLES = """\
+examples:
+  asyncio-amp decode capture.bin
+  asyncio-amp decode --hex dump.txt
+  xxd capture.bin | asyncio-amp decode --hex
+  printf '00045f61736b0001310008...' | asyncio-amp decode --hex --json
+
+The input is a raw AMP byte stream (one direction of a connection), or with
+--hex a hex dump: plain hex digits, or the output of xxd or hexdump -C. Each box
+is printed as a block of key: value lines. A malformed stream prints the boxes
+before the break, then where it breaks and why, and exits with status 1.
+"""
+
+PROXY_EXAMPLES = """\
+examples:
+  asyncio-amp proxy 7001 127.0.0.1:7000
+  asyncio-amp proxy 127.0.0.1:7001 backend.internal:7000 --json > traffic.jsonl
+
+Clients connect to LISTEN; each connection is forwarded to TARGET byte for byte.
+Every box is printed with the time, the connection number, its direction (C->S
+from the client, S->C from the server), its kind and tag; answers name their call
+and its latency. A malformed stream is still forwarded unchanged, and said so.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``asyncio-amp`` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Talk AMP (the Asynchronous Messaging Protocol) from the command line.",
+        epilog="Run 'asyncio-amp COMMAND --help' for the options and examples of each command.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+
+    call = sub.add_parser(
+        "call",
+        help="call a command on a server and print the answer",
+        description="Call one AMP command and print its answer.",
+        usage=f"{PROG} call [options] (HOST:PORT | --unix PATH) COMMAND [key=value ...]",
+        epilog=CALL_EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    call.add_argument(
+        "words", nargs="+", metavar="HOST:PORT COMMAND key=value", help=argparse.SUPPRESS
+    )
+    call.add_argument(
+        "--commands",
+        metavar="MODULE[:NAME]",
+        help="import Command classes from MODULE (or MODULE:NAME) to type the values and answer",
+    )
+    call.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    call.add_argument(
+        "--no-answer", action="store_true", help="send the call without _ask and exit once sent"
+    )
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up after this long, connecting included (default 10; 0: wait forever)",
+    )
+    call.add_argument("--full", action="store_true", help="show long values whole")
+    call.add_argument("--unix", metavar="PATH", help="connect to a UNIX socket instead of TCP")
+    tls = call.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true", help="connect with TLS")
+    tls.add_argument("--cafile", metavar="FILE", help="trust this CA bundle (implies --tls)")
+    tls.add_argument("--cert", metavar="FILE", help="client certificate (PEM, implies --tls)")
+    tls.add_argument("--key", metavar="FILE", help="the client certificate's key, if separate")
+    tls.add_argument(
+        "--server-hostname", metavar="NAME", help="the name to check in the server's certificate"
+    )
+    tls.add_argument(
+        "--insecure", action="store_true", help="do not check the server's certificate"
+    )
+
+    serve_parser = sub.add_parser(
+        "serve",
+        help="run an AMPProtocol subclass as a server",
+        description="Run an AMP server from MODULE:ProtocolClass, an AMPProtocol subclass.",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    serve_parser.add_argument("app", metavar="MODULE:ProtocolClass")
+    serve_parser.add_argument(
+        "--host", default="127.0.0.1", help="the interface to listen on (default 127.0.0.1)"
+    )
+    serve_parser.add_argument(
+        "--port", type=int, default=7000, help="the TCP port (default 7000; 0: any free port)"
+    )
+    serve_parser.add_argument("--unix", metavar="PATH", help="listen on a UNIX socket instead")
+    serve_parser.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long running responders may take to finish at shutdown (default 10)",
+    )
+    serve_parser.add_argument("--certfile", metavar="FILE", help="serve TLS with this certificate")
+    serve_parser.add_argument("--keyfile", metavar="FILE", help="the certificate's key")
+    serve_parser.add_argument(
+        "--cafile", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    serve_parser.add_argument(
+        "--uvloop", action="store_true", help="run on uvloop (pip install 'asyncio-amp[uvloop]')"
+    )
+    serve_parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every box sent and received (DEBUG)"
+    )
+    serve_parser.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only"
+    )
+
+    decode = sub.add_parser(
+        "decode",
+        help="print the boxes of a raw AMP byte stream",
+        description="Print the boxes of a raw AMP byte stream (a capture, a hex dump).",
+        epilog=DECODE_EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    decode.add_argument(
+        "file", nargs="?", default="-", metavar="FILE", help="the input (default: standard input)"
+    )
+    decode.add_argument("--hex", action="store_true", help="the input is a hex dump")
+    decode.add_argument("--json", action="store_true", help="print one JSON object per box")
+    decode.add_argument("--full", action="store_true", help="show long values whole")
+
+    proxy = sub.add_parser(
+        "proxy",
+        help="forward connections and print every box both ways",
+        description="A logging man-in-the-middle: forward each connection to TARGET "
+        "and print every box in both directions.",
+        epilog=PROXY_EXAMPLES,
+        formatter_class=_Formatter,
+    )
+    proxy.add_argument(
+        "listen", metavar="LISTEN", help="[HOST:]PORT to listen on (default host 127.0.0.1)"
+    )
+    proxy.add_argument("target", metavar="TARGET", help="HOST:PORT of the server")
+    proxy.add_argument("--json", action="store_true", help="print one JSON object per line")
+    proxy.add_argument(
+        "--uvloop", action="store_true", help="run on uvloop (pip install 'asyncio-amp[uvloop]')"
+    )
+    proxy.add_argument("--full", action="store_true", help="show long values whole")
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise LookupError(name)  # pragma: no cover - the parser is ours
+
+
+def _call_words(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Split call's words into the target, the command name and its key=value pairs."""
+    parser = _subparser(parser, "call")
+    words: list[str] = list(args.words)
+    if args.unix is None:
+        if len(words) < 2:
+            _usage(parser, "call needs HOST:PORT and COMMAND (or --unix PATH and COMMAND)")
+        args.target = words.pop(0)
+    else:
+        args.target = None
+    args.command = words.pop(0)
+    if "=" in args.command:
+        _usage(parser, f"the command name comes before the arguments, not {args.command!r}")
+    args.values = words
+
+
+def _usage(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.error(message)
+
+
+def _configure_logging(level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger("asyncio_amp")
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _run(main: Coroutine[Any, Any, int], *, uvloop: bool) -> int:
+    """Run ``main`` on a new asyncio loop, or a uvloop one."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if uvloop:
+        try:
+            module = importlib.import_module("uvloop")
+        except ImportError:
+            main.close()
+            raise UsageError("--uvloop needs uvloop: pip install 'asyncio-amp[uvloop]'") from None
+        factory = module.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``asyncio-amp`` command; return its exit status."""
+    parser = build_parser()
+    # Options may come between call's words: argparse hands the later words back.
+    args, extra = parser.parse_known_args(argv)
+    options = [word for word in extra if word.startswith("-")]
+    if options or (extra and args.subcommand != "call"):
+        _subparser(parser, args.subcommand).error(
+            f"unrecognized arguments: {' '.join(options or extra)}"
+        )
+    if extra:
+        args.words += extra
+    try:
+        if args.subcommand == "call":
+            _call_words(args, parser)
+            _configure_logging(logging.ERROR)
+            return asyncio.run(_call(args))
+        if args.subcommand == "serve":
+            level = (
+                logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+            )
+            _configure_logging(level)
+            return _run(_serve(args), uvloop=args.uvloop)
+        if args.subcommand == "decode":
+            return _decode(args, sys.stdin.buffer, sys.stdout)
+        _configure_logging(logging.WARNING)
+        return _run(_proxy(args), uvloop=args.uvloop)
+    except UsageError as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (| head): stop quietly.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return EXIT_OK
