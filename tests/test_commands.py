@@ -22,6 +22,7 @@ from asyncio_amp._arguments import (
 from asyncio_amp._commands import (
     RESPONDER_ATTRIBUTE,
     Command,
+    RawCommand,
     encode_error,
     encode_unhandled_error,
     encode_unknown_error,
@@ -33,7 +34,7 @@ from asyncio_amp._errors import (
     UnhandledCommandError,
     UnknownRemoteError,
 )
-from asyncio_amp._wire import RESERVED_KEYS, encode_box, length_prefix, parse_boxes
+from asyncio_amp._wire import PREFIXES, RESERVED_KEYS, encode_box, length_prefix, parse_boxes
 
 
 class Sum(Command):
@@ -1018,3 +1019,59 @@ def test_encoded_boxes_are_what_encode_box_writes(
     assert command._encode_answer(tag, values) == encode_box({**box, b"_answer": tag})
     decoded = command._decode_arguments(box)
     assert decoded == {python_name(name): values[python_name(name)] for name, _ in fields}
+
+
+# RawCommand: the stand-in for a Command class in call_remote_box
+
+
+def test_raw_command_encodes_sorted_with_a_tag_slot() -> None:
+    raw = RawCommand("Sum", {"b": "2", b"A": b"\x00", "z": "é"}, True)
+    parts, slot = raw._encode_ask({})
+    parts = list(parts)
+    parts[slot] = PREFIXES[1] + b"7"
+    assert parse_boxes(b"".join(parts)) == [
+        {b"A": b"\x00", b"_ask": b"7", b"_command": b"Sum", b"b": b"2", b"z": "é".encode()}
+    ]
+    assert b"".join(parts) == encode_box(
+        {b"A": b"\x00", b"_ask": b"7", b"_command": b"Sum", b"b": b"2", b"z": "é".encode()}
+    )
+    assert raw.label == "Sum" and raw.wire_name == b"Sum"
+
+
+def test_raw_command_without_answer_has_no_ask() -> None:
+    raw = RawCommand(b"Note", None, False)
+    parts, slot = raw._encode_ask({})
+    assert slot == -1
+    assert b"".join(parts) == encode_box({b"_command": b"Note"})
+    raw = RawCommand("Note", {"x": bytearray(b"1"), "y": memoryview(b"2")}, False)
+    assert b"".join(raw._encode_ask({})[0]) == encode_box(
+        {b"_command": b"Note", b"x": b"1", b"y": b"2"}
+    )
+
+
+def test_raw_command_checks_its_input() -> None:
+    with pytest.raises(ValueError, match="cannot be empty"):
+        RawCommand("", None, True)
+    with pytest.raises(TypeError, match="the command name must be str or bytes, not int"):
+        RawCommand(5, None, True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reserved"):
+        RawCommand("X", {"_command": "Y"}, True)
+    with pytest.raises(ValueError, match="given twice"):
+        RawCommand("X", {"k": "1", b"k": "2"}, True)
+    with pytest.raises(TypeError, match="the value of b'k' must be str or bytes, not float"):
+        RawCommand("X", {"k": 1.5}, True)  # type: ignore[dict-item]
+    with pytest.raises(TooLongError):
+        RawCommand("X", {"k": b"x" * 65_536}, True)
+
+
+def test_raw_command_answers_and_errors() -> None:
+    raw = RawCommand("Cmd", None, True)
+    assert raw._decode_response({b"_answer": b"1", b"x": b"2"}) == {b"x": b"2"}
+    unhandled = raw._exception_for(b"UNHANDLED", b"Unhandled Command: b'Cmd'")
+    assert type(unhandled) is UnhandledCommandError
+    assert (unhandled.error_code, unhandled.command) == ("UNHANDLED", "Cmd")
+    unknown = raw._exception_for(b"UNKNOWN", b"Unknown Error")
+    assert type(unknown) is UnknownRemoteError
+    other = raw._exception_for(b"MY\xff", b"bad \xff text")
+    assert type(other) is RemoteAmpError
+    assert (other.error_code, other.description) == ("MY\\xff", "bad \ufffd text")

@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import datetime
 import importlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -29,7 +30,6 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import IO, Any, NoReturn
 
-from . import __version__
 from ._arguments import (
     AmpList,
     Argument,
@@ -1104,6 +1104,13 @@ and its latency. A malformed stream is still forwarded unchanged, and said so.
 """
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("asyncio-amp")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``asyncio-amp`` command."""
     parser = argparse.ArgumentParser(
@@ -1112,7 +1119,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'asyncio-amp COMMAND --help' for the options and examples of each command.",
         formatter_class=_Formatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
 
     call = sub.add_parser(
