@@ -126,10 +126,10 @@ async def background(*args: str, cwd: pathlib.Path = TESTS) -> AsyncIterator[Bac
 
 @contextlib.asynccontextmanager
 async def served(
-    *extra: str, app: str = "cli_app:Calculator"
+    *extra: str, app: str = "cli_app:Calculator", cwd: pathlib.Path = TESTS
 ) -> AsyncIterator[tuple[Background, int]]:
     """``asyncio-amp serve`` on 127.0.0.1 and a free port: the process and the port."""
-    async with background("serve", app, "--port", "0", *extra) as server:
+    async with background("serve", app, "--port", "0", *extra, cwd=cwd) as server:
         found = await server.line(r"serving \S+ on 127\.0\.0\.1:(\d+)")
         yield server, int(found.group(1))
 

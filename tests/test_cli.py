@@ -532,7 +532,10 @@ async def test_decode_the_output_of_real_dump_tools(
         ),
         (b"\x00\x00", "box 5 at byte 200 is empty"),
         (b"\x00\x01a\x00\x05ab", "the value of b'a' at byte 203 needs 5 bytes, and only 2 follow"),
-        (b"\x00\x01a", "the key at byte 200 needs 1 bytes and its value's length"),
+        (
+            b"\x00\x01a",
+            "the stream ends inside box 5 (starting at byte 200), in the key at byte 200",
+        ),
         (
             b"\x00\x01a\x00\x01b",
             "the stream ends inside box 5, which starts at byte 200 (6 bytes of it, 1 complete keys)",

@@ -21,6 +21,7 @@ EXPECTED_OUTPUT = {
     "demo.py": ["client: got {'total': 94}", "Hello, demo client!", "server: closed"],
     "repeat.py": ["Hello worldHello worldHello worldHello world"],
     "bidirectional.py": ["stopped by the client after 3 of 5 steps"],
+    "calculator.py": ["{'total': 94}", "{'count': 3, 'mean': 3.0, 'median': 2.0}"],
 }
 
 

@@ -541,6 +541,7 @@ def _os_error(exc: BaseException) -> str:
 
 
 def _fail(status: int, message: str) -> int:
+    sys.stdout.flush()  # what was printed comes first, even through a pipe
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
 
@@ -696,8 +697,8 @@ def scan_boxes(data: bytes) -> tuple[list[ScannedBox], str | None]:
             vpos = pos + 2 + klen
             if vpos + 2 > end:
                 return boxes, (
-                    f"the stream ends inside box {number} (starting at byte {start}): "
-                    f"the key at byte {pos} needs {klen} bytes and its value's length"
+                    f"the stream ends inside box {number} (starting at byte {start}), "
+                    f"in the key at byte {pos}"
                 )
             vlen = (data[vpos] << 8) | data[vpos + 1]
             stop = vpos + 2 + vlen
