@@ -761,3 +761,38 @@ def test_parse_address() -> None:
     for bad in ("host", ":1", "h:70000", "h:-1"):
         with pytest.raises(_cli.UsageError):
             _cli.parse_address(bad, "x")
+
+
+async def test_call_typed_no_answer_sends_the_typed_box_without_ask() -> None:
+    got = bytearray()
+    closed = asyncio.Event()
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            got.extend(data)
+        writer.close()
+        closed.set()
+
+    server = await asyncio.start_server(record, HOST, 0)
+    async with server:
+        result = await run_cli(
+            "call", f"{HOST}:{port_of(server)}", "describe-values", "--commands", "cli_app",
+            "--no-answer", "text=t", "data=d", "flag=on", "ratio=2", "price=1.5",
+            "when=2026-11-26T10:30:00+00:00", "numbers=[1]", "rows=[]",
+        )  # fmt: skip
+        assert (result.status, result.out, result.err) == (0, "", "")
+        async with asyncio.timeout(LONG):
+            await closed.wait()
+    assert amp.parse_boxes(bytes(got)) == [
+        {
+            b"_command": b"describe-values",
+            b"text": b"t",
+            b"data": b"d",
+            b"flag": b"True",
+            b"ratio": b"2.0",
+            b"price": b"1.5",
+            b"when": b"2026-11-26T10:30:00.000000-00:00",  # UTC, as Twisted writes it
+            b"numbers": b"\x00\x011",
+            b"rows": b"",
+        }
+    ]
