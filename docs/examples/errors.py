@@ -23,9 +23,7 @@ class Order(amp.Command):
     response = [("order_id", amp.Integer())]
     errors = {OutOfStockError: "OUT_OF_STOCK"}
     fatal_errors = {CorruptDatabaseError: "CORRUPT_DATABASE"}
-
-
-# --8<-- [end:command]
+    # --8<-- [end:command]
 
 
 class Refund(amp.Command):

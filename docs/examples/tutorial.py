@@ -35,9 +35,7 @@ class Message(amp.Command):
 
     arguments = [("sender", amp.String()), ("text", amp.String())]
     # No response values: the answer is an empty box that says "received".
-
-
-# --8<-- [end:commands]
+    # --8<-- [end:commands]
 
 
 # --8<-- [start:server]
@@ -72,9 +70,7 @@ class ChatServer(amp.AMPProtocol):
         super().connection_lost(exc)
         if self.name is not None:
             del self.room[self.name]
-
-
-# --8<-- [end:server]
+            # --8<-- [end:server]
 
 
 # --8<-- [start:client]
@@ -89,9 +85,7 @@ class ChatClient(amp.AMPProtocol):
     def message(self, sender: str, text: str) -> dict[str, object]:
         print(f"[{self.me}'s screen] {sender}: {text}")
         return {}
-
-
-# --8<-- [end:client]
+        # --8<-- [end:client]
 
 
 # --8<-- [start:main]

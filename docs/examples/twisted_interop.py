@@ -29,9 +29,7 @@ class Pricer(amp.AMPProtocol):
     @Quote.responder
     def quote(self, symbol: str, tags: list[bytes]) -> dict[str, decimal.Decimal]:
         return {"price": decimal.Decimal("12.50")}
-
-
-# --8<-- [end:ours]
+        # --8<-- [end:ours]
 
 
 # --8<-- [start:theirs]
@@ -48,9 +46,7 @@ class TwistedPricer(tamp.AMP):
         if symbol != "TWST":
             raise UnknownSymbolError(f"no symbol {symbol}")
         return {"price": decimal.Decimal("99.95")}
-
-
-# --8<-- [end:theirs]
+        # --8<-- [end:theirs]
 
 
 async def main() -> None:
