@@ -1,7 +1,7 @@
 """
 asyncio-amp: AMP (Asynchronous Messaging Protocol) for asyncio.
 
-Define a :class:`Command` once; answer it in an :class:`AMPProtocol` subclass
+Define a [`Command`][] once; answer it in an [`AMPProtocol`][] subclass
 with ``@Command.responder``; call it with ``await protocol.call_remote(...)``.
 The wire format is Twisted's ``twisted.protocols.amp``, byte for byte.
 """
@@ -40,6 +40,7 @@ from ._protocol import AMPProtocol
 from ._wire import Box, BoxDecoder, encode_box, parse_boxes
 
 __version__ = "0.1.0"
+"""The version of asyncio-amp, as text."""
 
 __all__ = [
     "AMPProtocol",

@@ -1,10 +1,10 @@
 """
 Argument types: how a Python value becomes the bytes of an AMP value, and back.
 
-Every type is a subclass of :class:`Argument`. A custom type only needs
-:meth:`Argument.to_bytes` and :meth:`Argument.from_bytes`; types that spread one
-value over several keys (BigString) override :meth:`Argument.to_box` and
-:meth:`Argument.from_box` instead.
+Every type is a subclass of [`Argument`][]. A custom type only needs
+[`Argument.to_bytes`][] and [`Argument.from_bytes`][]; types that spread one
+value over several keys (BigString) override [`Argument.to_box`][] and
+[`Argument.from_box`][] instead.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ class Argument(Generic[T]):
     """
     Base class of argument types.
 
-    Subclass it to add a type: implement :meth:`to_bytes` and :meth:`from_bytes`.
-    Raise :class:`TypeError` or :class:`ValueError` for a value that does not fit;
+    Subclass it to add a type: implement [`to_bytes`][] and [`from_bytes`][].
+    Raise ``TypeError`` or ``ValueError`` for a value that does not fit;
     the error is reported with the command and argument name added.
 
     Args:
@@ -96,10 +96,10 @@ class Argument(Generic[T]):
 
     __slots__ = ("optional",)
 
-    #: ``True`` for types that write more than one key per value (see :meth:`to_box`).
     multi_key: bool = False
-    #: ``True`` for types that pass file descriptors (see :class:`Descriptor`).
+    """``True`` for types that write more than one key per value (see [`to_box`][])."""
     uses_descriptors: bool = False
+    """``True`` for types that pass file descriptors (see [`Descriptor`][])."""
 
     def __init__(self, optional: bool = False) -> None:
         self.optional = optional
@@ -133,7 +133,7 @@ class Argument(Generic[T]):
         Write ``value`` into ``box`` under ``key`` (or keys derived from it).
 
         The default writes ``to_bytes(value)`` under ``key``. Only types that set
-        :attr:`multi_key` need to override it.
+        [`multi_key`][] need to override it.
         """
         box[key] = self.to_bytes(value)
 
@@ -142,14 +142,14 @@ class Argument(Generic[T]):
         Read the value stored under ``key`` in ``box``; ``None`` if it is absent.
 
         The default reads ``from_bytes(box[key])``. Only types that set
-        :attr:`multi_key` need to override it.
+        [`multi_key`][] need to override it.
         """
         data = box.get(key)
         return None if data is None else self.from_bytes(data)
 
 
 class Integer(Argument[int]):
-    """An :class:`int`, as decimal ASCII digits (``-42`` is ``b"-42"``)."""
+    """An ``int``, as decimal ASCII digits (``-42`` is ``b"-42"``)."""
 
     __slots__ = ()
 
@@ -166,16 +166,16 @@ class Integer(Argument[int]):
 
 class Float(Argument[float]):
     """
-    A :class:`float`, as Python writes it (``b"0.1"``, ``b"1e+100"``).
+    A ``float``, as Python writes it (``b"0.1"``, ``b"1e+100"``).
 
     The specials travel as ``b"nan"``, ``b"inf"`` and ``b"-inf"``, as Twisted
-    writes them. An :class:`int` is accepted and sent as a float.
+    writes them. An ``int`` is accepted and sent as a float.
     """
 
     __slots__ = ()
 
     def to_bytes(self, value: float) -> bytes:
-        """Encode a float with :func:`repr`."""
+        """Encode a float with ``repr``."""
         if type(value) is not float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"expected a float, got {type(value).__name__}: {value!r}")
@@ -191,7 +191,7 @@ class Float(Argument[float]):
 
 
 class Boolean(Argument[bool]):
-    """A :class:`bool`, as exactly ``b"True"`` or ``b"False"``."""
+    """A ``bool``, as exactly ``b"True"`` or ``b"False"``."""
 
     __slots__ = ()
 
@@ -210,10 +210,10 @@ class Boolean(Argument[bool]):
 
 class String(Argument[str]):
     """
-    A :class:`str`, as UTF-8.
+    A ``str``, as UTF-8.
 
     This is Twisted's ``Unicode`` type; Twisted's ``String`` carries bytes and is
-    :class:`Bytes` here.
+    [`Bytes`][] here.
     """
 
     __slots__ = ()
@@ -229,12 +229,12 @@ class String(Argument[str]):
         return data.decode("utf-8")
 
 
-#: Twisted's name for :class:`String`: text sent as UTF-8.
 Unicode = String
+"""Twisted's name for [`String`][]: text sent as UTF-8."""
 
 
 class Bytes(Argument[bytes]):
-    """Raw :class:`bytes`, unchanged. This is Twisted's ``String`` type."""
+    """Raw ``bytes``, unchanged. This is Twisted's ``String`` type."""
 
     __slots__ = ()
 
@@ -253,7 +253,7 @@ class Bytes(Argument[bytes]):
 
 class Decimal(Argument[_decimal.Decimal]):
     """
-    A :class:`decimal.Decimal`, as ``str(d)``.
+    A ``decimal.Decimal``, as ``str(d)``.
 
     Every value survives the trip: ``NaN``, ``-NaN``, ``sNaN``, ``-sNaN``,
     ``Infinity`` and ``-Infinity``, exponents (``1E+2``), ``-0`` and trailing zeros
@@ -263,7 +263,7 @@ class Decimal(Argument[_decimal.Decimal]):
     __slots__ = ()
 
     def to_bytes(self, value: _decimal.Decimal) -> bytes:
-        """Encode a Decimal with :class:`str`; other numbers are refused."""
+        """Encode a Decimal with ``str``; other numbers are refused."""
         if not isinstance(value, _decimal.Decimal):
             raise TypeError(f"expected a decimal.Decimal, got {type(value).__name__}: {value!r}")
         return str(value).encode("ascii")
@@ -283,12 +283,12 @@ _DATETIME_FORMAT = re.compile(
 
 class DateTime(Argument[_datetime.datetime]):
     """
-    A timezone-aware :class:`datetime.datetime`, as exactly 32 ASCII characters.
+    A timezone-aware ``datetime.datetime``, as exactly 32 ASCII characters.
 
     The form is ``YYYY-MM-DDTHH:MM:SS.ffffff±HH:MM``, as Twisted writes it. UTC and
     any zero offset are written ``-00:00`` (Twisted's choice); ``+00:00`` is
     accepted too. A decoded value has a fixed-offset tzinfo equal to the sent one
-    (:data:`datetime.timezone.utc` for a zero offset).
+    (``datetime.timezone.utc`` for a zero offset).
 
     A naive datetime is refused, and so is an offset with seconds, which the
     format cannot carry (Twisted would drop them silently).
@@ -337,7 +337,7 @@ class DateTime(Argument[_datetime.datetime]):
 
 
 class Path(Argument[pathlib.Path]):
-    """A :class:`pathlib.Path` (or any text path), as UTF-8 text; decodes to a Path."""
+    """A ``pathlib.Path`` (or any text path), as UTF-8 text; decodes to a Path."""
 
     __slots__ = ()
 
@@ -505,7 +505,7 @@ def _chunk_keys(key: bytes, count: int) -> list[bytes]:
 
 
 class _Chunked(Argument[T]):
-    """A value of any size, split over ``name``, ``name.2``, … (see :class:`BigBytes`)."""
+    """A value of any size, split over ``name``, ``name.2``, … (see [`BigBytes`][])."""
 
     __slots__ = ()
     multi_key = True
@@ -555,7 +555,7 @@ class _Chunked(Argument[T]):
 
 class BigBytes(_Chunked[bytes]):
     """
-    :class:`bytes` of any size, split over several keys.
+    ``bytes`` of any size, split over several keys.
 
     A value over 65,535 bytes goes in chunks of at most 65,535 bytes under
     ``name``, ``name.2``, ``name.3``, … (the BigString convention of
@@ -576,7 +576,7 @@ class BigBytes(_Chunked[bytes]):
 
 class BigString(_Chunked[str]):
     """
-    A :class:`str` of any size, as UTF-8 split over several keys (see :class:`BigBytes`).
+    A ``str`` of any size, as UTF-8 split over several keys (see [`BigBytes`][]).
 
     The text is split as bytes, so a character may straddle two chunks; it is
     whole again once decoded.
@@ -598,10 +598,10 @@ class DescriptorExchange:
     The file descriptors one connection has sent and received (sans-I/O).
 
     The asyncio layer creates one per UNIX socket connection and makes it the
-    :data:`descriptor_exchange` while it encodes or decodes a box that has a
-    :class:`Descriptor`. It sends :attr:`outgoing` (and then closes them) with
+    ``descriptor_exchange`` while it encodes or decodes a box that has a
+    [`Descriptor`][]. It sends ``outgoing`` (and then closes them) with
     the next bytes it writes, and adds the descriptors it receives with
-    :meth:`received`.
+    ``received``.
 
     Ordinals count from 0 per connection and direction, as in Twisted: our n-th
     descriptor sent is ordinal n, and the n-th one that arrives is the peer's n.
@@ -627,7 +627,7 @@ class DescriptorExchange:
         return ordinal
 
     def mark(self) -> int:
-        """Return a point to :meth:`rollback` to if the box being encoded fails."""
+        """Return a point to ``rollback`` to if the box being encoded fails."""
         return len(self.outgoing)
 
     def rollback(self, mark: int) -> None:
@@ -683,7 +683,7 @@ class Descriptor(Argument[int]):
     ``create_unix_connection`` (or ``serve``/``connect`` given a ``path``), on
     asyncio's own event loop (not TLS, not uvloop, whose transports cannot be made
     to read with ``recvmsg``); on any other connection, sending one raises
-    :class:`TypeError` and receiving one answers the call with an error. As in Twisted,
+    ``TypeError`` and receiving one answers the call with an error. As in Twisted,
     the wire value is an ``Integer``: the sender's count of descriptors sent on
     this connection, from 0. The descriptor itself goes out with (so never after)
     the bytes of the box that names it.

@@ -1,7 +1,7 @@
 """
 Commands: the schema of one remote call, checked once when the class is created.
 
-A :class:`Command` subclass names its arguments, its response and the exceptions
+A [`Command`][] subclass names its arguments, its response and the exceptions
 it maps to wire error codes. At class creation every name is encoded to wire bytes
 and the box layouts are computed, so encoding a call is one pass over the values
 and one ``bytes.join``.
@@ -287,7 +287,7 @@ def _compile_encoder(
     ``specials`` gives, by index, the value of each special key: constant bytes,
     the name of a parameter of the generated function (the tag of an answer), or
     ``None`` for the tag placeholder of an ask, whose index in the parts the
-    function returns with them. The function raises :class:`_Fallback` for
+    function returns with them. The function raises ``_Fallback`` for
     anything unusual (a missing, unknown, mistyped or over-long value); the caller
     then takes the general path, which reports the error precisely. Adjacent
     constant parts are joined here, once.
@@ -392,7 +392,7 @@ def _compile_decoder(name: str, fields: tuple[_Field, ...]) -> Callable[..., dic
     """
     Generate a function that decodes the fields of a box to a dict of Python values.
 
-    It raises :class:`_Fallback` (or any other exception) when a value is missing
+    It raises ``_Fallback`` (or any other exception) when a value is missing
     or does not decode; the caller then takes the general path to report it.
     """
     namespace: dict[str, Any] = {}
@@ -465,7 +465,7 @@ class Command:
     """
     A remote command: its name, arguments, response and errors.
 
-    Subclass it and set the class attributes::
+    Subclass it and set the class attributes:
 
         class Sum(Command):
             arguments = [("a", Integer()), ("b", Integer())]
@@ -473,7 +473,7 @@ class Command:
             errors = {ZeroDivisionError: "ZERO_DIVISION"}
 
     The schema is checked when the class is created; a mistake raises
-    :class:`TypeError` there and then.
+    ``TypeError`` there and then.
 
     Attributes:
         arguments: ``(name, Argument)`` pairs sent with each call.
@@ -592,7 +592,7 @@ class Command:
     @classmethod
     def responder(cls, function: F) -> F:
         """
-        Mark a method of an :class:`AMPProtocol` subclass as this command's responder.
+        Mark a method of an [`AMPProtocol`][] subclass as this command's responder.
 
         The method gets the decoded arguments as keyword arguments and returns a
         dict keyed like ``response`` (or a coroutine resolving to one). It is
@@ -638,7 +638,7 @@ class Command:
 
     @classmethod
     def _encode_answer(cls, tag: bytes, values: Mapping[str, Any]) -> bytes:
-        """Encode the answer box for ``tag``; raises like :meth:`_Schema.encode`."""
+        """Encode the answer box for ``tag``; raises like ``_Schema.encode``."""
         if not isinstance(values, Mapping):
             raise TypeError(
                 f"the responder of {cls.__qualname__} returned {type(values).__name__}, "

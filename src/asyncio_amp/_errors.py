@@ -1,7 +1,7 @@
 """
 Every exception asyncio-amp raises.
 
-The tree::
+The tree:
 
     AmpError
     ├── TooLongError (also ValueError)          a local key or value is over the AMP limits;
@@ -71,7 +71,7 @@ class ProtocolError(AmpError):
     The peer sent bytes that are not valid AMP.
 
     The connection that received them is closed; its pending calls fail with
-    :class:`ConnectionLostError` whose ``__cause__`` is this exception.
+    [`ConnectionLostError`][] whose ``__cause__`` is this exception.
     """
 
 

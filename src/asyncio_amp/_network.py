@@ -50,16 +50,16 @@ async def serve(
     **kwargs: Any,
 ) -> asyncio.Server:
     """
-    Start an AMP server and return the :class:`asyncio.Server`.
+    Start an AMP server and return the ``asyncio.Server``.
 
     Args:
         protocol_factory: Called once per connection; usually an
-            :class:`AMPProtocol` subclass with responders.
+            [`AMPProtocol`][] subclass with responders.
         host: The interface(s) to listen on, as for ``loop.create_server``.
         port: The TCP port; 0 picks a free one (see ``server.sockets``).
         path: Listen on this UNIX socket path instead of TCP.
-        ssl: A server-side :class:`ssl.SSLContext` to accept TLS connections.
-        **kwargs: The limits of :class:`AMPProtocol` (``max_box_size``,
+        ssl: A server-side ``ssl.SSLContext`` to accept TLS connections.
+        **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
             ``close_timeout``), set on each
             protocol the factory builds; the rest is passed on to
@@ -116,18 +116,18 @@ async def connect(
         host: The server's host name or address.
         port: The server's TCP port.
         protocol_factory: Builds the client's protocol; give an
-            :class:`AMPProtocol` subclass with responders to answer the server's
-            calls. :class:`AMPProtocol` by default.
+            [`AMPProtocol`][] subclass with responders to answer the server's
+            calls. [`AMPProtocol`][] by default.
         path: Connect to this UNIX socket path instead of TCP.
-        ssl: An :class:`ssl.SSLContext` (or ``True`` for the default one) to
+        ssl: An ``ssl.SSLContext`` (or ``True`` for the default one) to
             speak TLS.
-        **kwargs: The limits of :class:`AMPProtocol` (``max_box_size``,
+        **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
             ``close_timeout``); the rest is
             passed on to ``loop.create_connection`` (or
             ``create_unix_connection``), e.g. ``server_hostname``.
 
-    Use the protocol as an async context manager to close it at the end::
+    Use the protocol as an async context manager to close it at the end:
 
         async with await connect("localhost", 8000) as proto:
             print(await proto.call_remote(Sum, a=1, b=2))

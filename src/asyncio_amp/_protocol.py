@@ -1,9 +1,9 @@
 """
-AMPProtocol: the asyncio layer that drives an :class:`AMPConnection`.
+AMPProtocol: the asyncio layer that drives an ``AMPConnection``.
 
 It moves bytes between the transport and the sans-I/O connection, matches
 answers to the futures of pending calls, runs responders, and logs. All writes
-go through one method, :meth:`AMPProtocol._flush`.
+go through one method, ``AMPProtocol._flush``.
 """
 
 from __future__ import annotations
@@ -160,12 +160,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     Use it as it is for a client, or subclass it and mark methods with
     ``@SomeCommand.responder`` to answer commands; both sides of a connection may
-    do both. It works with plain asyncio::
+    do both. It works with plain asyncio:
 
         server = await loop.create_server(MyServer, "localhost", 8000)
         transport, proto = await loop.create_connection(AMPProtocol, "localhost", 8000)
 
-    Subclasses that override :meth:`connection_made` or :meth:`connection_lost`
+    Subclasses that override [`connection_made`][] or [`connection_lost`][]
     must call ``super()``.
 
     Every limit below is also an attribute of the same name, which may be changed
@@ -183,7 +183,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             flooding peer is held back by TCP; calls already read wait their turn.
         max_pending_calls: The most calls of ours that may wait for an answer at
             once (1,000). Further calls wait, in order, before being sent.
-        close_timeout: How long :meth:`close` lets the data already queued drain
+        close_timeout: How long [`close`][] lets the data already queued drain
             to the peer before it drops the connection anyway (10 seconds), so a
             peer that stops reading cannot keep a connection open.
 
@@ -454,8 +454,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 future).
 
         The future raises the exception the command maps to the peer's error code,
-        :class:`UnhandledCommandError` if the peer has no responder for it, or
-        :class:`UnknownRemoteError` for any other error answer.
+        [`UnhandledCommandError`][] if the peer has no responder for it, or
+        [`UnknownRemoteError`][] for any other error answer.
         """
         if isinstance(command, type):
             if not issubclass(command, Command):
@@ -612,13 +612,13 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """
         Close the connection gracefully.
 
-        New local calls are refused at once with :class:`ConnectionLostError`,
+        New local calls are refused at once with [`ConnectionLostError`][],
         and calls that arrive from the peer are answered with the error code
         ``SHUTDOWN``. The responders already running finish and send their
         answers, and our calls already sent get theirs, for up to ``grace``
         seconds (``None``: no limit). Then the connection closes: responders still
         running are cancelled and calls still unanswered fail with
-        :class:`ConnectionLostError`.
+        [`ConnectionLostError`][].
         """
         if self._loop is None or self._lost:
             await self.wait_closed()
@@ -688,7 +688,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     @property
     def close_timeout(self) -> float:
-        """Seconds that :meth:`close` lets queued data drain before dropping the connection."""
+        """Seconds that [`close`][] lets queued data drain before dropping the connection."""
         return self._close_timeout
 
     @close_timeout.setter
@@ -1111,7 +1111,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         Send the queued bytes with the descriptors waiting to go out.
 
         Returns ``False`` if they must wait (they stay queued and a retry is
-        scheduled), ``True`` if :meth:`_flush` should go on with what is left.
+        scheduled), ``True`` if ``_flush`` should go on with what is left.
         """
         transport, exchange, sock = self.transport, self._fds, self._fd_socket
         assert transport is not None and exchange is not None and sock is not None

@@ -1,5 +1,5 @@
 """
-The AMP box codec: wire keys, limits, :func:`encode_box` and an incremental :class:`BoxDecoder`.
+The AMP box codec: wire keys, limits, [`encode_box`][] and an incremental [`BoxDecoder`][].
 
 A box is a sequence of key/value pairs. Each key and each value is written as a
 2-byte big-endian length followed by that many bytes; an empty key (``\\x00\\x00``)
@@ -23,8 +23,8 @@ __all__ = [
     "parse_boxes",
 ]
 
-#: A decoded box: wire keys to wire values, both bytes.
 Box = dict[bytes, bytes]
+"""A decoded box: wire keys to wire values, both bytes."""
 
 # Reserved keys (Twisted's ASK, ANSWER, COMMAND, ERROR, ERROR_CODE, ERROR_DESCRIPTION).
 ASK = b"_ask"
@@ -142,13 +142,13 @@ class BoxDecoder:
     """
     Turn a byte stream into boxes, incrementally.
 
-    Feed it bytes as they arrive with :meth:`receive_data`; it returns the boxes
+    Feed it bytes as they arrive with [`receive_data`][]; it returns the boxes
     completed by those bytes. A partial box is kept between calls: each complete
     key/value pair is moved into the box being built as soon as it has arrived, so
     only one partial pair (at most 65,797 bytes) is ever buffered, and a stream fed
     one byte at a time is still decoded in time proportional to its length.
 
-    After a :class:`ProtocolError` the decoder is broken: every later call raises
+    After a [`ProtocolError`][] the decoder is broken: every later call raises
     the same error.
 
     Args:
@@ -232,7 +232,7 @@ class BoxDecoder:
         Raises:
             ProtocolError: The stream is not valid AMP or breaks a limit. The boxes
                 completed before the bad bytes are lost to the caller; use
-                :meth:`receive_data_partial` to keep them.
+                [`receive_data_partial`][] to keep them.
         """
         boxes, error = self.receive_data_partial(data)
         if error is not None:
@@ -271,7 +271,7 @@ class BoxDecoder:
         Report whether the stream stopped in the middle of a box.
 
         Returns:
-            A :class:`ProtocolError` describing the unfinished box, or ``None`` if
+            A [`ProtocolError`][] describing the unfinished box, or ``None`` if
             the stream ended on a box boundary.
         """
         if self._error is None and self.in_box:
