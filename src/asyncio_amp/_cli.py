@@ -2,7 +2,7 @@
 The ``asyncio-amp`` command: call, serve, decode and proxy AMP from a shell.
 
 ``call`` sends one command and prints the answer; ``serve`` runs a user's
-:class:`AMPProtocol` subclass as a server; ``decode`` prints the boxes of a raw
+`AMPProtocol` subclass as a server; ``decode`` prints the boxes of a raw
 AMP byte stream; ``proxy`` forwards a connection and prints every box on it.
 Standard library only, like the rest of the package.
 """

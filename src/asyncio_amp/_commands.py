@@ -749,7 +749,7 @@ class RawCommand:
     """
     A call by command name with wire values, for ``AMPProtocol.call_remote_box``.
 
-    It stands in for a :class:`Command` class in the protocol's call machinery:
+    It stands in for a `Command` class in the protocol's call machinery:
     the same private methods, with no schema. Text is sent as UTF-8.
     """
 

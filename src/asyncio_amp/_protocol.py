@@ -540,12 +540,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
         requires_answer: bool = True,
     ) -> asyncio.Future[Any]:
         """
-        Call a command by name with raw wire values, without a :class:`Command` class.
+        Call a command by name with raw wire values, without a [`Command`][] class.
 
-        This is the untyped form of :meth:`call_remote`, for tools and for peers
+        This is the untyped form of [`call_remote`][], for tools and for peers
         whose schema is not known in advance: keys and values are sent as they are
         (``str`` as UTF-8), and the answer comes back as its wire box. It queues,
-        waits and is cancelled exactly like :meth:`call_remote`.
+        waits and is cancelled exactly like [`call_remote`][].
 
         Args:
             command: The command name on the wire.
@@ -564,8 +564,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             ConnectionLostError: The connection is closed or shutting down, or
                 it closes before the answer comes (raised by the future).
 
-        The future raises :class:`UnhandledCommandError` for ``UNHANDLED``,
-        :class:`UnknownRemoteError` for ``UNKNOWN`` and :class:`RemoteAmpError`
+        The future raises [`UnhandledCommandError`][] for ``UNHANDLED``,
+        [`UnknownRemoteError`][] for ``UNKNOWN`` and [`RemoteAmpError`][]
         for any other error code.
         """
         raw = RawCommand(command, arguments, requires_answer)
