@@ -224,6 +224,8 @@ async def test_call_bad_arguments_exit_2_before_connecting(words: list[str], mes
         (["serve", "no_such_module:App"], "cannot import 'no_such_module'"),
         (["serve", "cli_app"], "MODULE:ProtocolClass"),
         (["serve", "cli_app:NotAProtocol"], "not an AMPProtocol subclass"),
+        (["serve", "cli_app:Calculator", "--max-keys", "0"], "--max-keys: max_keys must be"),
+        (["serve", "cli_app:Calculator", "--close-timeout", "-1"], "--close-timeout:"),
         (["proxy", "x:y", "127.0.0.1:1"], "the port must be a number"),
         (["proxy", "0", "nohost"], "TARGET must be HOST:PORT"),
     ],
@@ -796,3 +798,12 @@ async def test_call_typed_no_answer_sends_the_typed_box_without_ask() -> None:
             b"rows": b"",
         }
     ]
+
+
+async def test_serve_limits_apply_to_each_connection() -> None:
+    async with served("--max-box-size", "200") as (server, port):
+        ok = await run_cli("call", f"{HOST}:{port}", "Sum", "a=1", "b=2")
+        assert (ok.status, ok.out) == (0, "total: 3\n")
+        big = await run_cli("call", f"{HOST}:{port}", "Sum", "a=" + "1" * 300, "b=2")
+        assert big.status == 5
+        await server.line(r"WARNING closing the connection with .*over the limit of 200 bytes")

@@ -549,6 +549,29 @@ def _fail(status: int, message: str) -> int:
 # serve
 
 
+# serve's options for the limits of AMPProtocol: (name, type, metavar, default shown).
+LIMIT_OPTIONS = (
+    ("max_box_size", int, "BYTES", "16 MiB"),
+    ("max_keys", int, "N", "1024"),
+    ("max_responders", int, "N", "100"),
+    ("max_pending_calls", int, "N", "1000"),
+    ("close_timeout", float, "SECONDS", "10"),
+)
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits given on the command line, checked by AMPProtocol itself."""
+    given = {name: getattr(args, name) for name, *_ in LIMIT_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    probe = AMPProtocol()
+    for name, value in given.items():
+        try:
+            setattr(probe, name, value)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--{name.replace('_', '-')}: {exc}") from None
+    return given
+
+
 def _logged(cls: type[AMPProtocol]) -> type[AMPProtocol]:
     """The user's protocol class, logging each connection at INFO."""
 
@@ -572,6 +595,7 @@ def _logged(cls: type[AMPProtocol]) -> type[AMPProtocol]:
 async def _serve(args: argparse.Namespace) -> int:
     cls = load_protocol(args.app)
     tls = server_tls(args)
+    limits = _limits(args)
     live: set[AMPProtocol] = set()
     logged = _logged(cls)
 
@@ -582,10 +606,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
     try:
         if args.unix:
-            server = await serve(factory, path=args.unix, ssl=tls)
+            server = await serve(factory, path=args.unix, ssl=tls, **limits)
             where = args.unix
         else:
-            server = await serve(factory, args.host, args.port, ssl=tls)
+            server = await serve(factory, args.host, args.port, ssl=tls, **limits)
             where = ", ".join(_format_sockname(s.getsockname()) for s in server.sockets)
     except OSError as exc:
         target = args.unix or f"{args.host}:{args.port}"
@@ -1194,6 +1218,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--uvloop", action="store_true", help="run on uvloop (pip install 'asyncio-amp[uvloop]')"
     )
+    limits = serve_parser.add_argument_group("limits (per connection; see AMPProtocol)")
+    for name, kind, metavar, default in LIMIT_OPTIONS:
+        limits.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            metavar=metavar,
+            help=f"default {default}",
+        )
     serve_parser.add_argument(
         "-v", "--verbose", action="store_true", help="log every box sent and received (DEBUG)"
     )
