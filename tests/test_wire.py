@@ -759,3 +759,28 @@ def test_decoder_errors_pickle() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is ProtocolError
     assert str(copy) == str(error)
+
+
+def test_at_boundary_and_skip() -> None:
+    decoder = BoxDecoder()
+    assert decoder.at_boundary
+    decoder.receive_data(SUM_ASK[:3])
+    assert not decoder.at_boundary
+    decoder.receive_data(SUM_ASK[3:12])
+    assert not decoder.at_boundary  # a complete pair is in the box being built
+    decoder.receive_data(SUM_ASK[12:])
+    assert decoder.at_boundary
+    # Bytes parsed elsewhere count in the offsets of later errors.
+    decoder.skip(100)
+    with pytest.raises(ProtocolError, match="empty box at stream offset 140"):
+        decoder.receive_data(b"\x00\x00")
+    assert not decoder.at_boundary
+
+
+def test_limits_are_checked_when_set() -> None:
+    decoder = BoxDecoder(max_box_size=10, max_keys=2)
+    assert (decoder.max_box_size, decoder.max_keys) == (10, 2)
+    for name in ("max_box_size", "max_keys"):
+        for bad in (0, -1, True, 1.5):
+            with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+                setattr(decoder, name, bad)

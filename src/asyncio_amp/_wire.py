@@ -180,11 +180,13 @@ class BoxDecoder:
         self._max_keys = 0
         self.max_box_size = max_box_size
         self.max_keys = max_keys
-        self._box: Box = {}
+        # The box being built, and the bytes received but not yet parsed (the start
+        # of an incomplete pair). Both are created when first needed and dropped
+        # when empty, so that an idle connection holds neither.
+        self._box: Box | None = None
         # Wire bytes of the complete pairs already in self._box.
         self._box_size = 0
-        # Bytes received but not yet parsed: the start of an incomplete pair.
-        self._rest = bytearray()
+        self._rest: bytearray | None = None
         # How many bytes self._rest must hold before parsing can make progress.
         self._need = 0
         # Stream offset of the first byte of self._rest, for error messages.
@@ -223,7 +225,21 @@ class BoxDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received that belong to the unfinished box."""
-        return self._box_size + len(self._rest)
+        return self._box_size + (len(self._rest) if self._rest else 0)
+
+    @property
+    def at_boundary(self) -> bool:
+        """``True`` if the decoder is between boxes and not broken (nothing is buffered)."""
+        return not self._box and not self._rest and self._error is None
+
+    def skip(self, nbytes: int) -> None:
+        """
+        Account for ``nbytes`` of whole boxes that were parsed without the decoder.
+
+        Only valid at a box boundary (:attr:`at_boundary`); it keeps the stream
+        offsets of later error messages right.
+        """
+        self._offset += nbytes
 
     def receive_data(self, data: bytes) -> list[Box]:
         """
@@ -254,15 +270,15 @@ class BoxDecoder:
             if len(rest) < self._need:
                 return [], None
             data = bytes(rest)
-            rest.clear()
+            self._rest = None
         boxes: list[Box] = []
         try:
             self._parse(data, boxes)
         except ProtocolError as exc:
             self._error = exc
-            self._box = {}
+            self._box = None
             self._box_size = 0
-            self._rest = bytearray()
+            self._rest = None
             return boxes, exc
         return boxes, None
 
@@ -277,7 +293,7 @@ class BoxDecoder:
         if self._error is None and self.in_box:
             return ProtocolError(
                 f"the stream ended inside a box ({self.buffered} bytes of it received, "
-                f"{len(self._box)} complete keys)"
+                f"{len(self._box or ())} complete keys)"
             )
         return None
 
@@ -286,6 +302,8 @@ class BoxDecoder:
     def _parse(self, data: bytes, boxes: list[Box]) -> None:
         # The hot loop: one iteration per key/value pair. Errors are built out of line.
         box = self._box
+        if box is None:
+            box = {}
         size = self._box_size
         max_box_size = self._max_box_size
         max_keys = self._max_keys
@@ -320,11 +338,11 @@ class BoxDecoder:
             box[data[pos + 2 : vpos]] = data[vpos + 2 : stop]
             size += pair
             pos = stop
-        self._box = box
+        self._box = box or None
         self._box_size = size
         self._offset += pos
         if pos < end:
-            self._rest += data[pos:] if pos else data
+            self._rest = bytearray(memoryview(data)[pos:] if pos else data)
 
     def _error_at(
         self,
