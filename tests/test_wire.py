@@ -567,9 +567,9 @@ class CountingDecoder(BoxDecoder):
         super().__init__()
         self.parsed = 0
 
-    def _parse(self, data: bytes, boxes: list[Box]) -> None:
-        self.parsed += len(data)
-        super()._parse(data, boxes)
+    def _parse(self, data: bytes, boxes: list[Box], start: int = 0) -> None:
+        self.parsed += len(data) - start
+        super()._parse(data, boxes, start)
 
 
 def test_one_byte_feeds_are_decoded_in_linear_work() -> None:
@@ -784,3 +784,14 @@ def test_limits_are_checked_when_set() -> None:
         for bad in (0, -1, True, 1.5):
             with pytest.raises(ValueError, match=f"{name} must be a positive int"):
                 setattr(decoder, name, bad)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 9, 12, 20, 37, 39])
+def test_error_offsets_after_a_pair_completed_across_reads(cut: int) -> None:
+    decoder = BoxDecoder()
+    assert decoder.receive_data(SUM_ASK[:cut]) == []
+    boxes, error = decoder.receive_data_partial(SUM_ASK[cut:] + SUM_ANSWER + b"\x01\x00")
+    assert boxes == [SUM_ASK_BOX, SUM_ANSWER_BOX]
+    assert error is not None
+    offset = len(SUM_ASK) + len(SUM_ANSWER)
+    assert f"key length 256 at stream offset {offset} is over" in str(error)

@@ -264,16 +264,26 @@ class BoxDecoder:
         """
         if self._error is not None:
             return [], self._error
-        rest = self._rest
-        if rest:
-            rest += data
-            if len(rest) < self._need:
-                return [], None
-            data = bytes(rest)
-            self._rest = None
         boxes: list[Box] = []
         try:
-            self._parse(data, boxes)
+            start = 0
+            rest = self._rest
+            while rest:
+                # Complete the partial pair with just the bytes it needs, so that
+                # the rest of the data is parsed where it is, not copied. Each
+                # round parses at least one more part of the pair (its key
+                # length, its key and value length, its value).
+                take = self._need - len(rest)
+                if take > len(data) - start:
+                    rest += memoryview(data)[start:] if start else data
+                    return boxes, None
+                rest += memoryview(data)[start : start + take]
+                start += take
+                self._rest = None
+                self._parse(bytes(rest), boxes)
+                rest = self._rest
+            if start < len(data):
+                self._parse(data, boxes, start)
         except ProtocolError as exc:
             self._error = exc
             self._box = None
@@ -299,8 +309,9 @@ class BoxDecoder:
 
     # Private methods
 
-    def _parse(self, data: bytes, boxes: list[Box]) -> None:
-        # The hot loop: one iteration per key/value pair. Errors are built out of line.
+    def _parse(self, data: bytes, boxes: list[Box], start: int = 0) -> None:
+        # The hot loop: one iteration per key/value pair, from data[start] (the next
+        # byte of the stream). Errors are built out of line.
         box = self._box
         if box is None:
             box = {}
@@ -308,7 +319,9 @@ class BoxDecoder:
         max_box_size = self._max_box_size
         max_keys = self._max_keys
         unpack = _unpack_length
-        pos = 0
+        # Stream offsets are counted from data[0] while parsing.
+        self._offset -= start
+        pos = start
         end = len(data)
         self._need = 2
         while end - pos >= 2:
