@@ -181,8 +181,8 @@ class BoxDecoder:
         self.max_box_size = max_box_size
         self.max_keys = max_keys
         # The box being built, and the bytes received but not yet parsed (the start
-        # of an incomplete pair). Both are created when first needed and dropped
-        # when empty, so that an idle connection holds neither.
+        # of an incomplete pair). Both are created when first needed (the buffer is
+        # dropped when empty), so that a connection that never got data holds neither.
         self._box: Box | None = None
         # Wire bytes of the complete pairs already in self._box.
         self._box_size = 0
@@ -266,24 +266,12 @@ class BoxDecoder:
             return [], self._error
         boxes: list[Box] = []
         try:
-            start = 0
-            rest = self._rest
-            while rest:
-                # Complete the partial pair with just the bytes it needs, so that
-                # the rest of the data is parsed where it is, not copied. Each
-                # round parses at least one more part of the pair (its key
-                # length, its key and value length, its value).
-                take = self._need - len(rest)
-                if take > len(data) - start:
-                    rest += memoryview(data)[start:] if start else data
-                    return boxes, None
-                rest += memoryview(data)[start : start + take]
-                start += take
-                self._rest = None
-                self._parse(bytes(rest), boxes)
-                rest = self._rest
-            if start < len(data):
-                self._parse(data, boxes, start)
+            if not self._rest:
+                self._parse(data, boxes)
+            else:
+                start = self._complete_pair(data, boxes)
+                if 0 <= start < len(data):
+                    self._parse(data, boxes, start)
         except ProtocolError as exc:
             self._error = exc
             self._box = None
@@ -309,6 +297,29 @@ class BoxDecoder:
 
     # Private methods
 
+    def _complete_pair(self, data: bytes, boxes: list[Box]) -> int:
+        """
+        Complete the buffered partial pair with just the bytes of ``data`` it needs.
+
+        So the rest of the data is parsed where it is, not copied. Each round
+        parses at least one more part of the pair (its key length, its key and
+        value length, its value). Returns where the rest of ``data`` starts, or
+        -1 if all of it went into the buffer.
+        """
+        start = 0
+        rest = self._rest
+        while rest:
+            take = self._need - len(rest)
+            if take > len(data) - start:
+                rest += memoryview(data)[start:] if start else data
+                return -1
+            rest += memoryview(data)[start : start + take]
+            start += take
+            self._rest = None
+            self._parse(bytes(rest), boxes)
+            rest = self._rest
+        return start
+
     def _parse(self, data: bytes, boxes: list[Box], start: int = 0) -> None:
         # The hot loop: one iteration per key/value pair, from data[start] (the next
         # byte of the stream). Errors are built out of line.
@@ -319,8 +330,8 @@ class BoxDecoder:
         max_box_size = self._max_box_size
         max_keys = self._max_keys
         unpack = _unpack_length
-        # Stream offsets are counted from data[0] while parsing.
-        self._offset -= start
+        if start:
+            self._offset -= start  # stream offsets are counted from data[0] while parsing
         pos = start
         end = len(data)
         self._need = 2
@@ -351,7 +362,8 @@ class BoxDecoder:
             box[data[pos + 2 : vpos]] = data[vpos + 2 : stop]
             size += pair
             pos = stop
-        self._box = box or None
+        # The empty box left after a complete one is kept for the next read.
+        self._box = box
         self._box_size = size
         self._offset += pos
         if pos < end:
