@@ -763,18 +763,18 @@ def test_decoder_errors_pickle() -> None:
 
 def test_at_boundary_and_skip() -> None:
     decoder = BoxDecoder()
-    assert decoder.at_boundary
+    assert decoder._at_boundary
     decoder.receive_data(SUM_ASK[:3])
-    assert not decoder.at_boundary
+    assert not decoder._at_boundary
     decoder.receive_data(SUM_ASK[3:12])
-    assert not decoder.at_boundary  # a complete pair is in the box being built
+    assert not decoder._at_boundary  # a complete pair is in the box being built
     decoder.receive_data(SUM_ASK[12:])
-    assert decoder.at_boundary
+    assert decoder._at_boundary
     # Bytes parsed elsewhere count in the offsets of later errors.
-    decoder.skip(100)
+    decoder._skip(100)
     with pytest.raises(ProtocolError, match="empty box at stream offset 140"):
         decoder.receive_data(b"\x00\x00")
-    assert not decoder.at_boundary
+    assert not decoder._at_boundary
 
 
 def test_limits_are_checked_when_set() -> None:

@@ -189,10 +189,10 @@ class AMPConnection:
         if events is None:
             events = self._events = []
         decoder = self._decoder
-        if decoder.at_boundary:
+        if decoder._at_boundary:
             parsed = self._receive_usual(data, events)
             if parsed:
-                decoder.skip(parsed)
+                decoder._skip(parsed)
                 if parsed == len(data):
                     return
                 data = data[parsed:]

@@ -227,20 +227,6 @@ class BoxDecoder:
         """Bytes received that belong to the unfinished box."""
         return self._box_size + (len(self._rest) if self._rest else 0)
 
-    @property
-    def at_boundary(self) -> bool:
-        """``True`` if the decoder is between boxes and not broken (nothing is buffered)."""
-        return not self._box and not self._rest and self._error is None
-
-    def skip(self, nbytes: int) -> None:
-        """
-        Account for ``nbytes`` of whole boxes that were parsed without the decoder.
-
-        Only valid at a box boundary (:attr:`at_boundary`); it keeps the stream
-        offsets of later error messages right.
-        """
-        self._offset += nbytes
-
     def receive_data(self, data: bytes) -> list[Box]:
         """
         Parse ``data`` and return the boxes it completes, in order.
@@ -296,6 +282,20 @@ class BoxDecoder:
         return None
 
     # Private methods
+
+    @property
+    def _at_boundary(self) -> bool:
+        """``True`` if the decoder is between boxes and not broken (nothing is buffered)."""
+        return not self._box and not self._rest and self._error is None
+
+    def _skip(self, nbytes: int) -> None:
+        """
+        Account for ``nbytes`` of whole boxes that were parsed without the decoder.
+
+        Only valid at a box boundary (:attr:`_at_boundary`); it keeps the stream
+        offsets of later error messages right.
+        """
+        self._offset += nbytes
 
     def _complete_pair(self, data: bytes, boxes: list[Box]) -> int:
         """
