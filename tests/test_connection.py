@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncio_amp._connection import (
     AMPConnection,
@@ -11,9 +13,10 @@ from asyncio_amp._connection import (
     ErrorAnswer,
     Failure,
     State,
+    _classify,
 )
 from asyncio_amp._errors import ProtocolError
-from asyncio_amp._wire import encode_box
+from asyncio_amp._wire import BoxDecoder, encode_box
 
 SUM_ASK_BOX = {b"_ask": b"1", b"_command": b"Sum", b"a": b"13", b"b": b"81"}
 SUM_ASK = b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x03Sum\x00\x01a\x00\x0213\x00\x01b\x00\x0281\x00\x00"
@@ -398,3 +401,184 @@ def test_states() -> None:
 def test_events_are_slotted(event: object) -> None:
     with pytest.raises(AttributeError):
         event.unexpected = 1  # type: ignore[attr-defined]
+
+
+# The fast path for the usual layouts (whole answers and calls with _ask first)
+# must give exactly what the general decoder gives, and leave everything else to it.
+
+
+def general_events(data: bytes, **limits: int) -> list[object]:
+    """What the general decoder and classification give for ``data``, as a reference."""
+    decoder = BoxDecoder(**limits)
+    boxes, error = decoder.receive_data_partial(data)
+    events: list[object] = []
+    for box in boxes:
+        try:
+            events.append(_classify(box))
+        except ProtocolError as exc:
+            error = exc
+            break
+    if error is not None:
+        events.append(Failure(error))
+    return events
+
+
+def fast_events(data: bytes, **limits: int) -> list[object]:
+    conn = AMPConnection(**limits)
+    conn.receive_data(data)
+    return list(conn.events_received())
+
+
+def same_events(data: bytes, **limits: int) -> list[object]:
+    events = fast_events(data, **limits)
+    reference = general_events(data, **limits)
+    assert [type(e) for e in events] == [type(e) for e in reference]
+    for event, expected in zip(events, reference, strict=True):
+        if isinstance(event, Failure):
+            assert isinstance(expected, Failure)
+            assert str(event.error) == str(expected.error)
+        else:
+            assert event == expected
+    return events
+
+
+def pair(key: bytes, value: bytes) -> bytes:
+    return len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+
+
+def test_fast_path_answers_and_asks_in_one_read() -> None:
+    data = SUM_ASK + encode_box(ANSWER_BOX) + SUM_ASK
+    events = same_events(data)
+    ask = Ask(b"1", b"Sum", SUM_ASK_BOX)
+    assert events == [ask, Answer(b"1", ANSWER_BOX), ask]
+
+
+def test_fast_path_leaves_an_incomplete_box_to_the_decoder() -> None:
+    answer = encode_box(ANSWER_BOX)
+    for cut in range(1, len(answer)):
+        conn = AMPConnection()
+        conn.receive_data(SUM_ASK + answer[:cut])
+        assert conn.events_received() == [Ask(b"1", b"Sum", SUM_ASK_BOX)]
+        conn.receive_data(answer[cut:] + answer)
+        assert conn.events_received() == [Answer(b"1", ANSWER_BOX)] * 2
+        assert conn.state is State.OPEN
+
+
+def test_fast_path_hands_over_at_an_error_answer_and_takes_back() -> None:
+    conn = AMPConnection()
+    conn.receive_data(encode_box(ERROR_BOX) + SUM_ASK)
+    conn.receive_data(SUM_ASK)
+    assert conn.events_received() == [
+        ErrorAnswer(b"2", b"ZERO", b"div by zero!", ERROR_BOX),
+        Ask(b"1", b"Sum", SUM_ASK_BOX),
+        Ask(b"1", b"Sum", SUM_ASK_BOX),
+    ]
+
+
+def test_fast_path_offsets_in_errors_count_its_boxes() -> None:
+    # A key over 255 bytes inside an answer, after boxes the fast path parsed.
+    bad = b"\x00\x07_answer\x00\x012" + b"\x01\x00" + b"k" * 256 + b"\x00\x00"
+    [_, _, failure] = same_events(SUM_ASK + encode_box(ANSWER_BOX) + bad)
+    assert isinstance(failure, Failure)
+    offset = len(SUM_ASK) + len(encode_box(ANSWER_BOX)) + 12
+    assert f"key length 256 at stream offset {offset} is over" in str(failure.error)
+    # The same after a first read that the fast path took whole.
+    conn = AMPConnection()
+    conn.receive_data(SUM_ASK)
+    conn.receive_data(encode_box(ANSWER_BOX) + bad)
+    assert str(conn.error) == str(failure.error)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_keys": 2},
+        {"max_keys": 4},
+        {"max_keys": 5},
+        {"max_box_size": 37},
+        {"max_box_size": 38},
+    ],
+)
+def test_fast_path_limits_are_those_of_the_decoder(limits: dict[str, int]) -> None:
+    # SUM_ASK has 4 keys and 38 bytes without its end marker.
+    same_events(encode_box(ANSWER_BOX) + SUM_ASK + SUM_ASK, **limits)
+
+
+def test_fast_path_repeated_key_at_the_key_limit() -> None:
+    # 3 pairs, 2 distinct keys: the general decoder counts keys before each pair.
+    box = pair(b"_answer", b"1") + pair(b"x", b"1") + pair(b"x", b"2") + b"\x00\x00"
+    [failure] = same_events(box, max_keys=2)
+    assert isinstance(failure, Failure)
+    [answer] = same_events(box, max_keys=3)
+    assert answer == Answer(b"1", {b"_answer": b"1", b"x": b"2"})
+
+
+def test_fast_path_repeated_special_key_takes_the_last_value() -> None:
+    box = pair(b"_ask", b"1") + pair(b"_command", b"Sum") + pair(b"_ask", b"2") + b"\x00\x00"
+    [event] = same_events(box)
+    assert event == Ask(b"2", b"Sum", {b"_ask": b"2", b"_command": b"Sum"})
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        # Unsorted keys: classified in Twisted's order, by the general path.
+        pair(b"_ask", b"1") + pair(b"_command", b"Sum") + pair(b"_answer", b"1"),
+        pair(b"_ask", b"1") + pair(b"_error", b"1") + pair(b"_command", b"Sum"),
+        # An _ask without a _command is not AMP.
+        pair(b"_ask", b"1") + pair(b"a", b"1"),
+        # An empty value and an empty tag.
+        pair(b"_answer", b"") + pair(b"total", b""),
+    ],
+)
+def test_fast_path_unusual_boxes(box: bytes) -> None:
+    same_events(SUM_ASK + box + b"\x00\x00" + SUM_ASK)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from([b"_ask", b"_answer", b"_command", b"_error", b"a", b"Z"]),
+                st.binary(max_size=3),
+            ),
+            max_size=4,
+        ),
+        max_size=5,
+    ),
+    st.integers(min_value=1, max_value=6),
+    st.integers(min_value=0, max_value=200),
+)
+def test_fast_path_matches_the_general_decoder(
+    boxes: list[list[tuple[bytes, bytes]]], max_keys: int, cut: int
+) -> None:
+    data = b"".join(b"".join(pair(k, v) for k, v in box) + b"\x00\x00" for box in boxes)
+    same_events(data, max_keys=max_keys)
+    # Split in two reads: the events are those of the whole stream.
+    conn = AMPConnection(max_keys=max_keys)
+    conn.receive_data(data[:cut])
+    conn.receive_data(data[cut:])
+    assert [type(e) for e in conn.events_received()] == [
+        type(e) for e in general_events(data, max_keys=max_keys)
+    ]
+
+
+def test_queued_counts_the_pieces_waiting() -> None:
+    conn = AMPConnection()
+    assert conn.queued == 0
+    conn.send(b"a")
+    conn.send(b"b")
+    assert conn.queued == 2
+    conn.data_to_send()
+    assert conn.queued == 0
+
+
+def test_limits_are_settable() -> None:
+    conn = AMPConnection()
+    conn.max_box_size = 37
+    conn.max_keys = 4
+    assert (conn.max_box_size, conn.max_keys) == (37, 4)
+    [failure] = general_events(SUM_ASK, max_box_size=37)
+    conn.receive_data(SUM_ASK)
+    assert str(conn.error) == str(failure.error)  # type: ignore[attr-defined]

@@ -456,6 +456,28 @@ async def test_too_long_answer_is_unknown_and_the_connection_stays(
     assert any("cannot be sent" in r.getMessage() for r in caplog.records)
 
 
+async def test_answers_that_the_fast_path_does_not_take_go_the_general_way() -> None:
+    # In one read: an answer that does not decode, one with an extra key and its
+    # keys out of order, and a usual one.
+    async with raw_server() as (port, peers), client(port) as proto:
+        calls = [proto.call_remote(Sum, a=i, b=i) for i in range(3)]
+        peer = await accepted(peers)
+        tags = [(await peer.read_box())[b"_ask"] for _ in calls]
+        peer.writer.write(
+            encode_box({b"_answer": tags[0], b"total": b"not a number"})
+            + b"\x00\x05total\x00\x012\x00\x01Z\x00\x00\x00\x07_answer\x00"
+            + len(tags[1]).to_bytes(1, "big")
+            + tags[1]
+            + b"\x00\x00"
+            + encode_box({b"_answer": tags[2], b"total": b"4"})
+        )
+        with pytest.raises(amp.ProtocolError, match="answer to Sum is invalid"):
+            await calls[0]
+        assert await calls[1] == {"total": 2}
+        assert await calls[2] == {"total": 4}
+        assert not proto.closed
+
+
 # Connection loss
 
 

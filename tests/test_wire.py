@@ -567,9 +567,9 @@ class CountingDecoder(BoxDecoder):
         super().__init__()
         self.parsed = 0
 
-    def _parse(self, data: bytes, boxes: list[Box]) -> None:
-        self.parsed += len(data)
-        super()._parse(data, boxes)
+    def _parse(self, data: bytes, boxes: list[Box], start: int = 0) -> None:
+        self.parsed += len(data) - start
+        super()._parse(data, boxes, start)
 
 
 def test_one_byte_feeds_are_decoded_in_linear_work() -> None:
@@ -759,3 +759,39 @@ def test_decoder_errors_pickle() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is ProtocolError
     assert str(copy) == str(error)
+
+
+def test_at_boundary_and_skip() -> None:
+    decoder = BoxDecoder()
+    assert decoder._at_boundary
+    decoder.receive_data(SUM_ASK[:3])
+    assert not decoder._at_boundary
+    decoder.receive_data(SUM_ASK[3:12])
+    assert not decoder._at_boundary  # a complete pair is in the box being built
+    decoder.receive_data(SUM_ASK[12:])
+    assert decoder._at_boundary
+    # Bytes parsed elsewhere count in the offsets of later errors.
+    decoder._skip(100)
+    with pytest.raises(ProtocolError, match="empty box at stream offset 140"):
+        decoder.receive_data(b"\x00\x00")
+    assert not decoder._at_boundary
+
+
+def test_limits_are_checked_when_set() -> None:
+    decoder = BoxDecoder(max_box_size=10, max_keys=2)
+    assert (decoder.max_box_size, decoder.max_keys) == (10, 2)
+    for name in ("max_box_size", "max_keys"):
+        for bad in (0, -1, True, 1.5):
+            with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+                setattr(decoder, name, bad)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 9, 12, 20, 37, 39])
+def test_error_offsets_after_a_pair_completed_across_reads(cut: int) -> None:
+    decoder = BoxDecoder()
+    assert decoder.receive_data(SUM_ASK[:cut]) == []
+    boxes, error = decoder.receive_data_partial(SUM_ASK[cut:] + SUM_ANSWER + b"\x01\x00")
+    assert boxes == [SUM_ASK_BOX, SUM_ANSWER_BOX]
+    assert error is not None
+    offset = len(SUM_ASK) + len(SUM_ANSWER)
+    assert f"key length 256 at stream offset {offset} is over" in str(error)

@@ -515,6 +515,12 @@ class Command:
     _fast_answer: ClassVar[Callable[..., Any] | None] = None
     _fast_arguments: ClassVar[Callable[..., dict[str, Any]]]
     _fast_response: ClassVar[Callable[..., dict[str, Any]]]
+    # The compiled encoders the protocol may call directly, without a Descriptor
+    # exchange: the ask's (only when an answer is required, so it returns the
+    # parts and the tag's slot) and the answer's. None where it must go through
+    # _encode_ask and _encode_answer.
+    _plain_ask: ClassVar[Callable[..., Any] | None] = None
+    _plain_answer: ClassVar[Callable[..., Any] | None] = None
     # True if an argument or response value is a Descriptor: the protocol then
     # gives the encoders and decoders its connection's descriptor exchange.
     _uses_descriptors: ClassVar[bool] = False
@@ -548,6 +554,9 @@ class Command:
             cls._fast_answer = _compile_encoder(owner, cls._answer_steps, ("tag",))
         except _Fallback:
             cls._fast_answer = None
+        plain = not cls._uses_descriptors
+        cls._plain_ask = cls._fast_ask if plain and cls.requires_answer else None
+        cls._plain_answer = cls._fast_answer if plain else None
         cls._fast_arguments = _compile_decoder(owner, cls._arguments_schema.fields)
         cls._fast_response = _compile_decoder(owner, cls._response_schema.fields)
         # errors and fatal_errors accumulate along the class hierarchy, base first.
@@ -799,6 +808,9 @@ class RawCommand:
 
     def _decode_response(self, box: Mapping[bytes, bytes]) -> Box:
         return {key: value for key, value in box.items() if key != ANSWER}
+
+    # The protocol's inline answer path calls this name first.
+    _fast_response = _decode_response
 
     def _exception_for(self, code: bytes, description: bytes) -> BaseException:
         text = description.decode("utf-8", "replace")

@@ -341,7 +341,22 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 if self._debug and kind is not Failure:
                     logger.debug("< %s %r", self._peer, event.box)  # type: ignore[union-attr]
                 if kind is Answer:
-                    self._answer_received(event)  # type: ignore[arg-type]
+                    # The usual case inline: a pending call, a box its compiled
+                    # decoder takes. Anything else goes the general way.
+                    call = self._pending.pop(event.tag, None)  # type: ignore[union-attr,arg-type]
+                    if call is None:
+                        self._answer_received(event)  # type: ignore[arg-type]
+                    else:
+                        call._protocol = None
+                        command = call._command
+                        try:
+                            if command._uses_descriptors:
+                                raise LookupError  # needs this connection's descriptors
+                            result = command._fast_response(event.box)  # type: ignore[union-attr]
+                        except Exception:
+                            self._resolve(call, event.box)  # type: ignore[union-attr]
+                        else:
+                            call.set_result(result)
                 elif kind is Ask:
                     if self._busy < self._max_responders and not self._deferred:
                         self._dispatch(event)  # type: ignore[arg-type]
@@ -478,7 +493,13 @@ class AMPProtocol(asyncio.BufferedProtocol):
             raise ConnectionLostError(
                 f"cannot call {cmd.__qualname__}: the connection with {self._peer} is shutting down"
             )
-        if cmd._uses_descriptors:
+        encoder = cmd._plain_ask
+        if encoder is not None:
+            try:
+                parts, slot = encoder(arguments)
+            except Exception:  # anything unusual: the general path reports it
+                parts, slot = cmd._encode_ask(arguments)
+        elif cmd._uses_descriptors:
             parts, slot = self._encode_with_fds(cmd._encode_ask, arguments)
         else:
             parts, slot = cmd._encode_ask(arguments)
@@ -498,7 +519,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 self._waiting = collections.deque()
             self._waiting.append(call)
             return call
-        self._send_call(call, parts, slot, now=not pending)
+        if slot < 0:
+            self._send_call(call, parts, slot, now=not pending)
+            return call
+        # _send_call, inline for the usual call that wants an answer.
+        now = not pending
+        tag = self._conn.next_tag()
+        parts[slot] = PREFIXES[len(tag)] + tag
+        call._tag = tag
+        pending[tag] = call
+        self._send(b"".join(parts), now=now)
         return call
 
     @overload
@@ -793,15 +823,18 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     def _answer_received(self, event: Answer) -> None:
         call = self._take_call(event.tag)
-        if call is None:
-            return
+        if call is not None:
+            self._resolve(call, event.box)
+
+    def _resolve(self, call: _Call, box: Mapping[bytes, bytes]) -> None:
+        """Complete ``call`` (already taken from the pending calls) with its answer box."""
         command = call._command
         result: Any
         try:
             if command._uses_descriptors:
-                result = self._decode_with_fds(command._decode_response, event.box)  # type: ignore[arg-type]
+                result = self._decode_with_fds(command._decode_response, box)  # type: ignore[arg-type]
             else:
-                result = command._decode_response(event.box)
+                result = command._decode_response(box)
         except ProtocolError as exc:
             call.set_exception(exc)
         else:
@@ -885,7 +918,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if command._uses_descriptors:
                 arguments = self._decode_with_fds(command._decode_arguments, event.box)
             else:
-                arguments = command._decode_arguments(event.box)
+                try:
+                    arguments = command._fast_arguments(event.box)
+                except Exception:  # the general path says what is wrong
+                    arguments = command._decode_arguments(event.box)
         except Exception as exc:
             logger.warning(
                 "%s called %s with arguments that do not decode (%s)%s",
@@ -906,13 +942,23 @@ class AMPProtocol(asyncio.BufferedProtocol):
         except Exception as exc:
             self._responded(self._failure_answer(command, tag, exc))
             return
-        if type(result) is not dict and inspect.isawaitable(result):
+        if type(result) is dict:
+            encoder = command._plain_answer
+            if encoder is not None and tag is not None:
+                try:
+                    data = b"".join(encoder(result, tag))
+                except Exception:  # anything unusual: the general path reports it
+                    pass
+                else:
+                    self._responded(data)
+                    return
+        elif inspect.isawaitable(result):
             task = self._run_task(command, tag, lambda: result, None)
             if inspect.iscoroutine(result):
                 # Close it if the task is cancelled before it starts awaiting it.
                 task.add_done_callback(functools.partial(_close_unstarted, result))
-        else:
-            self._responded(self._answer_for(command, tag, result))
+            return
+        self._responded(self._answer_for(command, tag, result))
 
     def _run_task(
         self,

@@ -180,11 +180,13 @@ class BoxDecoder:
         self._max_keys = 0
         self.max_box_size = max_box_size
         self.max_keys = max_keys
-        self._box: Box = {}
+        # The box being built, and the bytes received but not yet parsed (the start
+        # of an incomplete pair). Both are created when first needed (the buffer is
+        # dropped when empty), so that a connection that never got data holds neither.
+        self._box: Box | None = None
         # Wire bytes of the complete pairs already in self._box.
         self._box_size = 0
-        # Bytes received but not yet parsed: the start of an incomplete pair.
-        self._rest = bytearray()
+        self._rest: bytearray | None = None
         # How many bytes self._rest must hold before parsing can make progress.
         self._need = 0
         # Stream offset of the first byte of self._rest, for error messages.
@@ -223,7 +225,7 @@ class BoxDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received that belong to the unfinished box."""
-        return self._box_size + len(self._rest)
+        return self._box_size + (len(self._rest) if self._rest else 0)
 
     def receive_data(self, data: bytes) -> list[Box]:
         """
@@ -248,21 +250,19 @@ class BoxDecoder:
         """
         if self._error is not None:
             return [], self._error
-        rest = self._rest
-        if rest:
-            rest += data
-            if len(rest) < self._need:
-                return [], None
-            data = bytes(rest)
-            rest.clear()
         boxes: list[Box] = []
         try:
-            self._parse(data, boxes)
+            if not self._rest:
+                self._parse(data, boxes)
+            else:
+                start = self._complete_pair(data, boxes)
+                if 0 <= start < len(data):
+                    self._parse(data, boxes, start)
         except ProtocolError as exc:
             self._error = exc
-            self._box = {}
+            self._box = None
             self._box_size = 0
-            self._rest = bytearray()
+            self._rest = None
             return boxes, exc
         return boxes, None
 
@@ -277,20 +277,62 @@ class BoxDecoder:
         if self._error is None and self.in_box:
             return ProtocolError(
                 f"the stream ended inside a box ({self.buffered} bytes of it received, "
-                f"{len(self._box)} complete keys)"
+                f"{len(self._box or ())} complete keys)"
             )
         return None
 
     # Private methods
 
-    def _parse(self, data: bytes, boxes: list[Box]) -> None:
-        # The hot loop: one iteration per key/value pair. Errors are built out of line.
+    @property
+    def _at_boundary(self) -> bool:
+        """``True`` if the decoder is between boxes and not broken (nothing is buffered)."""
+        return not self._box and not self._rest and self._error is None
+
+    def _skip(self, nbytes: int) -> None:
+        """
+        Account for ``nbytes`` of whole boxes that were parsed without the decoder.
+
+        Only valid at a box boundary (:attr:`_at_boundary`); it keeps the stream
+        offsets of later error messages right.
+        """
+        self._offset += nbytes
+
+    def _complete_pair(self, data: bytes, boxes: list[Box]) -> int:
+        """
+        Complete the buffered partial pair with just the bytes of ``data`` it needs.
+
+        So the rest of the data is parsed where it is, not copied. Each round
+        parses at least one more part of the pair (its key length, its key and
+        value length, its value). Returns where the rest of ``data`` starts, or
+        -1 if all of it went into the buffer.
+        """
+        start = 0
+        rest = self._rest
+        while rest:
+            take = self._need - len(rest)
+            if take > len(data) - start:
+                rest += memoryview(data)[start:] if start else data
+                return -1
+            rest += memoryview(data)[start : start + take]
+            start += take
+            self._rest = None
+            self._parse(bytes(rest), boxes)
+            rest = self._rest
+        return start
+
+    def _parse(self, data: bytes, boxes: list[Box], start: int = 0) -> None:
+        # The hot loop: one iteration per key/value pair, from data[start] (the next
+        # byte of the stream). Errors are built out of line.
         box = self._box
+        if box is None:
+            box = {}
         size = self._box_size
         max_box_size = self._max_box_size
         max_keys = self._max_keys
         unpack = _unpack_length
-        pos = 0
+        if start:
+            self._offset -= start  # stream offsets are counted from data[0] while parsing
+        pos = start
         end = len(data)
         self._need = 2
         while end - pos >= 2:
@@ -320,11 +362,12 @@ class BoxDecoder:
             box[data[pos + 2 : vpos]] = data[vpos + 2 : stop]
             size += pair
             pos = stop
+        # The empty box left after a complete one is kept for the next read.
         self._box = box
         self._box_size = size
         self._offset += pos
         if pos < end:
-            self._rest += data[pos:] if pos else data
+            self._rest = bytearray(memoryview(data)[pos:] if pos else data)
 
     def _error_at(
         self,
