@@ -207,6 +207,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_fd_socket",
         "_fds",
         "_flush_handle",
+        "_gather",
         "_held",
         "_loop",
         "_lost",
@@ -277,6 +278,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] | None = None
         self._receiving = False
         self._flush_handle: asyncio.Handle | None = None
+        # True after a read that answered several calls: the calls their callers
+        # make next are gathered into one write instead of the first going alone.
+        self._gather = False
         self._close_after_flush = False
         self._close_cause: BaseException | None = None
         self._lost = False
@@ -370,6 +374,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                     break
         finally:
             self._receiving = False
+        if len(events) > 1:
+            self._gather = True
         if self._waiting:
             self._send_waiting()
         if (conn.has_data_to_send and not self._writing_paused) or self._close_after_flush:
@@ -519,11 +525,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 self._waiting = collections.deque()
             self._waiting.append(call)
             return call
+        now = not pending and not self._gather
         if slot < 0:
-            self._send_call(call, parts, slot, now=not pending)
+            self._send_call(call, parts, slot, now=now)
             return call
         # _send_call, inline for the usual call that wants an answer.
-        now = not pending
         tag = self._conn.next_tag()
         parts[slot] = PREFIXES[len(tag)] + tag
         call._tag = tag
@@ -1134,6 +1140,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        self._gather = False
         transport = self.transport
         if (
             self._fds is not None
