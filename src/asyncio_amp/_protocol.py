@@ -493,12 +493,14 @@ class AMPProtocol(asyncio.BufferedProtocol):
         else:
             raise TypeError(f"call_remote() needs a Command class or instance, not {command!r}")
         loop = self._loop
-        if self._close_after_flush or self._lost or loop is None or self._close_cause:
-            raise self._lost_error(f"cannot call {cmd.__qualname__}")
-        if self._shutting_down:
-            raise ConnectionLostError(
-                f"cannot call {cmd.__qualname__}: the connection with {self._peer} is shutting down"
-            )
+        if (
+            self._close_after_flush
+            or self._lost
+            or loop is None
+            or self._close_cause
+            or self._shutting_down
+        ):
+            raise self._refusal(cmd.__qualname__)
         encoder = cmd._plain_ask
         if encoder is not None:
             try:
@@ -519,11 +521,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             or self._writing_paused
             or (slot >= 0 and len(pending) >= self._max_pending_calls)
         ):
-            call._slot = slot
-            call._parts = parts
-            if not self._waiting:
-                self._waiting = collections.deque()
-            self._waiting.append(call)
+            self._wait(call, parts, slot)
             return call
         now = not pending and not self._gather
         if slot < 0:
@@ -606,12 +604,14 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """
         raw = RawCommand(command, arguments, requires_answer)
         loop = self._loop
-        if self._close_after_flush or self._lost or loop is None or self._close_cause:
-            raise self._lost_error(f"cannot call {raw.label}")
-        if self._shutting_down:
-            raise ConnectionLostError(
-                f"cannot call {raw.label}: the connection with {self._peer} is shutting down"
-            )
+        if (
+            self._close_after_flush
+            or self._lost
+            or loop is None
+            or self._close_cause
+            or self._shutting_down
+        ):
+            raise self._refusal(raw.label)
         parts, slot = raw._encode_ask({})
         call = _Call(loop=loop)
         call._command = raw
@@ -622,11 +622,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             or self._writing_paused
             or (slot >= 0 and len(self._pending) >= self._max_pending_calls)
         ):
-            call._slot = slot
-            call._parts = parts
-            if not self._waiting:
-                self._waiting = collections.deque()
-            self._waiting.append(call)
+            self._wait(call, parts, slot)
             return call
         self._send_call(call, parts, slot, now=not self._pending)
         return call
@@ -779,6 +775,23 @@ class AMPProtocol(asyncio.BufferedProtocol):
         call._tag = tag
         self._pending[tag] = call
         self._send(b"".join(parts), now=now)
+
+    def _refusal(self, name: str) -> ConnectionLostError:
+        """The error for a call made while the connection cannot take one."""
+        closed = self._close_after_flush or self._lost or self._loop is None or self._close_cause
+        if self._shutting_down and not closed:
+            return ConnectionLostError(
+                f"cannot call {name}: the connection with {self._peer} is shutting down"
+            )
+        return self._lost_error(f"cannot call {name}")
+
+    def _wait(self, call: _Call, parts: list[bytes], slot: int) -> None:
+        """Queue a call that cannot be sent yet (call limit, or writing paused)."""
+        call._slot = slot
+        call._parts = parts
+        if not self._waiting:
+            self._waiting = collections.deque()
+        self._waiting.append(call)
 
     def _send_waiting(self) -> None:
         """Send the calls that waited, in order, as far as the limits allow."""
