@@ -858,6 +858,11 @@ class _ProxyLog:
         # (connection, direction of the call) -> tag -> (time sent, command)
         self.calls: dict[tuple[int, str], dict[bytes, tuple[float, str]]] = {}
 
+    def forget(self, conn: int) -> None:
+        """Drop what is kept of a closed connection's unanswered calls."""
+        for direction in ("C->S", "S->C"):
+            self.calls.pop((conn, direction), None)
+
     def event(self, conn: int, text: str, **fields: Any) -> None:
         now = time.time()
         if self.as_json:
@@ -1008,6 +1013,7 @@ async def _proxy_connection(
         for writer in (client_writer, server_writer):
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+    log.forget(conn)
     log.event(conn, f"closed{reason}", **({"error": reason[2:]} if reason else {}))
 
 
