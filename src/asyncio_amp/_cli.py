@@ -56,6 +56,7 @@ from ._wire import (
     MAX_KEY_LENGTH,
     RESERVED_KEYS,
     BoxDecoder,
+    text_head,
 )
 
 __all__ = ["main"]
@@ -710,10 +711,8 @@ def scan_boxes(data: bytes) -> tuple[list[ScannedBox], str | None]:
                 boxes.append(ScannedBox(start, pos - start, items))
                 break
             if klen > MAX_KEY_LENGTH:
-                head = data[pos : pos + 24]
-                hint = ""
-                if head[:1].isalpha() and all(32 <= c < 127 or c in b"\r\n\t" for c in head):
-                    hint = f"; the bytes there are text ({head!r}), not AMP"
+                head = text_head(data[pos:])
+                hint = "" if head is None else f"; the bytes there are text ({head!r}), not AMP"
                 return boxes, (
                     f"box {number}: the key length {klen} at byte {pos} is over the AMP "
                     f"limit of {MAX_KEY_LENGTH}{hint}"

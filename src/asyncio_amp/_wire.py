@@ -130,10 +130,18 @@ def encode_box(box: Mapping[bytes, bytes]) -> bytes:
     return b"".join(parts)
 
 
-def _describe_start(data: bytes) -> str:
-    """Say what a stream that fails at its first bytes looks like, for the error message."""
+def text_head(data: bytes) -> bytes | None:
+    """The first bytes of ``data`` if they look like text (an HTTP request...), else ``None``."""
     head = data[:24]
     if head[:1].isalpha() and all(32 <= c < 127 or c in b"\r\n\t" for c in head):
+        return head
+    return None
+
+
+def _describe_start(data: bytes) -> str:
+    """Say what a stream that fails at its first bytes looks like, for the error message."""
+    head = text_head(data)
+    if head is not None:
         return f"; the data starts with {head!r}, which is text, not AMP"
     return ""
 
