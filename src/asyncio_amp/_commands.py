@@ -9,6 +9,7 @@ and one ``bytes.join``.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -42,6 +43,8 @@ from ._wire import (
 __all__ = ["Command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_unpack_length = struct.Struct("!H").unpack_from
 
 # The attribute @Command.responder sets on a function: the Command classes it answers.
 RESPONDER_ATTRIBUTE = "__amp_responds_to__"
@@ -422,6 +425,55 @@ def _compile_decoder(name: str, fields: tuple[_Field, ...]) -> Callable[..., dic
     return function
 
 
+def _compile_parser(name: str, fields: tuple[_Field, ...]) -> Callable[..., Any] | None:
+    """
+    Generate a function that decodes the rest of a box straight from the bytes.
+
+    The function takes the received bytes and the offset of the first pair after
+    the special keys, and expects the usual layout: the fields' keys in sorted
+    order (an optional one may be absent), then the empty key that ends the box.
+    It returns the decoded values and the offset just past the box. Anything else
+    (another key, a repeated key, a value that does not decode, bytes that stop
+    short) raises, and the caller parses that box the general way, which reports
+    any fault exactly.
+
+    Returns ``None`` for a schema with a type that takes several keys.
+    """
+    if any(field.argument.multi_key for field in fields):
+        return None
+    namespace: dict[str, Any] = {"_unpack": _unpack_length, "_END": BOX_END}
+    body: list[str] = []
+    for index, field in enumerate(fields):
+        header, v = f"_h{index}", f"v{index}"
+        namespace[header] = field.header
+        namespace[f"_a{index}"] = field.argument.from_bytes
+        size = len(field.header)
+        template = _INLINE_DECODE.get(type(field.argument), "_a{i}({x})")
+        parse = [
+            f"(n,) = _unpack(data, p + {size})",
+            f"s = p + {size + 2}",
+            "p = s + n",
+            f"{v} = {template.format(x='data[s:p]', i=index)}",
+        ]
+        if field.optional:
+            body.append(f"    if data.startswith({header}, p):")
+            body += ["        " + line for line in parse]
+            body.append("    else:")
+            body.append(f"        {v} = None")
+        else:
+            body.append(f"    if not data.startswith({header}, p):")
+            body.append("        raise LookupError")
+            body += ["    " + line for line in parse]
+    body.append("    if not data.startswith(_END, p):")
+    body.append("        raise LookupError")
+    entries = ", ".join(f"{field.name!r}: v{index}" for index, field in enumerate(fields))
+    body.append(f"    return {{{entries}}}, p + 2")
+    source = "def parse(data, p):\n" + "\n".join(body)
+    exec(compile(source, f"<parser of {name}>", "exec"), namespace)
+    function: Callable[..., Any] = namespace["parse"]
+    return function
+
+
 def _need(value: Any) -> Any:
     if value is None:
         raise _Fallback
@@ -524,6 +576,11 @@ class Command:
     # True if an argument or response value is a Descriptor: the protocol then
     # gives the encoders and decoders its connection's descriptor exchange.
     _uses_descriptors: ClassVar[bool] = False
+    # Decode the arguments and the response straight from the received bytes,
+    # when the box has the usual layout (see _compile_parser). None where they
+    # cannot (several keys per value, descriptors).
+    _parse_arguments: ClassVar[Callable[..., Any] | None] = None
+    _parse_response: ClassVar[Callable[..., Any] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -559,6 +616,10 @@ class Command:
         cls._plain_answer = cls._fast_answer if plain else None
         cls._fast_arguments = _compile_decoder(owner, cls._arguments_schema.fields)
         cls._fast_response = _compile_decoder(owner, cls._response_schema.fields)
+        cls._parse_arguments = cls._parse_response = None
+        if plain:
+            cls._parse_arguments = _compile_parser(owner, cls._arguments_schema.fields)
+            cls._parse_response = _compile_parser(owner, cls._response_schema.fields)
         # errors and fatal_errors accumulate along the class hierarchy, base first.
         errors: dict[type[BaseException], bytes] = {}
         fatal: dict[type[BaseException], bytes] = {}

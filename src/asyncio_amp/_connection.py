@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ._errors import ProtocolError
 from ._wire import (
@@ -101,13 +103,27 @@ class Failure:
     error: ProtocolError
 
 
-Event = Ask | Answer | ErrorAnswer | Failure
+# The events of boxes decoded straight to values (see AMPConnection.pending and
+# AMPConnection.ask_parsers). Plain tuples: one is built per box, and a tuple
+# costs a fifth of a slotted dataclass.
+#: An answer to a pending call, decoded: ``(call, values)``.
+Answered = tuple[Any, dict[str, Any]]
+#: A call from the peer, decoded: ``(handler, tag, values)``.
+Called = tuple[Any, bytes, dict[str, Any]]
+
+Event = Ask | Answer | ErrorAnswer | Failure | Answered | Called
+
+#: Decodes the rest of a box from the bytes at an offset: ``parse(data, offset)``
+#: returns the values and the offset past the box, and raises if the box is not
+#: in the usual layout (see ``Command._parse_arguments``).
+Parser = Callable[[bytes, int], tuple[dict[str, Any], int]]
 
 # The first key of the boxes the fast path of AMPConnection.receive_data parses:
 # with keys sorted, as Twisted and we send them, an answer starts with _answer
 # and a call that wants an answer with _ask.
 _ANSWER_HEADER = PREFIXES[len(ANSWER)] + ANSWER
 _ASK_HEADER = PREFIXES[len(ASK)] + ASK
+_COMMAND_HEADER = PREFIXES[len(COMMAND)] + COMMAND
 _unpack_length = struct.Struct("!H").unpack_from
 
 
@@ -134,6 +150,12 @@ def _classify(box: Box) -> Ask | Answer | ErrorAnswer:
     )
 
 
+# Stand-ins for the tables when nothing is to be decoded straight to values.
+# Only ever read.
+_NO_PARSERS: Mapping[bytes, tuple[Parser, Any]] = {}
+_NO_CALLS: dict[bytes, Any] = {}
+
+
 class AMPConnection:
     """
     One side of an AMP connection, without I/O.
@@ -143,7 +165,17 @@ class AMPConnection:
         max_keys: The most keys one received box may have.
     """
 
-    __slots__ = ("_decoder", "_events", "_outgoing", "_tag_counter", "error", "state")
+    __slots__ = (
+        "_decoder",
+        "_events",
+        "_outgoing",
+        "_tag_counter",
+        "ask_parsers",
+        "decode_values",
+        "error",
+        "pending",
+        "state",
+    )
 
     def __init__(
         self,
@@ -156,6 +188,21 @@ class AMPConnection:
         self._events: list[Event] | None = None
         self._outgoing: list[bytes] | None = None
         self._tag_counter = 0
+        #: Our calls that wait for their answers, by tag: the I/O layer adds each
+        #: call it sends and takes out each one it resolves. Each call has an
+        #: ``answer_parser`` attribute: a [`Parser`][] or ``None``. With a parser,
+        #: the connection decodes an answer in the usual layout straight to its
+        #: values, takes the call out, and emits ``(call, values)`` instead of an
+        #: [`Answer`][].
+        self.pending: dict[bytes, Any] = {}
+        #: Parsers for the peer's calls, by command name: ``(parser, handler)``.
+        #: A call in the usual layout to a command here is decoded straight to its
+        #: values and emitted as ``(handler, tag, values)`` instead of an
+        #: [`Ask`][]. Empty by default: every call comes as an [`Ask`][].
+        self.ask_parsers: Mapping[bytes, tuple[Parser, Any]] = _NO_PARSERS
+        #: ``False`` to have every box come as it was received (in an [`Ask`][]
+        #: or an [`Answer`][]) even where a parser could decode it: for logging.
+        self.decode_values = True
         #: The state of the connection.
         self.state = State.OPEN
         #: Why the connection failed, if the peer broke the protocol.
@@ -248,13 +295,33 @@ class AMPConnection:
         """Advance the tag counter without sending a tag, as Twisted does for no-answer calls."""
         self._tag_counter += 1
 
-    def send(self, data: bytes) -> None:
-        """Queue the bytes of one or more encoded boxes."""
+    def send(self, data: bytes) -> int:
+        """Queue the bytes of one or more encoded boxes; return how many pieces are queued."""
         outgoing = self._outgoing
         if outgoing is None:
             self._outgoing = [data]
+            return 1
+        outgoing.append(data)
+        return len(outgoing)
+
+    def send_call(self, parts: list[bytes], slot: int, call: Any) -> bytes:
+        """
+        Queue a call box that wants an answer: take a tag and expect its answer.
+
+        ``parts`` are the box's encoded pieces, with the tag's place (length
+        prefix and tag) at index ``slot``; ``call`` goes into :attr:`pending`
+        under the tag, which is returned.
+        """
+        n = self._tag_counter = self._tag_counter + 1
+        tag = b"%x" % n
+        parts[slot] = PREFIXES[len(tag)] + tag
+        self.pending[tag] = call
+        outgoing = self._outgoing
+        if outgoing is None:
+            self._outgoing = [b"".join(parts)]
         else:
-            outgoing.append(data)
+            outgoing.append(b"".join(parts))
+        return tag
 
     def data_to_send(self) -> list[bytes]:
         """Return the queued bytes, in order, and forget them."""
@@ -285,7 +352,10 @@ class AMPConnection:
         buffered: an answer whose first key is ``_answer``, or a call whose first
         key is ``_ask`` and that has a ``_command`` key and no ``_answer`` or
         ``_error`` key, is turned into its event in the same pass that splits it,
-        with the limits checked once per box. It stops at the first box that is
+        with the limits checked once per box. An answer to a call in
+        :attr:`pending` with a parser, or a call to a command in
+        :attr:`ask_parsers` whose second key is ``_command``, is decoded straight
+        to its values when the parser takes it. It stops at the first box that is
         anything else: incomplete, malformed, over a limit, an error answer, a
         call without ``_ask``. The general decoder then takes over from that box,
         so it reports every fault exactly as it would have.
@@ -296,6 +366,8 @@ class AMPConnection:
         decoder = self._decoder
         max_box_size = decoder.max_box_size
         max_keys = decoder.max_keys
+        pending: dict[bytes, Any] = self.pending if self.decode_values else _NO_CALLS
+        ask_parsers = self.ask_parsers if self.decode_values else _NO_PARSERS
         unpack = _unpack_length
         starts = data.startswith
         end = len(data)
@@ -306,14 +378,44 @@ class AMPConnection:
                 if starts(_ANSWER_HEADER, pos):
                     first = ANSWER
                     p = pos + 9
+                    (vlen,) = unpack(data, p)
+                    stop = p + 2 + vlen
+                    tag = data[p + 2 : stop]
+                    call = pending.get(tag)
+                    if call is not None and call.answer_parser is not None:
+                        try:
+                            values, stop = call.answer_parser(data, stop)
+                        except Exception:
+                            pass  # not the usual layout: the dict path below decides
+                        else:
+                            if stop - start <= max_box_size and len(values) < max_keys - 1:
+                                del pending[tag]
+                                events.append((call, values))
+                                pos = stop
+                                continue
                 elif starts(_ASK_HEADER, pos):
                     first = ASK
                     p = pos + 6
+                    (vlen,) = unpack(data, p)
+                    stop = p + 2 + vlen
+                    tag = data[p + 2 : stop]
+                    if ask_parsers and starts(_COMMAND_HEADER, stop):
+                        (vlen,) = unpack(data, stop + 10)
+                        name_end = stop + 12 + vlen
+                        entry = ask_parsers.get(data[stop + 12 : name_end])
+                        if entry is not None:
+                            try:
+                                values, box_end = entry[0](data, name_end)
+                            except Exception:
+                                pass  # not the usual layout: the dict path below decides
+                            else:
+                                if box_end - start <= max_box_size and len(values) < max_keys - 2:
+                                    events.append((entry[1], tag, values))
+                                    pos = box_end
+                                    continue
                 else:
                     break
-                (vlen,) = unpack(data, p)
-                stop = p + 2 + vlen
-                box = {first: data[p + 2 : stop]}
+                box = {first: tag}
                 p = stop
                 # Until the empty key that ends the box. A length read past the end
                 # of the data raises struct.error: the box is incomplete.
@@ -334,7 +436,7 @@ class AMPConnection:
                 if p - start > max_box_size or len(box) >= max_keys:
                     break
                 if first is ANSWER:
-                    events.append(Answer(box[ANSWER], box))
+                    events.append(Answer(box[ANSWER], box))  # a repeated key: the last
                 else:
                     command = box.get(COMMAND)
                     if command is None or ANSWER in box or ERROR in box:

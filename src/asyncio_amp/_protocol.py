@@ -33,9 +33,9 @@ from ._commands import (
     encode_unhandled_error,
     encode_unknown_error,
 )
-from ._connection import AMPConnection, Answer, Ask, ErrorAnswer, Failure
+from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError
-from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, PREFIXES, Box
+from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box
 
 __all__ = ["AMPProtocol"]
 
@@ -44,6 +44,8 @@ logger = logging.getLogger("asyncio_amp")
 # While handling one read, queued answers are written every this many boxes, so the
 # peer can start on the first answers while the rest are still being computed.
 WRITE_BATCH = 32
+
+SHUTDOWN_DESCRIPTION = b"the peer is shutting down"
 
 # How many cancelled calls' tags are remembered, so that their late answers are
 # dropped quietly. Older ones are forgotten: a late answer for one of those closes
@@ -136,13 +138,15 @@ class _Call(asyncio.Future[Any]):
     full) keeps its encoded parts until it is sent; it has no tag until then.
     """
 
-    __slots__ = ("_command", "_parts", "_protocol", "_slot", "_tag")
+    __slots__ = ("_command", "_parts", "_protocol", "_slot", "_tag", "answer_parser")
 
     _command: type[Command] | RawCommand
     _protocol: AMPProtocol | None
     _tag: bytes | None
     _parts: list[bytes] | None
     _slot: int
+    # Read by the connection: decodes the answer straight from the bytes.
+    answer_parser: Callable[[bytes, int], tuple[dict[str, Any], int]] | None
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
@@ -195,6 +199,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
     __slots__ = (
         "__weakref__",
         "_abort_handle",
+        "_accepting",
         "_busy",
         "_cancelled",
         "_close_after_flush",
@@ -228,6 +233,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     # command wire name -> (Command class, attribute name, responder is a coroutine function)
     _responder_table: ClassVar[dict[bytes, tuple[type[Command], str, bool]]] = {}
+    # command wire name -> (its arguments' parser, its entry in _responder_table),
+    # for the connection to decode the usual calls straight to their arguments
+    _ask_parsers: ClassVar[dict[bytes, tuple[Any, tuple[type[Command], str, bool]]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -243,6 +251,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         cls._responder_table = {
             name: (command, attribute, inspect.iscoroutinefunction(getattr(cls, attribute)))
             for name, (command, attribute) in table.items()
+        }
+        cls._ask_parsers = {
+            name: (entry[0]._parse_arguments, entry)
+            for name, entry in cls._responder_table.items()
+            if entry[0]._parse_arguments is not None
         }
 
     def __init__(
@@ -266,14 +279,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._waiting: collections.deque[_Call] | tuple[()] = ()
         self._busy = 0  # responders started whose answer is not yet with the transport
         self._held = 0  # answers held back while writing is paused (part of _busy)
-        self._deferred: collections.deque[Ask] | tuple[()] = ()
+        self._deferred: collections.deque[Ask | Called] | tuple[()] = ()
         self._reading_paused = False
         self._writing_paused = False
         self._releasing = False
         self._shutting_down = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._peer = "unconnected peer"
-        self._pending: dict[bytes, _Call] = {}
+        # The connection's table: it takes out the calls whose answers it decodes.
+        self._pending: dict[bytes, _Call] = self._conn.pending
+        self._conn.ask_parsers = self._ask_parsers
         self._cancelled: dict[bytes, None] | None = None
         self._tasks: set[asyncio.Task[None]] | None = None
         self._receiving = False
@@ -283,6 +298,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._gather = False
         self._close_after_flush = False
         self._close_cause: BaseException | None = None
+        # True while calls may be made: connected, and not closing or shutting down.
+        self._accepting = False
         self._lost = False
         self._closed_waiter: asyncio.Future[None] | None = None
         self._debug = False
@@ -303,11 +320,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # Not an isinstance check: uvloop's transports do not derive from asyncio's.
         self.transport = cast(asyncio.Transport, transport)
         self._loop = loop = asyncio.get_running_loop()
+        self._accepting = not (
+            self._close_after_flush or self._lost or self._close_cause or self._shutting_down
+        )
         self._peer = _format_peer(transport.get_extra_info("peername"))
         self._read_buffer = _read_buffer_for(loop)
         self._debug = logger.isEnabledFor(logging.DEBUG)
         if self._debug:
             logger.debug("= connection made with %s", self._peer)
+            # Every box is logged as it came: no decoding straight to values.
+            self._conn.decode_values = False
         sock = transport.get_extra_info("socket")
         if (
             # uvloop starts the transport's reading after connection_made(), so the
@@ -342,6 +364,19 @@ class AMPProtocol(asyncio.BufferedProtocol):
         try:
             for event in events:
                 kind = type(event)
+                if kind is tuple:
+                    if len(event) == 2:  # type: ignore[arg-type]
+                        # An answer the connection decoded: its call is out of pending.
+                        call, result = event  # type: ignore[misc]
+                        call._protocol = None
+                        call.set_result(result)
+                    elif self._busy < self._max_responders and not self._deferred:
+                        self._dispatch(event)  # type: ignore[arg-type]
+                    else:
+                        self._defer(event)  # type: ignore[arg-type]
+                    if self._close_cause is not None:
+                        break
+                    continue
                 if self._debug and kind is not Failure:
                     logger.debug("< %s %r", self._peer, event.box)  # type: ignore[union-attr]
                 if kind is Answer:
@@ -416,6 +451,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._lost = True
+        self._accepting = False
         truncated = self._conn.connection_lost()
         cause = self._close_cause or exc or truncated
         if truncated is not None:
@@ -492,14 +528,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             arguments = command.values
         else:
             raise TypeError(f"call_remote() needs a Command class or instance, not {command!r}")
-        loop = self._loop
-        if (
-            self._close_after_flush
-            or self._lost
-            or loop is None
-            or self._close_cause
-            or self._shutting_down
-        ):
+        if not self._accepting:
             raise self._refusal(cmd.__qualname__)
         encoder = cmd._plain_ask
         if encoder is not None:
@@ -511,10 +540,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
             parts, slot = self._encode_with_fds(cmd._encode_ask, arguments)
         else:
             parts, slot = cmd._encode_ask(arguments)
-        call = _Call(loop=loop)
+        call = _Call(loop=self._loop)
         call._command = cmd
         call._protocol = self
         call._tag = None
+        call.answer_parser = cmd._parse_response
         pending = self._pending
         if (
             self._waiting
@@ -523,16 +553,20 @@ class AMPProtocol(asyncio.BufferedProtocol):
         ):
             self._wait(call, parts, slot)
             return call
-        now = not pending and not self._gather
-        if slot < 0:
-            self._send_call(call, parts, slot, now=now)
+        if slot < 0 or self._debug:
+            self._send_call(call, parts, slot, now=not pending and not self._gather)
             return call
-        # _send_call, inline for the usual call that wants an answer.
-        tag = self._conn.next_tag()
-        parts[slot] = PREFIXES[len(tag)] + tag
-        call._tag = tag
-        pending[tag] = call
-        self._send(b"".join(parts), now=now)
+        # _send_call and _send, inline for the usual call that wants an answer.
+        now = not pending and not self._gather
+        call._tag = self._conn.send_call(parts, slot, call)
+        if self._receiving:
+            if self._conn.queued >= WRITE_BATCH:
+                self._flush()
+        elif self._flush_handle is None:
+            if now:
+                self._flush()
+            else:
+                self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
         return call
 
     @overload
@@ -603,20 +637,14 @@ class AMPProtocol(asyncio.BufferedProtocol):
         for any other error code.
         """
         raw = RawCommand(command, arguments, requires_answer)
-        loop = self._loop
-        if (
-            self._close_after_flush
-            or self._lost
-            or loop is None
-            or self._close_cause
-            or self._shutting_down
-        ):
+        if not self._accepting:
             raise self._refusal(raw.label)
         parts, slot = raw._encode_ask({})
-        call = _Call(loop=loop)
+        call = _Call(loop=self._loop)
         call._command = raw
         call._protocol = self
         call._tag = None
+        call.answer_parser = None
         if (
             self._waiting
             or self._writing_paused
@@ -637,6 +665,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self.transport is None or self._lost:
             return
         self._close_after_flush = True
+        self._accepting = False
         if not self._receiving:
             self._flush()
 
@@ -658,6 +687,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         loop = self._loop
         deadline = None if grace is None else loop.time() + grace
         self._shutting_down = True
+        self._accepting = False
         for call in self._waiting:
             if not call.done():
                 call._protocol = None
@@ -770,11 +800,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._send(b"".join(parts), now=now)
             call.set_result(None)
             return
-        tag = conn.next_tag()
-        parts[slot] = PREFIXES[len(tag)] + tag
-        call._tag = tag
-        self._pending[tag] = call
-        self._send(b"".join(parts), now=now)
+        call._tag = conn.send_call(parts, slot, call)
+        if self._debug:
+            logger.debug("> %s %r", self._peer, b"".join(parts))
+        self._after_send(now)
 
     def _refusal(self, name: str) -> ConnectionLostError:
         """The error for a call made while the connection cannot take one."""
@@ -867,7 +896,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     # Private methods: the peer's calls
 
-    def _defer(self, event: Ask) -> None:
+    def _defer(self, event: Ask | Called) -> None:
         """Keep a call that came over the responder limit until a responder is done."""
         if not self._deferred:
             self._deferred = collections.deque()
@@ -911,46 +940,57 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if self._debug:
                 logger.debug("= reading from %s resumed", self._peer)
 
-    def _dispatch(self, event: Ask) -> None:
+    def _dispatch(self, event: Ask | Called) -> None:
         """Run the responder of a call from the peer (it counts against max_responders)."""
-        tag = event.tag
         self._busy += 1
-        if self._shutting_down:
-            self._responded(
-                None
-                if tag is None
-                else encode_error(tag, SHUTDOWN_ERROR_CODE, b"the peer is shutting down")
-            )
-            return
-        entry = self._responder_table.get(event.command)
-        if entry is None:
-            logger.warning(
-                "%s called %r, which has no responder%s",
-                self._peer,
-                event.command,
-                "; answering UNHANDLED" if tag is not None else "",
-            )
-            self._responded(None if tag is None else encode_unhandled_error(tag, event.command))
-            return
-        command, attribute, is_coroutine = entry
-        try:
-            if command._uses_descriptors:
-                arguments = self._decode_with_fds(command._decode_arguments, event.box)
-            else:
-                try:
-                    arguments = command._fast_arguments(event.box)
-                except Exception:  # the general path says what is wrong
-                    arguments = command._decode_arguments(event.box)
-        except Exception as exc:
-            logger.warning(
-                "%s called %s with arguments that do not decode (%s)%s",
-                self._peer,
-                command.__qualname__,
-                exc,
-                "; answering UNKNOWN" if tag is not None else "",
-            )
-            self._responded(None if tag is None else encode_unknown_error(tag))
-            return
+        tag: bytes | None
+        if type(event) is tuple:
+            # Decoded by the connection: a command we answer, and its arguments.
+            entry, tag, arguments = event
+            if self._shutting_down:
+                self._responded(encode_error(tag, SHUTDOWN_ERROR_CODE, SHUTDOWN_DESCRIPTION))
+                return
+            command, attribute, is_coroutine = entry
+        else:
+            tag = event.tag  # type: ignore[union-attr]
+            if self._shutting_down:
+                self._responded(
+                    None
+                    if tag is None
+                    else encode_error(tag, SHUTDOWN_ERROR_CODE, SHUTDOWN_DESCRIPTION)
+                )
+                return
+            found = self._responder_table.get(event.command)  # type: ignore[union-attr]
+            if found is None:
+                logger.warning(
+                    "%s called %r, which has no responder%s",
+                    self._peer,
+                    event.command,  # type: ignore[union-attr]
+                    "; answering UNHANDLED" if tag is not None else "",
+                )
+                self._responded(
+                    None if tag is None else encode_unhandled_error(tag, event.command)  # type: ignore[union-attr]
+                )
+                return
+            command, attribute, is_coroutine = found
+            try:
+                if command._uses_descriptors:
+                    arguments = self._decode_with_fds(command._decode_arguments, event.box)  # type: ignore[union-attr]
+                else:
+                    try:
+                        arguments = command._fast_arguments(event.box)  # type: ignore[union-attr]
+                    except Exception:  # the general path says what is wrong
+                        arguments = command._decode_arguments(event.box)  # type: ignore[union-attr]
+            except Exception as exc:
+                logger.warning(
+                    "%s called %s with arguments that do not decode (%s)%s",
+                    self._peer,
+                    command.__qualname__,
+                    exc,
+                    "; answering UNKNOWN" if tag is not None else "",
+                )
+                self._responded(None if tag is None else encode_unknown_error(tag))
+                return
         try:
             if is_coroutine:
                 # The coroutine is created inside the task: a task cancelled before
@@ -969,7 +1009,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 except Exception:  # anything unusual: the general path reports it
                     pass
                 else:
-                    self._responded(data)
+                    if self._receiving and not self._debug and not self._writing_paused:
+                        # _responded and _send, inline for an answer to a call just read.
+                        if self._conn.send(data) >= WRITE_BATCH:
+                            self._flush()
+                        self._busy -= 1
+                        if self._deferred or self._reading_paused:
+                            self._release()
+                    else:
+                        self._responded(data)
                     return
         elif inspect.isawaitable(result):
             task = self._run_task(command, tag, lambda: result, None)
@@ -1072,6 +1120,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 code.decode("utf-8", "backslashreplace"),
             )
             self._close_after_flush = True
+            self._accepting = False
         elif self._debug:
             logger.debug("! %s: %s answered error %r", self._peer, command.__qualname__, code)
         if tag is None:
@@ -1086,6 +1135,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             return
         self._conn.fail(error)
         self._close_cause = error
+        self._accepting = False
         logger.warning("closing the connection with %s: %s", self._peer, error)
         self._fail_pending(error)
         # The answers to the peer's good calls go out if it reads them at once; a
@@ -1103,7 +1153,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     def _fail_pending(self, cause: BaseException | None) -> None:
         pending = [*self._pending.values(), *self._waiting]
-        self._pending = {}
+        self._pending.clear()
         self._waiting = ()
         reason = f": {cause}" if cause is not None else ""
         for call in pending:
@@ -1131,6 +1181,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._conn.send(data)
         if self._debug:
             logger.debug("> %s %r", self._peer, data)
+        self._after_send(now)
+
+    def _after_send(self, now: bool) -> None:
+        """Flush or schedule a flush (see _send) after bytes were queued."""
         if self._writing_paused:
             return
         if self._receiving:
@@ -1212,6 +1266,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         except OSError as exc:
             if self._close_cause is None:
                 self._close_cause = exc
+                self._accepting = False
             transport.abort()
             return False
         if data:
@@ -1281,6 +1336,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._stop_fd_reading()
             if self._close_cause is None:
                 self._close_cause = exc
+                self._accepting = False
             transport.abort()
             return
         for level, kind, payload in ancdata:
