@@ -369,40 +369,38 @@ class AMPConnection:
         pending: dict[bytes, Any] = self.pending if self.decode_values else _NO_CALLS
         ask_parsers = self.ask_parsers if self.decode_values else _NO_PARSERS
         unpack = _unpack_length
-        starts = data.startswith
         end = len(data)
         pos = start = 0
         try:
             while pos < end:
                 start = pos
-                if starts(_ANSWER_HEADER, pos):
+                # Slices and indexing: cheaper here than startswith and struct.
+                if data[pos : pos + 9] == _ANSWER_HEADER:
                     first = ANSWER
-                    p = pos + 9
-                    (vlen,) = unpack(data, p)
-                    stop = p + 2 + vlen
-                    tag = data[p + 2 : stop]
+                    p = pos + 11
+                    stop = p + (data[p - 2] << 8 | data[p - 1])
+                    tag = data[p:stop]
                     call = pending.get(tag)
-                    if call is not None and call.answer_parser is not None:
+                    if call is not None and (parse := call.answer_parser) is not None:
                         try:
-                            values, stop = call.answer_parser(data, stop)
+                            values, box_end = parse(data, stop)
                         except Exception:
                             pass  # not the usual layout: the dict path below decides
                         else:
-                            if stop - start <= max_box_size and len(values) < max_keys - 1:
+                            if box_end - start <= max_box_size and len(values) < max_keys - 1:
                                 del pending[tag]
                                 events.append((call, values))
-                                pos = stop
+                                pos = box_end
                                 continue
-                elif starts(_ASK_HEADER, pos):
+                elif data[pos : pos + 6] == _ASK_HEADER:
                     first = ASK
-                    p = pos + 6
-                    (vlen,) = unpack(data, p)
-                    stop = p + 2 + vlen
-                    tag = data[p + 2 : stop]
-                    if ask_parsers and starts(_COMMAND_HEADER, stop):
-                        (vlen,) = unpack(data, stop + 10)
-                        name_end = stop + 12 + vlen
-                        entry = ask_parsers.get(data[stop + 12 : name_end])
+                    p = pos + 8
+                    stop = p + (data[p - 2] << 8 | data[p - 1])
+                    tag = data[p:stop]
+                    if ask_parsers and data[stop : stop + 10] == _COMMAND_HEADER:
+                        p = stop + 12
+                        name_end = p + (data[p - 2] << 8 | data[p - 1])
+                        entry = ask_parsers.get(data[p:name_end])
                         if entry is not None:
                             try:
                                 values, box_end = entry[0](data, name_end)
@@ -443,7 +441,7 @@ class AMPConnection:
                         break
                     events.append(Ask(box[ASK], command, box))
                 pos = p + 2
-        except struct.error:
+        except (struct.error, IndexError):
             return start
         return pos
 

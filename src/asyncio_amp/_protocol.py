@@ -361,8 +361,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if not events:
             return
         self._receiving = True
+        remaining = iter(events)
         try:
-            for event in events:
+            for event in remaining:
                 kind = type(event)
                 if kind is tuple:
                     if len(event) == 2:  # type: ignore[arg-type]
@@ -409,6 +410,13 @@ class AMPProtocol(asyncio.BufferedProtocol):
                     break
         finally:
             self._receiving = False
+        if self._close_cause is not None:
+            # The calls whose answers came after the fault were already taken out
+            # of pending by the connection: they fail like the others did.
+            self._fail_pending(
+                self._close_cause,
+                [e[0] for e in remaining if type(e) is tuple and len(e) == 2],  # type: ignore[arg-type]
+            )
         if len(events) > 1:
             self._gather = True
         if self._waiting:
@@ -1151,8 +1159,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         error.__cause__ = self._close_cause
         return error
 
-    def _fail_pending(self, cause: BaseException | None) -> None:
-        pending = [*self._pending.values(), *self._waiting]
+    def _fail_pending(self, cause: BaseException | None, taken: list[_Call] | None = None) -> None:
+        """Fail every call waiting for an answer or to be sent, and ``taken`` ones."""
+        pending = [*self._pending.values(), *self._waiting, *(taken or ())]
         self._pending.clear()
         self._waiting = ()
         reason = f": {cause}" if cause is not None else ""
