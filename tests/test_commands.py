@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from asyncio_amp._arguments import (
     Argument,
     BigBytes,
+    BigString,
     Boolean,
     Bytes,
+    Descriptor,
     Float,
     Integer,
     String,
@@ -34,7 +36,14 @@ from asyncio_amp._errors import (
     UnhandledCommandError,
     UnknownRemoteError,
 )
-from asyncio_amp._wire import PREFIXES, RESERVED_KEYS, encode_box, length_prefix, parse_boxes
+from asyncio_amp._wire import (
+    PREFIXES,
+    RESERVED_KEYS,
+    BoxDecoder,
+    encode_box,
+    length_prefix,
+    parse_boxes,
+)
 
 
 class Sum(Command):
@@ -1075,3 +1084,311 @@ def test_raw_command_answers_and_errors() -> None:
     other = raw._exception_for(b"MY\xff", b"bad \xff text")
     assert type(other) is RemoteAmpError
     assert (other.error_code, other.description) == ("MY\\xff", "bad \ufffd text")
+
+
+# Parsers: the rest of a box in the usual layout, decoded straight from the bytes
+
+
+class Shout(String):
+    """A String whose decoding is its own: the parser must call it, not inline str."""
+
+    def from_bytes(self, data: bytes) -> str:
+        return data.decode("utf-8").upper()
+
+
+class Mixed(Command):
+    # b"ab" < b"b" by bytes, though b"\x00\x01b" < b"\x00\x02ab" with the length prefix.
+    arguments = [
+        ("b", Integer()),
+        ("ab", String()),
+        ("raw", Bytes()),
+        ("ratio", Float()),
+        ("flag", Boolean()),
+        ("maybe", Integer(optional=True)),
+        ("shout", Shout()),
+        ("short", Short(optional=True)),
+    ]
+    response = [("total", Integer()), ("note", String(optional=True)), ("ok", Boolean())]
+
+
+class Wide(Command):
+    arguments = [("blob", BigBytes()), ("n", Integer())]
+    response = [("text", BigString(optional=True))]
+
+
+class Handed(Command):
+    arguments = [("fd", Descriptor()), ("n", Integer())]
+    response = [("n", Integer())]
+
+
+MIXED: dict[str, Any] = {
+    "b": -7,
+    "ab": "héllo",
+    "raw": b"\x00\xff",
+    "ratio": 0.5,
+    "flag": True,
+    "maybe": None,
+    "shout": "hey",
+    "short": b"abcd",
+}
+
+
+def pair(key: bytes, value: bytes) -> bytes:
+    return length_prefix(len(key)) + key + length_prefix(len(value)) + value
+
+
+def ask_rest(command: type[Command], tag: bytes = b"1", **values: Any) -> tuple[bytes, int]:
+    """A call box's bytes and the offset of its first pair after _ask and _command."""
+    data = ask(command, tag, **values)
+    offset = 2 + 4 + 2 + len(tag) + 2 + 8 + 2 + len(command.wire_name)
+    assert data[offset - len(command.wire_name) : offset] == command.wire_name
+    return data, offset
+
+
+def parsed(parser: Any, data: bytes, offset: int) -> dict[str, Any]:
+    """What ``parser`` gives for a whole box from ``offset``, checking its end offset."""
+    values, end = parser(data, offset)
+    assert end == len(data)
+    return values  # type: ignore[no-any-return]
+
+
+def test_parser_reads_the_usual_layout_from_an_offset() -> None:
+    rest = (
+        pair(b"ab", b"x")
+        + pair(b"b", b"12")
+        + pair(b"flag", b"False")
+        + pair(b"maybe", b"-3")
+        + pair(b"ratio", b"1e+100")
+        + pair(b"raw", b"")
+        + pair(b"short", b"ab")
+        + pair(b"shout", b"quiet")
+        + b"\x00\x00"
+    )
+    before, after = b"\x00\x07_answer\x00\x01!", b"\x00\x01\x00\x00\x00\x00"
+    values, end = Mixed._parse_arguments(before + rest + after, len(before))  # type: ignore[misc]
+    assert end == len(before) + len(rest)
+    assert values == {
+        "b": 12,
+        "ab": "x",
+        "raw": b"",
+        "ratio": 1e100,
+        "flag": False,
+        "maybe": -3,
+        "shout": "QUIET",
+        "short": b"ab",
+    }
+    assert [type(values[k]) for k in ("b", "ratio", "flag")] == [int, float, bool]
+
+
+def test_parser_gives_none_for_absent_optional_values() -> None:
+    rest = pair(b"ok", b"True") + pair(b"total", b"0") + b"\x00\x00"
+    assert parsed(Mixed._parse_response, rest, 0) == {"total": 0, "note": None, "ok": True}
+    rest = pair(b"note", b"") + pair(b"ok", b"False") + pair(b"total", b"5") + b"\x00\x00"
+    assert parsed(Mixed._parse_response, rest, 0) == {"total": 5, "note": "", "ok": False}
+
+
+def test_parser_of_a_schema_without_fields_takes_just_the_end() -> None:
+    assert Ping._parse_arguments is not None
+    assert Ping._parse_response is not None
+    assert Ping._parse_arguments(b"xx\x00\x00", 2) == ({}, 4)
+    assert Ping._parse_response(b"\x00\x00\x00\x00", 0) == ({}, 2)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        MIXED,
+        {**MIXED, "maybe": 0, "short": None},
+        {**MIXED, "ab": "", "raw": b"x" * 300, "ratio": float("inf"), "flag": False},
+        {**MIXED, "b": 10**40, "ratio": -0.0, "maybe": -1, "shout": "é"},
+    ],
+)
+@pytest.mark.parametrize("tag", [b"1", b"ff", b"x" * 200])
+def test_parse_arguments_of_encoded_calls_is_the_decode_of_the_box(
+    values: dict[str, Any], tag: bytes
+) -> None:
+    data, offset = ask_rest(Mixed, tag, **values)
+    [box] = BoxDecoder().receive_data(data)
+    expected = Mixed._decode_arguments(box)
+    assert parsed(Mixed._parse_arguments, data, offset) == expected
+    assert expected == {**values, "shout": values["shout"].upper()}
+
+
+@pytest.mark.parametrize("tag", [b"1", b"abc"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"total": 3, "note": None, "ok": True},
+        {"total": -3, "note": "n\u00f6te", "ok": False},
+        {"total": 0, "note": "", "ok": True},
+    ],
+)
+def test_parse_response_of_encoded_answers_is_the_decode_of_the_box(
+    values: dict[str, Any], tag: bytes
+) -> None:
+    data = Mixed._encode_answer(tag, values)
+    [box] = BoxDecoder().receive_data(data)
+    offset = 2 + 7 + 2 + len(tag)
+    assert data[:offset] == b"\x00\x07_answer" + length_prefix(len(tag)) + tag
+    assert parsed(Mixed._parse_response, data, offset) == Mixed._decode_response(box) == values
+
+
+def test_parsers_of_other_commands_match_their_decoders() -> None:
+    data, offset = ask_rest(Sum, b"7", a=13, b=81)
+    assert parsed(Sum._parse_arguments, data, offset) == {"a": 13, "b": 81}
+    data = Sum._encode_answer(b"7", {"total": 94})
+    assert parsed(Sum._parse_response, data, 12) == {"total": 94}
+    data, offset = ask_rest(Greet, b"1", name="Ann")
+    assert parsed(Greet._parse_arguments, data, offset) == {"name": "Ann", "title": None}
+
+
+SUM_REST = pair(b"a", b"1") + pair(b"b", b"2") + b"\x00\x00"
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        # Another key: before, between and after the fields.
+        pair(b"Z", b"1") + SUM_REST,
+        pair(b"a", b"1") + pair(b"aa", b"0") + pair(b"b", b"2") + b"\x00\x00",
+        pair(b"a", b"1") + pair(b"b", b"2") + pair(b"c", b"3") + b"\x00\x00",
+        pair(b"a", b"1") + pair(b"b", b"2") + pair(b"_ask", b"3") + b"\x00\x00",
+        # Out of order.
+        pair(b"b", b"2") + pair(b"a", b"1") + b"\x00\x00",
+        # Repeated.
+        pair(b"a", b"1") + pair(b"a", b"1") + pair(b"b", b"2") + b"\x00\x00",
+        pair(b"a", b"1") + pair(b"b", b"2") + pair(b"b", b"2") + b"\x00\x00",
+        # Missing.
+        pair(b"a", b"1") + b"\x00\x00",
+        pair(b"b", b"2") + b"\x00\x00",
+        b"\x00\x00",
+        # Values that do not decode.
+        pair(b"a", b"x") + pair(b"b", b"2") + b"\x00\x00",
+        pair(b"a", b"1") + pair(b"b", b"") + b"\x00\x00",
+        pair(b"a", b"1") + pair(b"b", b"2.5") + b"\x00\x00",
+        # No end marker: the next box, or nothing.
+        pair(b"a", b"1") + pair(b"b", b"2") + pair(b"_answer", b"1") + b"\x00\x00",
+        pair(b"a", b"1") + pair(b"b", b"2"),
+        b"",
+    ],
+)
+def test_parser_refuses_what_is_not_the_usual_layout(rest: bytes) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - any exception: the box goes the general way
+        Sum._parse_arguments(b"\x00\x00" + rest, 2)  # type: ignore[misc]
+
+
+def test_parser_expects_keys_sorted_by_their_bytes() -> None:
+    # b"ab" < b"b", though its header (with the length prefix) sorts after.
+    data, offset = ask_rest(Mixed, **MIXED)
+    assert data[offset:].startswith(pair(b"ab", "héllo".encode()) + pair(b"b", b"-7"))
+    swapped = (
+        data[:offset]
+        + pair(b"b", b"-7")
+        + pair(b"ab", "héllo".encode())
+        + data[offset + len(pair(b"ab", "héllo".encode()) + pair(b"b", b"-7")) :]
+    )
+    assert Mixed._decode_arguments(parse_boxes(swapped)[0]) == Mixed._decode_arguments(
+        parse_boxes(data)[0]
+    )
+    with pytest.raises(Exception):  # noqa: B017
+        Mixed._parse_arguments(swapped, offset)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (b"flag", b"true"),
+        (b"flag", b"1"),
+        (b"ratio", b"half"),
+        (b"ab", b"\xff"),
+        (b"shout", b"\xc3"),
+        (b"b", b"0x10"),
+    ],
+)
+def test_parser_refuses_a_value_that_does_not_decode(key: bytes, value: bytes) -> None:
+    data, offset = ask_rest(Mixed, **MIXED)
+    box = {**BoxDecoder().receive_data(data)[0], key: value}
+    bad = encode_box(box)
+    with pytest.raises(Exception):  # noqa: B017
+        Mixed._parse_arguments(bad, offset)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="does not decode"):
+        Mixed._decode_arguments(box)
+
+
+def test_parser_refuses_every_truncation() -> None:
+    for data, offset, parser in [
+        (*ask_rest(Mixed, **MIXED), Mixed._parse_arguments),
+        (*ask_rest(Mixed, **{**MIXED, "maybe": 5, "short": None}), Mixed._parse_arguments),
+        (Mixed._encode_answer(b"1", {"total": 1, "ok": True}), 12, Mixed._parse_response),
+        (
+            Mixed._encode_answer(b"1", {"total": 1, "note": "x", "ok": True}),
+            12,
+            Mixed._parse_response,
+        ),
+    ]:
+        assert parser is not None
+        assert parser(data, offset)[1] == len(data)
+        for cut in range(offset, len(data)):
+            with pytest.raises(Exception):  # noqa: B017
+                parser(data[:cut], offset)
+
+
+def test_there_are_no_parsers_for_multi_key_types_or_descriptors() -> None:
+    assert Wide._arguments_schema.multi_key
+    assert (Wide._parse_arguments, Wide._parse_response) == (None, None)
+    assert (Split._parse_arguments, Split._parse_response) == (None, None)
+    # Only the side with the multi-key type goes without.
+    assert SplitNote._parse_arguments is None
+    assert SplitNote._parse_response is not None
+    assert Handed._uses_descriptors
+    assert (Handed._parse_arguments, Handed._parse_response) == (None, None)
+
+
+def test_subclass_gets_its_own_parsers() -> None:
+    class More(Sum):
+        arguments = [*Sum.arguments, ("c", Integer())]
+
+    data, offset = ask_rest(More, a=1, b=2, c=3)
+    assert parsed(More._parse_arguments, data, offset) == {"a": 1, "b": 2, "c": 3}
+    with pytest.raises(Exception):  # noqa: B017
+        Sum._parse_arguments(data, offset)  # type: ignore[misc]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(),
+    st.text(),
+    st.binary(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none() | st.integers(min_value=-(10**30), max_value=10**30),
+    st.none() | st.binary(max_size=4),
+    st.binary(min_size=1, max_size=8),
+)
+def test_parse_of_the_encoding_is_the_decode_of_the_box(
+    b: int,
+    ab: str,
+    raw: bytes,
+    ratio: float,
+    flag: bool,
+    maybe: int | None,
+    short: bytes | None,
+    tag: bytes,
+) -> None:
+    values = {
+        "b": b,
+        "ab": ab,
+        "raw": raw,
+        "ratio": ratio,
+        "flag": flag,
+        "maybe": maybe,
+        "shout": ab,
+        "short": short,
+    }
+    data, offset = ask_rest(Mixed, tag, **values)
+    [box] = BoxDecoder(max_box_size=len(data)).receive_data(data)
+    assert parsed(Mixed._parse_arguments, data, offset) == Mixed._decode_arguments(box)
+    response = {"total": b, "note": None if maybe is None else ab, "ok": flag}
+    data = Mixed._encode_answer(tag, response)
+    [box] = BoxDecoder(max_box_size=len(data)).receive_data(data)
+    assert parsed(Mixed._parse_response, data, 4 + 7 + len(tag)) == Mixed._decode_response(box)
