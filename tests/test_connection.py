@@ -986,11 +986,6 @@ def test_a_box_over_a_limit_fails_as_without_parsers(
     assert conn.state is State.CLOSED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an answer the parser took but that is over max_keys by its count of values "
-    "swallows the next box",
-)
 def test_answer_over_the_key_count_of_its_values_is_not_merged_with_the_next() -> None:
     # Maybe's parser gives 2 values (both None) for an answer with 1 key: with
     # max_keys=2 the box is within the limit but its values count is not.

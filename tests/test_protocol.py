@@ -1040,11 +1040,6 @@ async def test_answer_that_does_not_decode_fails_its_call_and_keeps_the_connecti
         assert not proto.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call whose answer was decoded in the read that also broke the protocol "
-    "is never resolved",
-)
 async def test_calls_answered_after_a_bad_answer_in_the_same_read_fail() -> None:
     # An answer for a tag never sent closes the connection and fails the pending
     # calls, including the one whose answer comes after it in the same read.

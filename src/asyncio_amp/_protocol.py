@@ -415,7 +415,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             # of pending by the connection: they fail like the others did.
             self._fail_pending(
                 self._close_cause,
-                [e[0] for e in remaining if type(e) is tuple and len(e) == 2],  # type: ignore[arg-type]
+                [e[0] for e in remaining if type(e) is tuple and len(e) == 2],
             )
         if len(events) > 1:
             self._gather = True
