@@ -369,7 +369,8 @@ def _compile_encoder(
             body.append(f"            parts += ({const(header)}, {prefix}, {p})")
         else:
             required += 1
-            body.append(f"    {v} = values.get({field.name!r})")
+            # A missing key raises KeyError: the caller's general path reports it.
+            body.append(f"    {v} = values[{field.name!r}]")
             body.append(f"    if {v} is None:")
             body.append("        raise _Fallback")
             body += ["    " + line for line in encode]
