@@ -16,7 +16,18 @@ takes what it must write (:meth:`data_to_send`). In between, the connection:
   every call, including calls that want no answer (as in Twisted, so tags have
   gaps). Tags are never reused on a connection. A peer's tags are opaque bytes,
   echoed as they came;
+* keeps the calls that wait for answers, by tag (:attr:`AMPConnection.pending`);
 * queues the encoded boxes to send.
+
+Decoding straight to values. Boxes usually come in one layout: keys sorted, as
+Twisted and we send them, so an answer starts with ``_answer`` and a call with
+``_ask`` then ``_command``. For those, the I/O layer can hand the connection
+parsers (built per Command, opaque here) that read the values straight from the
+bytes: one carried by each pending call for its answer, and a table of them by
+command name for the peer's calls (:attr:`AMPConnection.ask_parsers`). An answer
+or a call a parser takes comes as a plain tuple, ``(call, values)`` or
+``(handler, tag, values)``, with no box built; the call leaves ``pending``. Any
+box a parser refuses goes the box way, so faults are reported as without them.
 
 It has two states, in :class:`State`: ``OPEN`` and ``CLOSED``. Bad input from the
 peer does not raise: the connection moves to ``CLOSED``, records the
@@ -26,8 +37,8 @@ layer then logs the reason and closes the transport. When the transport closes
 for any reason, :meth:`connection_lost` moves the connection to ``CLOSED`` too,
 and anything that arrives afterwards is ignored.
 
-The connection knows boxes and tags, not Commands: matching answers to calls and
-running responders is the I/O layer's work.
+The connection knows boxes and tags, not Commands: resolving calls and running
+responders is the I/O layer's work.
 """
 
 from __future__ import annotations
