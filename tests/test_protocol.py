@@ -1056,3 +1056,45 @@ async def test_calls_answered_after_a_bad_answer_in_the_same_read_fail() -> None
         assert call.done()
         with pytest.raises(amp.ConnectionLostError, match="before Sum was answered"):
             await call
+
+
+class Cancel(amp.Command):
+    arguments: list[tuple[str, amp.Argument[Any]]] = []
+    response: list[tuple[str, amp.Argument[Any]]] = []
+
+
+async def test_call_cancelled_by_a_responder_earlier_in_the_same_read() -> None:
+    # The connection takes a decoded answer's call out of the pending calls while
+    # it parses the read; a responder run before that answer is handled may
+    # cancel the call. The late answer is then dropped, and the read goes on.
+    cancelled: list[asyncio.Future[Any]] = []
+
+    class Canceller(amp.AMPProtocol):
+        @Cancel.responder
+        def cancel(self) -> dict[str, Any]:
+            cancelled[0].cancel()
+            return {}
+
+    async with raw_server() as (port, peers):
+        loop = asyncio.get_running_loop()
+        _, proto = await loop.create_connection(Canceller, "127.0.0.1", port)
+        try:
+            first = proto.call_remote(Sum, a=1, b=1)
+            second = proto.call_remote(Sum, a=2, b=2)
+            cancelled.append(first)
+            peer = await accepted(peers)
+            tags = [(await peer.read_box())[b"_ask"] for _ in range(2)]
+            peer.writer.write(
+                encode_box({b"_ask": b"c1", b"_command": b"Cancel"})
+                + encode_box({b"_answer": tags[0], b"total": b"2"})
+                + encode_box({b"_answer": tags[1], b"total": b"4"})
+            )
+            assert await peer.read_box() == {b"_answer": b"c1"}
+            assert await second == {"total": 4}
+            assert first.cancelled()
+            assert not proto.closed
+            third = proto.call_remote(Sum, a=3, b=3)
+            peer.send({b"_answer": (await peer.read_box())[b"_ask"], b"total": b"6"})
+            assert await third == {"total": 6}
+        finally:
+            proto.close()

@@ -370,7 +370,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
                         # An answer the connection decoded: its call is out of pending.
                         call, result = event  # type: ignore[misc]
                         call._protocol = None
-                        call.set_result(result)
+                        try:  # noqa: SIM105 (a with block costs more on this path)
+                            call.set_result(result)
+                        except asyncio.InvalidStateError:
+                            pass  # cancelled by a responder run earlier in this read
                     elif self._busy < self._max_responders and not self._deferred:
                         self._dispatch(event)  # type: ignore[arg-type]
                     else:
