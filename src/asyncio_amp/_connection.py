@@ -180,7 +180,9 @@ class AMPConnection:
         "_decoder",
         "_events",
         "_outgoing",
+        "_skipped",
         "_tag_counter",
+        "_usual",
         "ask_parsers",
         "decode_values",
         "error",
@@ -199,6 +201,10 @@ class AMPConnection:
         self._events: list[Event] | None = None
         self._outgoing: list[bytes] | None = None
         self._tag_counter = 0
+        # True while the decoder holds no partial box, so the fast path of
+        # receive_data may parse; the bytes it parsed since the decoder last saw any.
+        self._usual = True
+        self._skipped = 0
         #: Our calls that wait for their answers, by tag: the I/O layer adds each
         #: call it sends and takes out each one it resolves. Each call has an
         #: ``answer_parser`` attribute: a [`Parser`][] or ``None``. With a parser,
@@ -246,15 +252,21 @@ class AMPConnection:
         events = self._events
         if events is None:
             events = self._events = []
-        decoder = self._decoder
-        if decoder._at_boundary:
+        if self._usual:
             parsed = self._receive_usual(data, events)
+            if parsed == len(data):
+                self._skipped += parsed
+                return
             if parsed:
-                decoder._skip(parsed)
-                if parsed == len(data):
-                    return
                 data = data[parsed:]
+            self._skipped += parsed
+        decoder = self._decoder
+        if self._skipped:
+            # The decoder counts stream offsets for its error messages.
+            decoder._skip(self._skipped)
+            self._skipped = 0
         boxes, error = decoder.receive_data_partial(data)
+        self._usual = decoder._at_boundary
         for box in boxes:
             try:
                 events.append(_classify(box))
