@@ -602,17 +602,9 @@ class Maybe(Command):
     response = [("note", String(optional=True)), ("more", String(optional=True))]
 
 
-class Call:
-    """What the I/O layer puts in ``pending``: the connection reads its answer_parser."""
-
-    __slots__ = ("answer_parser", "name")
-
-    def __init__(self, parser: object, name: str = "call") -> None:
-        self.answer_parser = parser
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<Call {self.name}>"
+def Call(parser: object, name: str = "call") -> tuple[object, str]:
+    """What the I/O layer puts in ``pending``: a tuple, its answer's parser first."""
+    return (parser, name)
 
 
 HANDLER = object()  # opaque to the connection

@@ -199,13 +199,66 @@ async def test_a_waiting_call_can_be_cancelled_before_it_is_sent() -> None:
             second = proto.call_remote(Slow, n=2)
             third = proto.call_remote(Slow, n=3)
             second.cancel()
-            assert len(proto._waiting) == 1
+            assert [held[0] for held in proto._waiting if not held[0].done()] == [third]
             Server.release.set()
             async with asyncio.timeout(LONG):
                 assert await first == {"n": 1}
                 assert await third == {"n": 3}
             # The cancelled call never took a tag: the third call was sent with tag 2.
             assert proto._conn._tag_counter == 2
+
+
+async def test_a_cancelled_sent_call_gives_its_place_back() -> None:
+    # The peer never answers the first call; once it is cancelled (a timeout), the
+    # next call takes its place, and the late answer to it is dropped.
+    Server.release = asyncio.Event()
+    try:
+        async with running_server(Server) as (_, port, _):
+            proto = await amp.connect(HOST, port, max_pending_calls=1)
+            async with proto:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await proto.call_remote(Slow, n=1)
+                second = proto.call_remote(Slow, n=2)
+                third = proto.call_remote(Slow, n=3)
+                await settle(lambda: b"2" in proto._pending, "the second call sent")
+                # The second call went out in the first one's place (tag 2); the
+                # third waits for a place.
+                assert list(proto._pending) == [b"2"]
+                assert [held[0] for held in proto._waiting] == [third]
+                Server.release.set()
+                async with asyncio.timeout(LONG):
+                    assert await second == {"n": 2}
+                    assert await third == {"n": 3}
+                    # The first call's answer came too, and was dropped.
+                    assert await proto.call_remote(Slow, n=4) == {"n": 4}
+                assert not proto.closed
+    finally:
+        Server.release = None
+
+
+async def test_many_cancelled_calls_give_their_places_back() -> None:
+    Server.release = asyncio.Event()
+    try:
+        async with running_server(Server) as (_, port, _):
+            proto = await amp.connect(HOST, port, max_pending_calls=10)
+            async with proto:
+                stuck = [proto.call_remote(Slow, n=i) for i in range(10)]
+                waiting = [proto.call_remote(Slow, n=i) for i in range(10, 30)]
+                for call in stuck:
+                    call.cancel()
+                await settle(lambda: len(proto._waiting) == 10, "ten waiting calls sent")
+                # The ten places were taken back at once: the next ten calls went
+                # out (tags 11 to 20), and the last ten wait their turn.
+                assert list(proto._pending) == [b"%x" % i for i in range(11, 21)]
+                assert [held[0] for held in proto._waiting] == waiting[10:]
+                Server.release.set()
+                async with asyncio.timeout(LONG):
+                    results = await asyncio.gather(*waiting)
+                assert [r["n"] for r in results] == list(range(10, 30))
+                assert not proto.closed
+    finally:
+        Server.release = None
 
 
 async def test_limits_are_keywords_and_attributes() -> None:

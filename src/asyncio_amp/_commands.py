@@ -873,6 +873,7 @@ class RawCommand:
 
     # The protocol's inline answer path calls this name first.
     _fast_response = _decode_response
+    _parse_response = None  # raw answers are boxes: nothing to decode straight to values
 
     def _exception_for(self, code: bytes, description: bytes) -> BaseException:
         text = description.decode("utf-8", "replace")

@@ -206,12 +206,12 @@ class AMPConnection:
         self._usual = True
         self._skipped = 0
         #: Our calls that wait for their answers, by tag: the I/O layer adds each
-        #: call it sends and takes out each one it resolves. Each call has an
-        #: ``answer_parser`` attribute: a [`Parser`][] or ``None``. With a parser,
-        #: the connection decodes an answer in the usual layout straight to its
-        #: values, takes the call out, and emits ``(call, values)`` instead of an
-        #: [`Answer`][].
-        self.pending: dict[bytes, Any] = {}
+        #: call it sends (:meth:`send_call`) and takes out each one it resolves.
+        #: Each call is a tuple whose first item is a [`Parser`][] for its answer
+        #: or ``None``; the rest is the I/O layer's. With a parser, the connection
+        #: decodes an answer in the usual layout straight to its values, takes the
+        #: call out, and emits ``(call, values)`` instead of an [`Answer`][].
+        self.pending: dict[bytes, tuple[Any, ...]] = {}
         #: Parsers for the peer's calls, by command name: ``(parser, handler)``.
         #: A call in the usual layout to a command here is decoded straight to its
         #: values and emitted as ``(handler, tag, values)`` instead of an
@@ -327,7 +327,7 @@ class AMPConnection:
         outgoing.append(data)
         return len(outgoing)
 
-    def send_call(self, parts: list[bytes], slot: int, call: Any) -> bytes:
+    def send_call(self, parts: list[bytes], slot: int, call: tuple[Any, ...]) -> bytes:
         """
         Queue a call box that wants an answer: take a tag and expect its answer.
 
@@ -404,7 +404,7 @@ class AMPConnection:
                     stop = p + (data[p - 2] << 8 | data[p - 1])
                     tag = data[p:stop]
                     call = pending.get(tag)
-                    if call is not None and (parse := call.answer_parser) is not None:
+                    if call is not None and (parse := call[0]) is not None:
                         try:
                             values, box_end = parse(data, stop)
                         except Exception:
