@@ -449,10 +449,11 @@ def _compile_parser(name: str, fields: tuple[_Field, ...]) -> Callable[..., Any]
         size = len(field.header)
         template = _INLINE_DECODE.get(type(field.argument), "_a{i}({x})")
         # Slices and indexing: cheaper here than startswith and struct.
-        parse = [
-            "p = s + (data[s - 2] << 8 | data[s - 1])",
-            f"{v} = {template.format(x='data[s:p]', i=index)}",
-        ]
+        parse = ["p = s + (data[s - 2] << 8 | data[s - 1])"]
+        if type(field.argument) not in (Integer, Float):
+            # A long value may not be all here yet: do not copy what came of it.
+            parse += ["if p > len(data):", "    raise LookupError"]
+        parse.append(f"{v} = {template.format(x='data[s:p]', i=index)}")
         if field.optional:
             body.append(f"    s = p + {size + 2}")
             body.append(f"    if data[p : s - 2] == {header}:")

@@ -449,6 +449,8 @@ class AMPConnection:
                     vpos = p + 2 + klen
                     (vlen,) = unpack(data, vpos)
                     stop = vpos + 2 + vlen
+                    if stop > end:
+                        return start  # incomplete: copy nothing of a long value
                     box[data[p + 2 : vpos]] = data[vpos + 2 : stop]
                     p = stop
                 # Every limit the general decoder checks pair by pair holds if the
