@@ -138,6 +138,16 @@ async def accepting_server(
         await server.wait_closed()
 
 
+async def eventually(predicate: Callable[[], bool], what: str) -> None:
+    """Wait, bounded in time and count, until ``predicate()`` is true."""
+    async with asyncio.timeout(LONG):
+        for _ in range(10_000):
+            if predicate():
+                return
+            await asyncio.sleep(0.002)
+    raise AssertionError(f"this never happened: {what}")
+
+
 async def accepted(peers: asyncio.Queue[PeerT]) -> PeerT:
     """The next connection the server accepted (bounded wait)."""
     async with asyncio.timeout(LONG):

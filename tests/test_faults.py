@@ -23,7 +23,7 @@ import struct
 import sys
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -39,6 +39,7 @@ from helpers import (
     accepted,
     accepting_server,
     client,
+    eventually,
     port_of,
     raw_connection,
     running_server,
@@ -220,16 +221,6 @@ class HoldingClient(amp.AMPProtocol):
 
 
 # Helpers
-
-
-async def eventually(predicate: Callable[[], bool], what: str) -> None:
-    """Wait, bounded in time and count, until ``predicate()`` is true."""
-    async with asyncio.timeout(LONG):
-        for _ in range(10_000):
-            if predicate():
-                return
-            await asyncio.sleep(0.002)
-    raise AssertionError(f"this never happened: {what}")
 
 
 async def nth_protocol(protocols: list[amp.AMPProtocol], n: int) -> FaultServer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from helpers import (
     accepted,
     accepting_server,
     client,
+    eventually,
     port_of,
     raw_connection,
     running_server,
@@ -860,16 +860,6 @@ class GateServer(Server):
 
 def sum_call(tag: bytes, a: int, b: int) -> bytes:
     return encode_box({b"_ask": tag, b"_command": b"Sum", b"a": b"%d" % a, b"b": b"%d" % b})
-
-
-async def eventually(predicate: Callable[[], bool], what: str) -> None:
-    """Wait, bounded in time and count, until ``predicate()`` is true."""
-    async with asyncio.timeout(LONG):
-        for _ in range(10_000):
-            if predicate():
-                return
-            await asyncio.sleep(0.002)
-    raise AssertionError(f"this never happened: {what}")
 
 
 async def only_protocol(protocols: list[amp.AMPProtocol]) -> amp.AMPProtocol:
