@@ -43,7 +43,6 @@ __all__ = ["Command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
 # The attribute @Command.responder sets on a function: the Command classes it answers.
 RESPONDER_ATTRIBUTE = "__amp_responds_to__"
 
@@ -454,14 +453,13 @@ def _compile_parser(name: str, fields: tuple[_Field, ...]) -> Callable[..., Any]
             # A long value may not be all here yet: do not copy what came of it.
             parse += ["if p > len(data):", "    raise LookupError"]
         parse.append(f"{v} = {template.format(x='data[s:p]', i=index)}")
+        body.append(f"    s = p + {size + 2}")
         if field.optional:
-            body.append(f"    s = p + {size + 2}")
             body.append(f"    if data[p : s - 2] == {header}:")
             body += ["        " + line for line in parse]
             body.append("    else:")
             body.append(f"        {v} = None")
         else:
-            body.append(f"    s = p + {size + 2}")
             body.append(f"    if data[p : s - 2] != {header}:")
             body.append("        raise LookupError")
             body += ["    " + line for line in parse]

@@ -371,12 +371,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 if self._debug and kind is not Failure:
                     logger.debug("< %s %r", self._peer, event.box)  # type: ignore[union-attr]
                 if kind is Answer:
-                    # The usual case inline: a pending call, a box its compiled
-                    # decoder takes. Anything else goes the general way.
-                    sent = self._pending.pop(event.tag, None)  # type: ignore[union-attr,arg-type]
-                    if sent is None or sent[1].done():
-                        self._answer_received(event, sent)  # type: ignore[arg-type]
-                    else:
+                    # A box the connection did not decode: its compiled decoder
+                    # first, the general way for anything it does not take.
+                    sent = self._take_call(event.tag)  # type: ignore[union-attr,arg-type]
+                    if sent is not None:
                         command = sent[2]
                         try:
                             if command._uses_descriptors:
@@ -868,6 +866,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._send_waiting()
 
     def _take_call(self, tag: bytes) -> _Sent | None:
+        """The call ``tag`` answers, out of pending; ``None`` if it was cancelled or never sent."""
         sent = self._pending.pop(tag, None)
         if sent is not None:
             if not sent[1].done():
@@ -882,16 +881,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._debug:
             logger.debug("= dropped the late answer to cancelled call %r", tag)
         return None
-
-    def _answer_received(self, event: Answer, sent: _Sent | None = None) -> None:
-        """An answer the inline path left: ``sent`` is its call if it was cancelled."""
-        if sent is not None:
-            if self._debug:
-                logger.debug("= dropped the late answer to cancelled call %r", event.tag)
-            return
-        sent = self._take_call(event.tag)
-        if sent is not None:
-            self._resolve(sent, event.box)
 
     def _resolve(self, sent: _Sent, box: Mapping[bytes, bytes]) -> None:
         """Complete a call (already taken from the pending calls) with its answer box."""
@@ -965,20 +954,21 @@ class AMPProtocol(asyncio.BufferedProtocol):
         tag: bytes | None
         if type(event) is tuple:
             # Decoded by the connection: a command we answer, and its arguments.
-            entry, tag, arguments = event
-            if self._shutting_down:
-                self._responded(encode_error(tag, SHUTDOWN_ERROR_CODE, SHUTDOWN_DESCRIPTION))
-                return
-            command, attribute, is_coroutine = entry
+            found, tag, arguments = event
         else:
+            found = None
             tag = event.tag  # type: ignore[union-attr]
-            if self._shutting_down:
-                self._responded(
-                    None
-                    if tag is None
-                    else encode_error(tag, SHUTDOWN_ERROR_CODE, SHUTDOWN_DESCRIPTION)
-                )
-                return
+        if self._shutting_down:
+            refusal = (
+                None
+                if tag is None
+                else encode_error(tag, SHUTDOWN_ERROR_CODE, SHUTDOWN_DESCRIPTION)
+            )
+            self._responded(refusal)
+            return
+        if found is not None:
+            command, attribute, is_coroutine = found
+        else:
             found = self._responder_table.get(event.command)  # type: ignore[union-attr]
             if found is None:
                 logger.warning(
