@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import os
 import pathlib
+import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 import asyncio_amp as amp
-from asyncio_amp._arguments import DescriptorExchange, descriptor_exchange
+from asyncio_amp._arguments import MAX_UNCLAIMED_FDS, DescriptorExchange, descriptor_exchange
 from helpers import HOST, LONG, SHORT, port_of
 
 
@@ -331,3 +334,164 @@ def test_descriptor_cannot_go_in_lists() -> None:
         amp.ListOf(amp.Descriptor())
     with pytest.raises(TypeError):
         amp.AmpList([("fd", amp.Descriptor())])
+
+
+# Bounds on UNIX sockets: descriptors waiting to go out, and ones nobody claims.
+
+
+class Fill(amp.Command):
+    arguments = [("size", amp.Integer())]
+    response = [("data", amp.Bytes())]
+
+
+class SlowPipe(amp.Command):
+    arguments = [("seconds", amp.Float())]
+    response = [("fd", amp.Descriptor())]
+
+
+class BoundedServer(Server):
+    @Fill.responder
+    def fill(self, size: int) -> dict[str, Any]:
+        return {"data": b"f" * size}
+
+    @SlowPipe.responder
+    async def slow_pipe(self, seconds: float) -> dict[str, Any]:
+        await asyncio.sleep(seconds)
+        return self.open_pipe(b"late")
+
+
+@contextlib.asynccontextmanager
+async def bounded_server(
+    tmp_path: pathlib.Path,
+) -> AsyncIterator[tuple[str, list[BoundedServer]]]:
+    path = str(tmp_path / "bounded.sock")
+    servers: list[BoundedServer] = []
+
+    def build() -> BoundedServer:
+        servers.append(BoundedServer())
+        return servers[-1]
+
+    server = await amp.serve(build, path=path)
+    try:
+        yield path, servers
+    finally:
+        server.close()
+        for protocol in servers:
+            protocol.close()
+            await asyncio.wait_for(protocol.wait_closed(), LONG)
+        await server.wait_closed()
+
+
+def call_box(tag: int, command: bytes, **values: bytes) -> bytes:
+    box = {b"_ask": b"%x" % tag, b"_command": command}
+    box.update({key.encode(): value for key, value in values.items()})
+    return amp.encode_box(box)
+
+
+@pytest.mark.asyncio_loop_only
+async def test_a_descriptor_waiting_to_go_out_pauses_writing(
+    tmp_path: pathlib.Path, amp_loop: str
+) -> None:
+    # The peer does not read; one answer carries a descriptor, then 30 kB ones.
+    loop = asyncio.get_running_loop()
+    async with bounded_server(tmp_path) as (path, servers):
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(peer, path), LONG)
+            calls = 2000
+            data = call_box(1, b"OpenPipe", text=b"x") + b"".join(
+                call_box(i, b"Fill", size=b"30000") for i in range(2, calls + 2)
+            )
+            sent = 0
+            async with asyncio.timeout(LONG):
+                while sent < len(data):  # the server reads until it holds back
+                    try:
+                        sent += peer.send(data[sent:])
+                    except BlockingIOError:
+                        if servers and servers[0]._reading_paused:
+                            break
+                        await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            server = servers[0]
+            cpu, wall = time.process_time(), time.monotonic()
+            await asyncio.sleep(0.5)
+            cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+            assert server._writing_paused
+            assert server._reading_paused
+            assert server._conn.queued_bytes < 8 * 1024 * 1024
+            assert cpu < 0.2 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s: polling"
+            # Now the peer reads: every answer comes.
+            decoder = amp.BoxDecoder()
+            answers: list[amp.Box] = []
+            async with asyncio.timeout(LONG):
+                while len(answers) < calls + 1:
+                    if sent < len(data):
+                        with contextlib.suppress(BlockingIOError):
+                            sent += peer.send(data[sent:])
+                    chunk = await loop.sock_recv(peer, 1 << 20)
+                    assert chunk, "the server closed the connection"
+                    answers += decoder.receive_data(chunk)
+            assert sorted(int(a[b"_answer"], 16) for a in answers) == list(range(1, calls + 2))
+        finally:
+            peer.close()
+
+
+@pytest.mark.asyncio_loop_only
+async def test_descriptors_that_no_box_claims_are_bounded(
+    tmp_path: pathlib.Path, amp_loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop = asyncio.get_running_loop()
+    read_end, write_end = os.pipe()
+    before = open_fds()
+    async with bounded_server(tmp_path) as (path, _servers):
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(peer, path), LONG)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write_end] * 10))]
+            decoder = amp.BoxDecoder()
+            answers: list[amp.Box] = []
+            async with asyncio.timeout(LONG):
+                for i in range(200):
+                    # A plain call that names no descriptor, carrying ten.
+                    box = call_box(i + 1, b"Plain", n=b"%d" % i)
+                    while True:
+                        try:
+                            assert peer.sendmsg([box], rights) == len(box)
+                            break
+                        except BlockingIOError:
+                            await asyncio.sleep(0.01)
+                while len(answers) < 200:
+                    answers += decoder.receive_data(await loop.sock_recv(peer, 65536))
+            assert len(answers) == 200
+            held = open_fds() - before
+            assert held <= MAX_UNCLAIMED_FDS + 16, f"{held} descriptors held"
+            assert any("no box claims" in r.getMessage() for r in caplog.records)
+        finally:
+            peer.close()
+    os.close(write_end)
+    assert read_all(read_end) == b""  # every copy of the write end was closed
+    os.close(read_end)
+
+
+@pytest.mark.asyncio_loop_only
+async def test_the_late_answer_to_a_cancelled_call_closes_its_descriptors(
+    tmp_path: pathlib.Path, amp_loop: str
+) -> None:
+    before = open_fds()
+    async with bounded_server(tmp_path) as (path, _servers):
+        client = await asyncio.wait_for(amp.connect(path=path), LONG)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(client.call_remote(SlowPipe, seconds=0.2), 0.01)
+            await asyncio.sleep(0.4)  # the answer comes, with its descriptor
+            # A call after it: its answer comes after the late one.
+            assert await asyncio.wait_for(client.call_remote(Plain, n=1), LONG) == {"n": 1}
+            assert client._fds is not None
+            assert not client._fds._unclaimed
+        finally:
+            client.close()
+            await asyncio.wait_for(client.wait_closed(), LONG)
+    await asyncio.sleep(0)
+    assert open_fds() == before

@@ -982,7 +982,8 @@ async def test_bad_input_from_a_peer_that_does_not_read_closes_the_connection(
     """
     caplog.set_level(logging.INFO, logger="asyncio_amp")
     probe = Probe()
-    # Enough responders that the server keeps reading while its answers are held.
+    # The server keeps reading while its answers are held: a call of its own waits
+    # for its answer (and the peer never answers it).
     factory = functools.partial(FaultServer, probe, max_responders=1000)
     async with (
         running_server(factory) as (_, port, protocols),
@@ -991,9 +992,9 @@ async def test_bad_input_from_a_peer_that_does_not_read_closes_the_connection(
         async with raw_connection(port) as (_, writer):
             victim = await nth_protocol(protocols, 2)
             try:
+                pending = victim.call_remote(Ping, n=1)
                 writer.write(flood())
                 await backed_up(victim)
-                pending = victim.call_remote(Ping, n=1)  # waits: writing is paused
                 writer.write(b"\x00\x00")
                 await expect_lost(pending, "before Ping was answered")
                 [warning] = amp_records(caplog, logging.WARNING)

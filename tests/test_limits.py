@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import pytest
 
 import asyncio_amp as amp
 from asyncio_amp import encode_box
-from helpers import HOST, LONG, raw_connection, running_server
+from helpers import (
+    HOST,
+    LONG,
+    TIME,
+    accepted,
+    accepting_server,
+    client,
+    raw_connection,
+    running_server,
+)
 
 ANSWER_SIZE = 60_000
 
@@ -126,7 +138,7 @@ async def test_a_peer_that_never_reads_answers_is_held_back(traced: None) -> Non
         assert [a[b"_answer"] for a in answers] == [b"%x" % (i + 1) for i in range(calls)]
         assert all(a[b"data"] == bytes([i % 256]) * ANSWER_SIZE for i, a in enumerate(answers))
         assert not server._reading_paused
-        assert server._busy == 0
+        assert server._flow.working == 0
 
 
 async def test_a_flood_of_pipelined_calls_runs_at_most_max_responders(traced: None) -> None:
@@ -144,7 +156,7 @@ async def test_a_flood_of_pipelined_calls_runs_at_most_max_responders(traced: No
         assert server._reading_paused
         assert Server.running == 50
         # What is held: at most one read's worth of calls, not the whole flood.
-        assert len(server._deferred) < calls
+        assert len(server._flow.deferred) < calls
         held = tracemalloc.get_traced_memory()[0] - before
         assert held < 8 * 1024 * 1024
         Server.release.set()
@@ -290,3 +302,260 @@ async def test_serve_and_connect_set_limits() -> None:
                     await proto.call_remote(Pair, a=1, b=2)  # 4 keys: refused
     with pytest.raises(ValueError, match="max_responders"):
         await amp.serve(Server, HOST, 0, max_responders=0)
+
+
+# Calls in both directions at the limits, responders that end in cancellation,
+# waits that spin: regressions found by an adversarial review.
+
+
+class Work(amp.Command):
+    arguments = [("n", amp.Integer()), ("data", amp.Bytes())]
+    response = [("n", amp.Integer()), ("data", amp.Bytes())]
+
+
+class Lookup(amp.Command):
+    arguments = [("n", amp.Integer()), ("data", amp.Bytes())]
+    response = [("n", amp.Integer()), ("data", amp.Bytes())]
+
+
+class CallsBack(amp.AMPProtocol):
+    """Answers Work by calling Lookup on the peer; answers Lookup at once."""
+
+    size = 0
+
+    @Work.responder
+    async def work(self, n: int, data: bytes) -> dict[str, Any]:
+        answer = await self.call_remote(Lookup, n=n, data=b"l" * type(self).size)
+        return {"n": answer["n"], "data": b"w" * type(self).size}
+
+    @Lookup.responder
+    def lookup(self, n: int, data: bytes) -> dict[str, Any]:
+        return {"n": n + 1, "data": b"a" * len(data)}
+
+
+class CallsBackBig(CallsBack):
+    size = 60_000
+
+
+@pytest.mark.parametrize("calls", [99, 100, 300])
+async def test_responders_that_call_back_the_peer_over_max_responders(calls: int) -> None:
+    # The server's responders wait for the client's answers: at the limit, the
+    # server must still read those answers.
+    async with (
+        running_server(CallsBack) as (_, port, _protocols),
+        client(port, CallsBack) as proto,
+    ):
+        async with asyncio.timeout(LONG):
+            answers = await asyncio.gather(
+                *(proto.call_remote(Work, n=i, data=b"") for i in range(calls))
+            )
+        assert [a["n"] for a in answers] == [i + 1 for i in range(calls)]
+
+
+@pytest.mark.parametrize("max_responders", [1, 100])
+async def test_both_sides_call_each_other_at_their_limits_with_big_values(
+    max_responders: int,
+) -> None:
+    # Both sides answer Work by calling the other's Lookup, 60 kB each way, with
+    # small transport buffers: 300 calls each way, 1,200 boxes in all.
+    calls = 300
+    async with running_server(CallsBackBig, max_responders=max_responders) as (
+        _,
+        port,
+        protocols,
+    ):
+        async with asyncio.timeout(LONG):
+            proto = await amp.connect(
+                HOST, port, protocol_factory=CallsBackBig, max_responders=max_responders
+            )
+        try:
+            server_side = await only(protocols)
+            for side in (proto, server_side):
+                assert side.transport is not None
+                side.transport.set_write_buffer_limits(high=16 * 1024)
+            async with asyncio.timeout(3 * LONG):
+                mine = [proto.call_remote(Work, n=i, data=b"x" * 60_000) for i in range(calls)]
+                theirs = [
+                    server_side.call_remote(Work, n=i, data=b"y" * 60_000) for i in range(calls)
+                ]
+                answers = await asyncio.gather(*mine, *theirs)
+            assert [a["n"] for a in answers] == [i + 1 for i in range(calls)] * 2
+            assert all(a["data"] == b"w" * 60_000 for a in answers)
+            for side in (proto, server_side):
+                assert side._flow.working == 0
+                assert side._flow.lending == 0
+                assert not side._reading_paused
+        finally:
+            proto.close()
+            async with asyncio.timeout(LONG):
+                await proto.wait_closed()
+
+
+async def only(protocols: list[amp.AMPProtocol]) -> amp.AMPProtocol:
+    await settle(lambda: len(protocols) == 1, "one connection")
+    return protocols[0]
+
+
+class Nested(amp.Command):
+    arguments = [("depth", amp.Integer())]
+    response = [("depth", amp.Integer())]
+
+
+class NestedServer(amp.AMPProtocol):
+    """Answers Nested(depth) by calling Nested(depth - 1) on the peer, down to 0."""
+
+    @Nested.responder
+    async def nested(self, depth: int) -> dict[str, int]:
+        if depth == 0:
+            await asyncio.sleep(0)
+            return {"depth": 0}
+        answer = await self.call_remote(Nested, depth=depth - 1)
+        return {"depth": answer["depth"] + 1}
+
+
+async def test_nested_calls_in_both_directions_with_one_responder_each() -> None:
+    # Each level of nesting waits on the other side; with one place a side,
+    # a responder that waits on the peer must lend its place.
+    async with (
+        running_server(NestedServer, max_responders=1, max_pending_calls=1) as (_, port, _p),
+    ):
+        async with asyncio.timeout(LONG):
+            proto = await amp.connect(
+                HOST, port, protocol_factory=NestedServer, max_responders=1, max_pending_calls=1
+            )
+        try:
+            async with asyncio.timeout(LONG):
+                answers = await asyncio.gather(
+                    *(proto.call_remote(Nested, depth=d) for d in (5, 4, 3, 6, 1, 0))
+                )
+            assert [a["depth"] for a in answers] == [5, 4, 3, 6, 1, 0]
+        finally:
+            proto.close()
+            async with asyncio.timeout(LONG):
+                await proto.wait_closed()
+
+
+class Sleep(amp.Command):
+    arguments = [("seconds", amp.Float())]
+    response: ClassVar[list[tuple[str, amp.Argument[Any]]]] = []
+
+
+class Sleeper(amp.AMPProtocol):
+    @Sleep.responder
+    async def sleep(self, seconds: float) -> dict[str, Any]:
+        await asyncio.sleep(seconds)
+        return {}
+
+
+@pytest.mark.parametrize("max_pending_calls", [1, 1000])
+async def test_calls_waiting_for_max_pending_calls_leave_the_cpu_idle(
+    max_pending_calls: int,
+) -> None:
+    # Waiting for a place is waiting: the loop must not spin meanwhile.
+    wait = 0.5 * TIME
+    async with (
+        running_server(Sleeper) as (_, port, _protocols),
+        client(port) as proto,
+    ):
+        proto.max_pending_calls = max_pending_calls
+        calls = [proto.call_remote(Sleep, seconds=wait) for _ in range(max_pending_calls + 1)]
+        await asyncio.sleep(0.05 * TIME)  # the first calls are sent, the last one waits
+        assert proto._waiting
+        cpu, wall = time.process_time(), time.monotonic()
+        async with asyncio.timeout(LONG):
+            await asyncio.gather(*calls)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        assert wall >= wait  # the last call waited for the first ones
+        assert cpu < 0.2 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s of waiting"
+
+
+request_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_id", default=None)
+
+
+class Remember(amp.Command):
+    arguments = [("n", amp.Integer())]
+    response = [("seen", amp.Integer())]
+
+
+class Sum(amp.Command):
+    arguments = [("a", amp.Integer()), ("b", amp.Integer())]
+    response = [("total", amp.Integer())]
+
+
+class ContextServer(amp.AMPProtocol):
+    gate: asyncio.Event | None = None
+
+    @Remember.responder
+    async def remember(self, n: int) -> dict[str, int]:
+        seen = request_id.get()
+        request_id.set(n)
+        assert self.gate is not None
+        await self.gate.wait()
+        return {"seen": -1 if seen is None else seen}
+
+    @Sum.responder
+    def sum(self, a: int, b: int) -> dict[str, int]:
+        seen = request_id.get()
+        request_id.set(a)
+        return {"total": -1 if seen is None else seen}
+
+
+@pytest.mark.parametrize("max_responders", [1, 2, 100])
+async def test_no_request_sees_the_context_of_another(max_responders: int) -> None:
+    ContextServer.gate = asyncio.Event()
+    async with (
+        running_server(ContextServer, max_responders=max_responders) as (_, port, _p),
+        client(port) as proto,
+    ):
+        calls = [proto.call_remote(Remember, n=i) for i in range(6)]
+        sums = [proto.call_remote(Sum, a=i, b=0) for i in range(3)]
+        await asyncio.sleep(0.05 * TIME)
+        ContextServer.gate.set()
+        async with asyncio.timeout(LONG):
+            answers = await asyncio.gather(*calls)
+            totals = await asyncio.gather(*sums)
+        assert [a["seen"] for a in answers] == [-1] * 6
+        # Plain responders that waited for a place run in a fresh context too.
+        if max_responders < 6:
+            assert [t["total"] for t in totals] == [-1] * 3
+
+
+class Bulk(amp.Command):
+    arguments = [("data", amp.Bytes())]
+    response: ClassVar[list[tuple[str, amp.Argument[Any]]]] = []
+
+
+async def test_a_burst_of_calls_stops_at_the_transports_high_water_mark() -> None:
+    # 2,000 calls of 60 kB in one turn to a peer that does not read.
+    async with accepting_server(Silent) as (port, peers):
+        async with asyncio.timeout(LONG):
+            proto = await amp.connect(HOST, port)
+        try:
+            await accepted(peers)
+            assert proto.transport is not None
+            high = proto.transport.get_write_buffer_limits()[1]
+            payload = b"p" * 60_000
+            calls = [proto.call_remote(Bulk, data=payload) for _ in range(2000)]
+            for _ in range(5):
+                await asyncio.sleep(0)
+            buffered = proto.transport.get_write_buffer_size()
+            assert buffered <= high + 2 * 65_536 + 2 * len(payload), buffered
+            assert proto._writing_paused
+            # What was not written waits as the calls' parts, which hold the
+            # callers' own bytes rather than copies.
+            assert proto._waiting
+            assert all(held[2][-2] is payload for held in proto._waiting), "copied"
+            for call in calls:
+                call.cancel()
+        finally:
+            proto.transport.abort()  # type: ignore[union-attr]
+            async with asyncio.timeout(LONG):
+                await proto.wait_closed()
+
+
+class Silent:
+    """An accepted connection that never reads."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        writer.transport.pause_reading()

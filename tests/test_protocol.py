@@ -15,6 +15,7 @@ from helpers import (
     HOST,
     LONG,
     SHORT,
+    TIME,
     accepted,
     accepting_server,
     client,
@@ -724,8 +725,17 @@ async def test_traffic_is_logged_at_debug_only(caplog: pytest.LogCaptureFixture)
     async with running_server(Server) as (_, port, _), client(port) as proto:
         await proto.call_remote(Sum, a=1, b=1)
     messages = [r.getMessage() for r in caplog.records if r.name == "asyncio_amp"]
-    assert any(m.startswith("> ") and "_command" in m for m in messages)
-    assert any(m.startswith("< ") and "_answer" in m for m in messages)
+    # Both directions are logged the same way: each box as its dict.
+    sent = [m for m in messages if m.startswith("> ")]
+    received = [m for m in messages if m.startswith("< ")]
+    assert any(
+        m.endswith("{b'_ask': b'1', b'_command': b'Sum', b'a': b'1', b'b': b'1'}") for m in sent
+    )
+    assert any(
+        m.endswith("{b'_ask': b'1', b'_command': b'Sum', b'a': b'1', b'b': b'1'}") for m in received
+    )
+    assert any(m.endswith("{b'_answer': b'1', b'total': b'2'}") for m in sent)
+    assert any(m.endswith("{b'_answer': b'1', b'total': b'2'}") for m in received)
 
 
 async def test_repr_and_context_manager() -> None:
@@ -947,8 +957,8 @@ async def test_calls_during_shutdown_are_answered_shutdown() -> None:
 
 
 async def test_calls_held_over_max_responders_are_answered_shutdown_after_it() -> None:
-    # Read with the call that takes the only responder: held until it is done,
-    # and by then the server is shutting down.
+    # Read with the call that takes the only responder: held, and still waiting
+    # when the server starts shutting down.
     async with (
         running_server(GateServer, max_responders=1) as (_, port, protocols),
         raw_connection(port) as (reader, writer),
@@ -962,14 +972,15 @@ async def test_calls_held_over_max_responders_are_answered_shutdown_after_it() -
         assert isinstance(server_side, GateServer)
         async with asyncio.timeout(LONG):
             await server_side.entered.wait()
-        await eventually(lambda: len(server_side._deferred) == 2, "both calls are held")
+        await eventually(lambda: len(server_side._flow.deferred) == 2, "both calls are held")
         # Held as the connection decoded them.
-        assert all(type(call) is tuple for call in server_side._deferred)
+        assert all(type(call) is tuple for call in server_side._flow.deferred)
         shutdown = asyncio.create_task(server_side.shutdown(grace=LONG))
         await asyncio.sleep(0)  # shutdown() starts
         server_side.open.set()
-        assert await read_boxes(reader, 3) == [
-            {b"_answer": b"g", b"value": b"5"},
+        # The held calls are refused as the shutdown starts; the running one answers.
+        boxes = await read_boxes(reader, 3)
+        assert sorted(boxes, key=lambda box: box.get(b"_answer", box.get(b"_error"))) == [
             *(
                 {
                     b"_error": tag,
@@ -978,6 +989,7 @@ async def test_calls_held_over_max_responders_are_answered_shutdown_after_it() -
                 }
                 for tag in (b"1", b"2")
             ),
+            {b"_answer": b"g", b"value": b"5"},
         ]
         async with asyncio.timeout(LONG):
             await shutdown
@@ -1089,3 +1101,139 @@ async def test_call_cancelled_by_a_responder_earlier_in_the_same_read() -> None:
             assert await third == {"total": 6}
         finally:
             proto.close()
+
+
+# Every way a responder can end answers and frees its place.
+
+
+class Wait(amp.Command):
+    arguments = [("n", amp.Integer())]
+    response = [("n", amp.Integer())]
+
+
+class Touchy(Exception):
+    """A mapped exception whose text cannot be made."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+class Fragile(amp.Command):
+    arguments = [("n", amp.Integer())]
+    response = [("n", amp.Integer())]
+    errors = {Touchy: "TOUCHY"}
+
+
+class Quit(amp.Command):
+    arguments = [("n", amp.Integer())]
+    response = [("n", amp.Integer())]
+
+
+class EndingServer(amp.AMPProtocol):
+    shared: asyncio.Future[None] | None = None
+
+    @Wait.responder
+    async def wait(self, n: int) -> dict[str, int]:
+        assert self.shared is not None
+        await asyncio.shield(self.shared)  # cancelled by other code
+        return {"n": n}
+
+    @Fragile.responder
+    async def fragile(self, n: int) -> dict[str, int]:
+        if n % 2:
+            raise Touchy()
+        return {"n": n}
+
+    @Quit.responder
+    async def quit(self, n: int) -> dict[str, int]:
+        await self.shutdown(grace=LONG)
+        return {"n": n}
+
+
+@contextlib.contextmanager
+def loop_errors() -> Any:
+    """Collect what the event loop reports to its exception handler."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        yield reported
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_a_responder_ending_in_cancelled_error_answers_and_frees_its_place() -> None:
+    EndingServer.shared = asyncio.get_running_loop().create_future()
+    with loop_errors() as reported:
+        async with (
+            running_server(EndingServer, max_responders=2) as (_, port, _protocols),
+            client(port) as proto,
+        ):
+            calls = [proto.call_remote(Wait, n=i) for i in range(3)]
+            await asyncio.sleep(0.05 * TIME)
+            EndingServer.shared.cancel()
+            async with asyncio.timeout(LONG):
+                results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, amp.UnknownRemoteError) for r in results), results
+            # Every place is free again: max_responders more calls all run.
+            EndingServer.shared = asyncio.get_running_loop().create_future()
+            EndingServer.shared.set_result(None)
+            async with asyncio.timeout(LONG):
+                again = await asyncio.gather(*(proto.call_remote(Wait, n=i) for i in range(5)))
+            assert [a["n"] for a in again] == list(range(5))
+        assert reported == []
+
+
+async def test_a_responder_cancelled_by_other_code_answers_and_frees_its_place() -> None:
+    EndingServer.shared = asyncio.get_running_loop().create_future()
+    async with (
+        running_server(EndingServer, max_responders=1) as (_, port, protocols),
+        client(port) as proto,
+    ):
+        calls = [proto.call_remote(Wait, n=i) for i in range(2)]
+        server_side = await only_protocol(protocols)
+        await eventually(lambda: bool(server_side._tasks), "a responder runs")
+        for task in list(server_side._tasks or ()):
+            task.cancel()
+        async with asyncio.timeout(LONG):
+            first = await asyncio.gather(calls[0], return_exceptions=True)
+        assert isinstance(first[0], amp.UnknownRemoteError)
+        EndingServer.shared.set_result(None)
+        async with asyncio.timeout(LONG):
+            assert await calls[1] == {"n": 1}
+
+
+async def test_a_mapped_exception_whose_str_fails_answers_and_frees_its_place(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with loop_errors() as reported:
+        async with (
+            running_server(EndingServer, max_responders=2) as (_, port, _protocols),
+            client(port) as proto,
+        ):
+            async with asyncio.timeout(LONG):
+                results = await asyncio.gather(
+                    *(proto.call_remote(Fragile, n=i) for i in range(7)), return_exceptions=True
+                )
+            for i, result in enumerate(results):
+                if i % 2:
+                    assert isinstance(result, Touchy)
+                    assert result.args == ("Touchy",)
+                else:
+                    assert result == {"n": i}
+        assert reported == []
+    assert any("whose str() fails" in r.getMessage() for r in caplog.records)
+
+
+async def test_shutdown_awaited_in_a_responder_sends_its_answer_then_closes() -> None:
+    async with (
+        running_server(EndingServer) as (_, port, protocols),
+        client(port) as proto,
+    ):
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(LONG / 2):
+            assert await proto.call_remote(Quit, n=7) == {"n": 7}
+            await proto.wait_closed()
+            server_side = await only_protocol(protocols)
+            await server_side.wait_closed()
+        assert asyncio.get_running_loop().time() - started < LONG / 2

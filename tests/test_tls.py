@@ -19,7 +19,7 @@ import pathlib
 import random
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trustme
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import asyncio_amp as amp
-from helpers import HOST, LONG, client, running_server
+from helpers import HOST, LONG, TIME, client, running_server
 
 
 class Sum(amp.Command):
@@ -442,3 +442,45 @@ async def test_tls_over_a_unix_socket(
             assert proto.transport.get_extra_info("ssl_object") is not None
         with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
             await amp.connect(path=path, ssl=client_context(other_ca), server_hostname="localhost")
+
+
+class StopsReading(asyncio.Protocol):
+    """A TLS server side that stops reading once the handshake is done."""
+
+    accepted: ClassVar[list[asyncio.Transport]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.accepted.append(transport)
+        transport.pause_reading()
+
+
+@pytest.mark.parametrize("graceful", [False, True])
+async def test_close_over_tls_keeps_to_close_timeout(
+    ca: trustme.CA, server_cert: trustme.LeafCert, graceful: bool
+) -> None:
+    # Closing TLS waits for the peer's close_notify; a peer that stops reading
+    # never sends it, and the connection must go after close_timeout anyway.
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(StopsReading, HOST, 0, ssl=server_context(server_cert))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncio.timeout(LONG):
+            proto = await amp.connect(
+                HOST, port, ssl=client_context(ca), server_hostname=HOST, close_timeout=0.3
+            )
+        started = loop.time()
+        async with asyncio.timeout(LONG):
+            if graceful:
+                await proto.shutdown(grace=0.3)
+            else:
+                proto.close()
+                await proto.wait_closed()
+        assert loop.time() - started < 0.3 + 3 * TIME
+    finally:
+        for transport in StopsReading.accepted:
+            transport.abort()
+        StopsReading.accepted.clear()
+        server.close()
+        async with asyncio.timeout(LONG):
+            await server.wait_closed()

@@ -593,6 +593,14 @@ class BigString(_Chunked[str]):
         return data.decode("utf-8")
 
 
+# The most descriptors received that no decoded box has claimed yet. They come
+# with the bytes of the boxes that name them and are claimed as soon as those
+# boxes are decoded, so more than one message's worth (at most 253 on Linux)
+# waiting means the peer sends descriptors with boxes that name none: the
+# oldest are closed and dropped.
+MAX_UNCLAIMED_FDS = 256
+
+
 class DescriptorExchange:
     """
     The file descriptors one connection has sent and received (sans-I/O).
@@ -636,11 +644,23 @@ class DescriptorExchange:
             os.close(self.outgoing.pop())
             self._next_out -= 1
 
-    def received(self, fds: Iterable[int]) -> None:
-        """Take ownership of descriptors that arrived, in arrival order."""
+    def received(self, fds: Iterable[int]) -> int:
+        """
+        Take ownership of descriptors that arrived, in arrival order.
+
+        Returns:
+            How many descriptors received earlier and never claimed were closed
+            and dropped to keep to ``MAX_UNCLAIMED_FDS``.
+        """
+        unclaimed = self._unclaimed
         for fd in fds:
-            self._unclaimed[self._next_in] = fd
+            unclaimed[self._next_in] = fd
             self._next_in += 1
+        dropped = 0
+        while len(unclaimed) > MAX_UNCLAIMED_FDS:
+            os.close(unclaimed.pop(next(iter(unclaimed))))
+            dropped += 1
+        return dropped
 
     def receive(self, ordinal: int) -> int:
         """Return the descriptor the peer sent as ``ordinal``, claimed by the box being decoded."""

@@ -187,6 +187,7 @@ class AMPConnection:
         "decode_values",
         "error",
         "pending",
+        "queued_bytes",
         "state",
     )
 
@@ -200,6 +201,8 @@ class AMPConnection:
         # Created when first needed, so that an idle connection holds no lists.
         self._events: list[Event] | None = None
         self._outgoing: list[bytes] | None = None
+        #: How many bytes are queued to send (see :meth:`data_to_send`).
+        self.queued_bytes = 0
         self._tag_counter = 0
         # True while the decoder holds no partial box, so the fast path of
         # receive_data may parse; the bytes it parsed since the decoder last saw any.
@@ -320,6 +323,7 @@ class AMPConnection:
 
     def send(self, data: bytes) -> int:
         """Queue the bytes of one or more encoded boxes; return how many pieces are queued."""
+        self.queued_bytes += len(data)
         outgoing = self._outgoing
         if outgoing is None:
             self._outgoing = [data]
@@ -339,11 +343,13 @@ class AMPConnection:
         tag = b"%x" % n
         parts[slot] = PREFIXES[len(tag)] + tag
         self.pending[tag] = call
+        data = b"".join(parts)
+        self.queued_bytes += len(data)
         outgoing = self._outgoing
         if outgoing is None:
-            self._outgoing = [b"".join(parts)]
+            self._outgoing = [data]
         else:
-            outgoing.append(b"".join(parts))
+            outgoing.append(data)
         return tag
 
     def data_to_send(self) -> list[bytes]:
@@ -352,6 +358,7 @@ class AMPConnection:
         if outgoing is None:
             return []
         self._outgoing = None
+        self.queued_bytes = 0
         return outgoing
 
     @property

@@ -19,7 +19,14 @@ __all__ = ["connect", "serve"]
 P = TypeVar("P", bound=AMPProtocol)
 
 # The limits of AMPProtocol that serve() and connect() take as keywords.
-LIMITS = ("max_box_size", "max_keys", "max_responders", "max_pending_calls", "close_timeout")
+LIMITS = (
+    "max_box_size",
+    "max_keys",
+    "max_responders",
+    "max_pending_calls",
+    "max_queued_calls",
+    "close_timeout",
+)
 
 
 def _with_limits(factory: Callable[[], P], kwargs: dict[str, Any]) -> Callable[[], P]:
@@ -61,7 +68,7 @@ async def serve(
         ssl: A server-side ``ssl.SSLContext`` to accept TLS connections.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``close_timeout``), set on each
+            ``max_queued_calls``, ``close_timeout``), set on each
             protocol the factory builds; the rest is passed on to
             ``loop.create_server`` (or ``create_unix_server``).
 
@@ -123,7 +130,7 @@ async def connect(
             speak TLS.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``close_timeout``); the rest is
+            ``max_queued_calls``, ``close_timeout``); the rest is
             passed on to ``loop.create_connection`` (or
             ``create_unix_connection``), e.g. ``server_hostname``.
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -22,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self, cast, overload
 
-from ._arguments import DescriptorExchange, descriptor_exchange
+from ._arguments import MAX_UNCLAIMED_FDS, DescriptorExchange, descriptor_exchange
 from ._commands import (
     RESPONDER_ATTRIBUTE,
     Command,
@@ -34,7 +36,8 @@ from ._commands import (
 )
 from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError
-from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box
+from ._flow import DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
+from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
 
 __all__ = ["AMPProtocol"]
 
@@ -43,6 +46,12 @@ logger = logging.getLogger("asyncio_amp")
 # While handling one read, queued answers are written every this many boxes, so the
 # peer can start on the first answers while the rest are still being computed.
 WRITE_BATCH = 32
+
+# Queued bytes are written as soon as they reach this size, whatever else is
+# gathered, so that the transport can say it is full (pause_writing) before a
+# burst of calls is all copied into its buffer: what follows waits as the
+# callers' encoded parts.
+FLUSH_BYTES = 64 * 1024
 
 SHUTDOWN_DESCRIPTION = b"the peer is shutting down"
 
@@ -88,12 +97,10 @@ MAX_FDS_PER_MESSAGE = 253
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
-# How often a write that carries descriptors checks whether the transport's
-# buffer has drained (seconds).
-FD_WRITE_RETRY = 0.001
 
 # Default limits; see AMPProtocol's docstring.
 DEFAULT_MAX_RESPONDERS = 100
+# (DEFAULT_MAX_QUEUED_CALLS comes from _flow.)
 DEFAULT_MAX_PENDING_CALLS = 1000
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
@@ -120,6 +127,16 @@ def _label(command: type[Command] | RawCommand) -> str:
     return command.__qualname__
 
 
+def _log_sent(peer: str, data: bytes) -> None:
+    """Log a sent box at DEBUG as received ones are: as its dict of keys and values."""
+    try:
+        boxes: Any = parse_boxes(data)
+    except ProtocolError:
+        boxes = [data]
+    for box in boxes:
+        logger.debug("> %s %r", peer, box)
+
+
 def _format_peer(peername: Any) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
         host, port = peername[0], peername[1]
@@ -142,6 +159,29 @@ def _format_peer(peername: Any) -> str:
 # its place is taken back when max_pending_calls is reached (see _sweep).
 _Sent = tuple[Any, "asyncio.Future[Any]", "type[Command] | RawCommand"]
 _Held = tuple["asyncio.Future[Any]", "type[Command] | RawCommand", list[bytes], int]
+
+
+class _Responding:
+    """
+    A running responder, as its own calls to the peer see it.
+
+    Each responder task runs in its own context, where ``_responding`` holds this
+    record: a call the responder makes on the same connection then lends the
+    responder's place to the peer's other calls until it is answered (see
+    ``_flow``).
+    """
+
+    __slots__ = ("ended", "protocol", "waiting")
+
+    def __init__(self, protocol: AMPProtocol) -> None:
+        self.protocol = protocol
+        self.waiting = 0  # its calls on this connection not answered yet
+        self.ended = False
+
+
+_responding: contextvars.ContextVar[_Responding | None] = contextvars.ContextVar(
+    "asyncio_amp_responding", default=None
+)
 
 
 class AMPProtocol(asyncio.BufferedProtocol):
@@ -167,53 +207,69 @@ class AMPProtocol(asyncio.BufferedProtocol):
             box is bad input and closes the connection.
         max_keys: The most keys one received box may have (1,024); more is bad
             input and closes the connection.
-        max_responders: The most responders that may run at once on this
-            connection (100), counting those whose answer waits for the
-            transport. At the limit the protocol stops reading from the peer, so a
-            flooding peer is held back by TCP; calls already read wait their turn.
+        max_responders: The most responders that may work at once on this
+            connection (100). A responder that waits for the answer to its own
+            call on this connection does not count while it waits, and one whose
+            answer is queued no longer counts. At the limit, further calls wait
+            their turn in order, and the protocol stops reading from the peer, so
+            a flooding peer is held back by TCP; but it never stops reading while
+            a call of ours waits for its answer.
         max_pending_calls: The most calls of ours that may wait for an answer at
             once (1,000). Further calls wait, in order, before being sent.
+        max_queued_calls: How many more calls from the peer than
+            ``max_responders`` may be in our hands (running, or waiting for a
+            responder) while reading goes on because a call of ours waits for
+            its answer (10,000). More is a flood: the connection is closed as
+            for any broken limit. Calls our responders make back to the peer do
+            not wait for ``max_pending_calls``.
         close_timeout: How long [`close`][] lets the data already queued drain
             to the peer before it drops the connection anyway (10 seconds), so a
             peer that stops reading cannot keep a connection open.
 
     While the transport's write buffer is over its high-water mark
-    (``pause_writing``), new calls wait and answers are held back, counting
-    against ``max_responders``; everything goes on at ``resume_writing``.
+    (``pause_writing``), new calls wait as their encoded parts, answers stay
+    queued, and no new responder starts; everything goes on at
+    ``resume_writing``. ``_flow`` explains why no cycle of waits can close.
+
+    Each responder runs in a copy of the context the connection was made in, so
+    context variables that one request sets are never seen by another.
     """
 
     __slots__ = (
         "__weakref__",
         "_abort_handle",
         "_accepting",
-        "_busy",
         "_cancelled",
         "_close_after_flush",
         "_close_cause",
         "_close_timeout",
         "_closed_waiter",
         "_conn",
+        "_context",
         "_debug",
-        "_deferred",
+        "_fd_blocked",
+        "_fd_limits",
         "_fd_socket",
         "_fds",
+        "_flow",
         "_flush_handle",
         "_gather",
-        "_held",
         "_loop",
         "_lost",
         "_max_pending_calls",
-        "_max_responders",
         "_peer",
         "_pending",
         "_read_buffer",
         "_reading_paused",
         "_receiving",
-        "_releasing",
+        "_release_handle",
+        "_shutdown_handle",
         "_shutting_down",
         "_sweep_handle",
         "_tasks",
         "_waiting",
+        "_waiting_nested",
+        "_watching",
         "_writing_paused",
         "transport",
     )
@@ -252,31 +308,43 @@ class AMPProtocol(asyncio.BufferedProtocol):
         max_keys: int = DEFAULT_MAX_KEYS,
         max_responders: int = DEFAULT_MAX_RESPONDERS,
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
+        max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
         self._conn = AMPConnection(max_box_size=max_box_size, max_keys=max_keys)
-        self._max_responders = _positive("max_responders", max_responders)
+        self._flow = FlowControl(
+            _positive("max_responders", max_responders),
+            _positive("max_queued_calls", max_queued_calls),
+        )
         self._max_pending_calls = _positive("max_pending_calls", max_pending_calls)
         self._close_timeout = 0.0
         self.close_timeout = close_timeout
         self._abort_handle: asyncio.TimerHandle | None = None
         # Created when first needed: an idle connection should cost little memory.
         self._waiting: collections.deque[_Held] | tuple[()] = ()
-        self._busy = 0  # responders started whose answer is not yet with the transport
-        self._held = 0  # answers held back while writing is paused (part of _busy)
-        self._deferred: collections.deque[Ask | Called] | tuple[()] = ()
+        # Calls made by our responders to the peer that wait for writing to
+        # resume: they never wait for max_pending_calls (see _flow).
+        self._waiting_nested: collections.deque[_Held] | tuple[()] = ()
+        # True while cancellations of sent calls are watched, because calls wait
+        # for a place under max_pending_calls (see _send_waiting).
+        self._watching = False
         self._reading_paused = False
         self._writing_paused = False
-        self._releasing = False
+        self._release_handle: asyncio.Handle | None = None
+        # The context the connection was made in: each responder runs in a copy.
+        self._context: contextvars.Context | None = None
         self._shutting_down = False
+        # The end of the grace period of shutdown() called from a responder.
+        self._shutdown_handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._peer = "unconnected peer"
         # The connection's table: it takes out the calls whose answers it decodes.
         self._pending: dict[bytes, _Sent] = self._conn.pending
         self._conn.ask_parsers = self._ask_parsers
-        self._cancelled: dict[bytes, None] | None = None
+        # Tags of cancelled calls taken out of pending, with their commands.
+        self._cancelled: dict[bytes, type[Command] | RawCommand] | None = None
         self._tasks: set[asyncio.Task[None]] | None = None
         self._receiving = False
         self._flush_handle: asyncio.Handle | None = None
@@ -296,6 +364,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # duplicate socket they go through.
         self._fds: DescriptorExchange | None = None
         self._fd_socket: socket.socket | None = None
+        # While descriptors wait for the transport's buffer to drain: its own
+        # write buffer limits, replaced by zeros so that it says when it is empty.
+        self._fd_limits: tuple[int, int] | None = None
+        # True while descriptors wait for the socket to take more (EAGAIN).
+        self._fd_blocked = False
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -308,6 +381,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # Not an isinstance check: uvloop's transports do not derive from asyncio's.
         self.transport = cast(asyncio.Transport, transport)
         self._loop = loop = asyncio.get_running_loop()
+        self._context = contextvars.copy_context()
         self._accepting = not (
             self._close_after_flush or self._lost or self._close_cause or self._shutting_down
         )
@@ -349,6 +423,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if not events:
             return
         self._receiving = True
+        flow = self._flow
         remaining = iter(events)
         try:
             for event in remaining:
@@ -361,10 +436,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
                             sent[1].set_result(result)
                         except asyncio.InvalidStateError:
                             pass  # the call was cancelled: its answer is dropped
-                    elif self._busy < self._max_responders and not self._deferred:
+                    elif (
+                        flow.working < flow.max_responders
+                        and not flow.deferred
+                        and not flow.lending
+                        and not self._writing_paused
+                    ):
+                        flow.working += 1  # FlowControl.arrive, inline
                         self._dispatch(event)  # type: ignore[arg-type]
                     else:
-                        self._defer(event)  # type: ignore[arg-type]
+                        self._arrive(event)  # type: ignore[arg-type]
                     if self._close_cause is not None:
                         break
                     continue
@@ -373,7 +454,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 if kind is Answer:
                     # A box the connection did not decode: its compiled decoder
                     # first, the general way for anything it does not take.
-                    sent = self._take_call(event.tag)  # type: ignore[union-attr,arg-type]
+                    sent = self._take_call(event.tag, event.box)  # type: ignore[union-attr,arg-type]
                     if sent is not None:
                         command = sent[2]
                         try:
@@ -385,10 +466,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                         else:
                             sent[1].set_result(result)
                 elif kind is Ask:
-                    if self._busy < self._max_responders and not self._deferred:
-                        self._dispatch(event)  # type: ignore[arg-type]
-                    else:
-                        self._defer(event)  # type: ignore[arg-type]
+                    self._arrive(event)  # type: ignore[arg-type]
                 elif kind is ErrorAnswer:
                     self._error_received(event)  # type: ignore[arg-type]
                 else:
@@ -406,10 +484,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
             )
         if len(events) > 1:
             self._gather = True
-        if self._waiting:
+        if self._waiting or self._waiting_nested:
             self._send_waiting()
         if (conn.has_data_to_send and not self._writing_paused) or self._close_after_flush:
             self._flush()
+        if flow.deferred or self._writing_paused or self._reading_paused:
+            self._update_reading()
 
     def eof_received(self) -> bool | None:
         """The peer will send nothing more; close our side too."""
@@ -418,24 +498,31 @@ class AMPProtocol(asyncio.BufferedProtocol):
         return None
 
     def pause_writing(self) -> None:
-        """The transport's buffer is full: hold back calls and answers."""
+        """The transport's buffer is full: hold back calls, answers and new responders."""
         self._writing_paused = True
+        self._flow.pause_writing()
         if self._debug:
             logger.debug("= writing to %s paused", self._peer)
 
     def resume_writing(self) -> None:
         """The transport's buffer has drained: send what was held back."""
+        if self._fd_limits is not None and self.transport is not None:
+            # Descriptors waited for the buffer to drain: back to its own limits.
+            low, high = self._fd_limits
+            self._fd_limits = None
+            self.transport.set_write_buffer_limits(high=high, low=low)
         self._writing_paused = False
+        self._flow.resume_writing()
         if self._debug:
             logger.debug("= writing to %s resumed", self._peer)
         if self._lost:
             return
         self._flush()
-        held, self._held = self._held, 0
-        self._busy -= held
-        if self._waiting:
+        if (self._waiting or self._waiting_nested) and not self._writing_paused:
             self._send_waiting()
-        self._release()
+        if self._flow.deferred:
+            self._schedule_release()
+        self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """
@@ -454,7 +541,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._debug:
             logger.debug("= connection with %s lost: %s", self._peer, cause or "closed")
         self._fail_pending(cause)
-        self._deferred = ()
+        self._flow.drop_waiting()
         for task in self._tasks or ():
             task.cancel()
         if self._flush_handle is not None:
@@ -463,12 +550,20 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
+        if self._release_handle is not None:
+            self._release_handle.cancel()
+            self._release_handle = None
+        if self._shutdown_handle is not None:
+            self._shutdown_handle.cancel()
+            self._shutdown_handle = None
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
         self._conn.data_to_send()
         if self._fd_socket is not None:
             self._stop_fd_reading()
+            if self._fd_blocked and self._loop is not None:
+                self._loop.remove_writer(self._fd_socket.fileno())
             self._fd_socket.close()
             self._fd_socket = None
         if self._fds is not None:
@@ -540,27 +635,34 @@ class AMPProtocol(asyncio.BufferedProtocol):
             parts, slot = cmd._encode_ask(arguments)
         future = self._loop.create_future()  # type: ignore[union-attr]
         pending = self._pending
-        if (
+        responding = _responding.get()
+        if responding is not None and responding.protocol is self and slot >= 0:
+            # A responder of ours calls the peer back (see _flow).
+            self._lend(responding, future)
+            if self._writing_paused:
+                self._hold_nested((future, cmd, parts, slot))
+                return future
+        elif (
             self._waiting
             or self._writing_paused
             or (slot >= 0 and len(pending) >= self._max_pending_calls)
         ):
             self._hold((future, cmd, parts, slot))
             return future
-        if slot < 0 or self._debug:
+        if slot < 0 or self._debug or self._reading_paused:
             self._send_call(future, cmd, parts, slot, now=not pending and not self._gather)
             return future
         # _send_call and _send, inline for the usual call that wants an answer.
         now = not pending and not self._gather
-        self._conn.send_call(parts, slot, (cmd._parse_response, future, cmd))
+        conn = self._conn
+        conn.send_call(parts, slot, (cmd._parse_response, future, cmd))
         if self._receiving:
-            if self._conn.queued >= WRITE_BATCH:
+            if conn.queued >= WRITE_BATCH or conn.queued_bytes >= FLUSH_BYTES:
                 self._flush()
+        elif now or conn.queued_bytes >= FLUSH_BYTES:
+            self._flush()
         elif self._flush_handle is None:
-            if now:
-                self._flush()
-            else:
-                self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+            self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
         return future
 
     @overload
@@ -635,7 +737,13 @@ class AMPProtocol(asyncio.BufferedProtocol):
             raise self._refusal(raw.label)
         parts, slot = raw._encode_ask({})
         future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
-        if (
+        responding = _responding.get()
+        if responding is not None and responding.protocol is self and slot >= 0:
+            self._lend(responding, future)
+            if self._writing_paused:
+                self._hold_nested((future, raw, parts, slot))
+                return future
+        elif (
             self._waiting
             or self._writing_paused
             or (slot >= 0 and len(self._pending) >= self._max_pending_calls)
@@ -670,6 +778,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         seconds (``None``: no limit). Then the connection closes: responders still
         running are cancelled and calls still unanswered fail with
         [`ConnectionLostError`][].
+
+        Awaited in one of this connection's own responders, it returns once the
+        rest is done (or the grace period is over), and the connection closes
+        as soon as that responder has returned and its answer is queued.
         """
         if self._loop is None or self._lost:
             await self.wait_closed()
@@ -678,7 +790,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         deadline = None if grace is None else loop.time() + grace
         self._shutting_down = True
         self._accepting = False
-        for future, command, _, _ in self._waiting:
+        for future, command, _, _ in (*self._waiting, *self._waiting_nested):
             if not future.done():
                 future.set_exception(
                     ConnectionLostError(
@@ -686,14 +798,28 @@ class AMPProtocol(asyncio.BufferedProtocol):
                         f"{_label(command)} was sent"
                     )
                 )
-        self._waiting = ()
-        self._release()
+        self._waiting = self._waiting_nested = ()
+        for event in self._flow.drop_waiting():
+            self._refuse_shutting_down(event)
+        current = asyncio.current_task()
         work: set[asyncio.Future[Any]] = {
             *(self._tasks or ()),
             *(sent[1] for sent in self._pending.values() if not sent[1].done()),
         }
+        own = current in work
+        if current is not None:
+            work.discard(current)
         if work:
             await asyncio.wait(work, timeout=grace)
+        if own and not self._lost:
+            # Called from one of our responders: its answer is still to come.
+            assert current is not None
+            current.add_done_callback(lambda _: self.close())
+            if deadline is not None and self._shutdown_handle is None:
+                self._shutdown_handle = loop.call_later(
+                    max(0.0, deadline - loop.time()), self.close
+                )
+            return
         # Let the answers drain within what is left of the grace period, then drop.
         self.close()
         left = None if deadline is None else max(0.0, deadline - loop.time())
@@ -724,12 +850,21 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     @property
     def max_responders(self) -> int:
-        """The most responders that may run at once (see the class docstring)."""
-        return self._max_responders
+        """The most responders that may work at once (see the class docstring)."""
+        return self._flow.max_responders
 
     @max_responders.setter
     def max_responders(self, value: int) -> None:
-        self._max_responders = _positive("max_responders", value)
+        self._flow.max_responders = _positive("max_responders", value)
+
+    @property
+    def max_queued_calls(self) -> int:
+        """The most calls from the peer that may wait for a responder while reading goes on."""
+        return self._flow.max_queued_calls
+
+    @max_queued_calls.setter
+    def max_queued_calls(self, value: int) -> None:
+        self._flow.max_queued_calls = _positive("max_queued_calls", value)
 
     @property
     def max_pending_calls(self) -> int:
@@ -800,8 +935,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
             future.set_result(None)
             return
         conn.send_call(parts, slot, (command._parse_response, future, command))
+        if self._watching:
+            future.add_done_callback(self._pending_done)
         if self._debug:
-            logger.debug("> %s %r", self._peer, b"".join(parts))
+            _log_sent(self._peer, b"".join(parts))
+        if self._reading_paused:
+            self._update_reading()  # its answer must be read
         self._after_send(now)
 
     def _refusal(self, name: str) -> ConnectionLostError:
@@ -822,8 +961,22 @@ class AMPProtocol(asyncio.BufferedProtocol):
             # Over the limit: cancelled calls may hold places that can be taken back.
             self._schedule_sweep()
 
+    def _hold_nested(self, held: _Held) -> None:
+        """Queue a call of one of our responders until writing resumes."""
+        if not self._waiting_nested:
+            self._waiting_nested = collections.deque()
+        self._waiting_nested.append(held)
+
     def _send_waiting(self) -> None:
         """Send the calls that waited, in order, as far as the limits allow."""
+        conn = self._conn
+        nested = self._waiting_nested
+        while nested and not self._writing_paused and not self._lost:
+            future, command, parts, slot = nested.popleft()
+            if not future.done():
+                self._send_call(future, command, parts, slot, now=False)
+                if conn.queued_bytes >= FLUSH_BYTES and not self._receiving:
+                    self._flush()
         waiting = self._waiting
         limit = self._max_pending_calls
         while waiting and not self._writing_paused and not self._lost:
@@ -832,24 +985,42 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 waiting.popleft()
                 continue
             if slot >= 0 and len(self._pending) >= limit:
-                self._schedule_sweep()
-                break
+                self._watch_pending()
+                return
             waiting.popleft()
             self._send_call(future, command, parts, slot, now=False)
+            if conn.queued_bytes >= FLUSH_BYTES and not self._receiving:
+                self._flush()  # may pause writing: the rest waits as it is
+        self._watching = False
+
+    def _watch_pending(self) -> None:
+        """
+        Calls wait for a place under max_pending_calls: watch the sent calls.
+
+        A cancelled call is not taken out of the pending calls at once (that would
+        take a future subclass or a callback per call, which makes every call
+        slower), so while calls wait for a place, each sent call's future tells
+        when it is cancelled (_pending_done), and its place is taken back then.
+        """
+        if self._watching:
+            return
+        self._watching = True
+        for sent in self._pending.values():
+            sent[1].add_done_callback(self._pending_done)
+
+    def _pending_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() and self._waiting:
+            self._schedule_sweep()
 
     def _schedule_sweep(self) -> None:
         if self._sweep_handle is None and self._loop is not None and not self._lost:
             self._sweep_handle = self._loop.call_soon(self._sweep)
 
     def _sweep(self) -> None:
-        """
-        Take back the places of sent calls that were cancelled, and send what waits.
-
-        A cancelled call is not taken out of the pending calls at once (that would
-        take a future subclass, which makes every await slower). It runs at most
-        once per turn of the event loop, and only while calls wait for a place.
-        """
-        self._sweep_handle = None
+        """Take back the places of sent calls that were cancelled, and send what waits."""
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         pending = self._pending
         gone = [tag for tag, sent in pending.items() if sent[1].done()]
         if gone:
@@ -857,29 +1028,58 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if cancelled is None:
                 cancelled = self._cancelled = {}
             for tag in gone:
-                del pending[tag]
                 # Its late answer is dropped, not taken for an answer never asked.
-                cancelled[tag] = None
+                cancelled[tag] = pending.pop(tag)[2]
             while len(cancelled) > MAX_CANCELLED_TAGS:
                 del cancelled[next(iter(cancelled))]
+            if not pending:
+                self._update_reading()  # no answer is expected any more
         if self._waiting and not self._receiving:
             self._send_waiting()
 
-    def _take_call(self, tag: bytes) -> _Sent | None:
-        """The call ``tag`` answers, out of pending; ``None`` if it was cancelled or never sent."""
+    def _lend(self, responding: _Responding, future: asyncio.Future[Any]) -> None:
+        """A responder calls the peer: it lends its place until the answer comes."""
+        if responding.ended or self._lost:
+            return
+        responding.waiting += 1
+        future.add_done_callback(functools.partial(self._reclaim, responding))
+        if responding.waiting == 1:
+            self._flow.lend()
+            if self._flow.deferred:
+                self._schedule_release()
+
+    def _reclaim(self, responding: _Responding, future: asyncio.Future[Any]) -> None:
+        responding.waiting -= 1
+        if responding.waiting == 0 and not responding.ended and not self._lost:
+            self._flow.reclaim()
+
+    def _take_call(self, tag: bytes, box: Mapping[bytes, bytes] | None = None) -> _Sent | None:
+        """
+        The call ``tag`` answers, out of pending; ``None`` if it was cancelled or never sent.
+
+        The descriptors that the late answer ``box`` of a cancelled call carries
+        are closed.
+        """
         sent = self._pending.pop(tag, None)
+        command: type[Command] | RawCommand | None
         if sent is not None:
             if not sent[1].done():
                 return sent
-        elif not (self._cancelled and self._cancelled.pop(tag, False) is None):
-            self._protocol_failure(
-                ProtocolError(
-                    f"answer for tag {tag!r}, which was never sent or is already answered"
+            command = sent[2]
+        else:
+            command = None if not self._cancelled else self._cancelled.pop(tag, None)
+            if command is None:
+                self._protocol_failure(
+                    ProtocolError(
+                        f"answer for tag {tag!r}, which was never sent or is already answered"
+                    )
                 )
-            )
-            return None
+                return None
         if self._debug:
             logger.debug("= dropped the late answer to cancelled call %r", tag)
+        if box is not None and command._uses_descriptors and self._fds is not None:
+            with contextlib.suppress(Exception):  # whatever it names, nobody wants it
+                self._decode_with_fds(command._decode_response, box, discard=True)  # type: ignore[arg-type]
         return None
 
     def _resolve(self, sent: _Sent, box: Mapping[bytes, bytes]) -> None:
@@ -904,28 +1104,56 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     # Private methods: the peer's calls
 
-    def _defer(self, event: Ask | Called) -> None:
-        """Keep a call that came over the responder limit until a responder is done."""
-        if not self._deferred:
-            self._deferred = collections.deque()
-        self._deferred.append(event)
-        self._pause_reading()
+    def _arrive(self, event: Ask | Called) -> None:
+        """A call from the peer: start it, keep it waiting for a place, or refuse a flood."""
+        verdict = self._flow.arrive(event)
+        if verdict is Verdict.START:
+            self._dispatch(event)
+        elif verdict is Verdict.DEFER:
+            if not self._receiving:
+                self._update_reading()
+        else:
+            self._protocol_failure(
+                ProtocolError(
+                    "the peer has more than max_responders + max_queued_calls "
+                    f"({self._flow.max_responders + self._flow.max_queued_calls}) calls "
+                    "in our hands while it has our calls to answer"
+                )
+            )
+
+    def _schedule_release(self) -> None:
+        """Start the calls that wait for a place, soon, in the connection's own context."""
+        if self._release_handle is None and self._loop is not None and not self._lost:
+            self._release_handle = self._loop.call_soon(self._release)
 
     def _release(self) -> None:
-        """A responder is done: start deferred calls, and read again when below the limit."""
-        if self._releasing:
-            return  # a responder finished inside the loop below, which goes on
-        deferred = self._deferred
-        self._releasing = True
-        try:
-            while deferred and self._busy < self.max_responders and not self._lost:
-                self._dispatch(deferred.popleft())
-        finally:
-            self._releasing = False
-        if not deferred and self._busy < self.max_responders:
-            self._resume_reading()
+        """Start the calls that wait, as far as the places allow; read again if none wait."""
+        if self._release_handle is not None:
+            self._release_handle.cancel()
+            self._release_handle = None
+        flow = self._flow
+        context = self._context
+        assert context is not None
+        while not self._lost:
+            event = flow.next_call()
+            if event is None:
+                break
+            # Each in a fresh copy of the connection's context: a call that
+            # waited must not see what the code that freed its place had set.
+            context.copy().run(self._dispatch, event)
+        self._update_reading()
         if self._conn.has_data_to_send and not self._writing_paused and not self._receiving:
             self._schedule_flush()
+
+    def _update_reading(self) -> None:
+        """Pause or resume reading as the flow control says (see _flow)."""
+        if self.transport is None or self._lost:
+            return
+        if self._flow.wants_reading(bool(self._pending)):
+            if self._reading_paused:
+                self._resume_reading()
+        elif not self._reading_paused:
+            self._pause_reading()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._lost:
@@ -940,17 +1168,27 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None and not self._lost:
             self._reading_paused = False
+            # In a fresh copy of the connection's context: the event loop may keep
+            # the context of the code that resumes reading for its read callbacks.
+            assert self._context is not None
             if self._fd_socket is not None:
                 assert self._loop is not None
-                self._loop.add_reader(self._fd_socket.fileno(), self._read_with_fds)
+                self._context.copy().run(
+                    self._loop.add_reader, self._fd_socket.fileno(), self._read_with_fds
+                )
             else:
-                self.transport.resume_reading()
+                self._context.copy().run(self.transport.resume_reading)
             if self._debug:
                 logger.debug("= reading from %s resumed", self._peer)
 
+    def _refuse_shutting_down(self, event: Ask | Called) -> None:
+        """Answer a call that waited for a place with SHUTDOWN (it never holds one)."""
+        tag = event[1] if type(event) is tuple else event.tag  # type: ignore[union-attr]
+        if tag is not None:
+            self._send(encode_error(tag, SHUTDOWN_ERROR_CODE, SHUTDOWN_DESCRIPTION))
+
     def _dispatch(self, event: Ask | Called) -> None:
-        """Run the responder of a call from the peer (it counts against max_responders)."""
-        self._busy += 1
+        """Run the responder of a call from the peer; the call already holds a place."""
         tag: bytes | None
         if type(event) is tuple:
             # Decoded by the connection: a command we answer, and its arguments.
@@ -1018,13 +1256,14 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 except Exception:  # anything unusual: the general path reports it
                     pass
                 else:
-                    if self._receiving and not self._debug and not self._writing_paused:
+                    if self._receiving and not self._debug:
                         # _responded and _send, inline for an answer to a call just read.
-                        if self._conn.send(data) >= WRITE_BATCH:
+                        if self._conn.send(data) >= WRITE_BATCH and not self._writing_paused:
                             self._flush()
-                        self._busy -= 1
-                        if self._deferred or self._reading_paused:
-                            self._release()
+                        flow = self._flow
+                        flow.working -= 1  # FlowControl.ended, inline
+                        if flow.deferred:
+                            self._schedule_release()
                     else:
                         self._responded(data)
                     return
@@ -1043,14 +1282,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
         responder: Callable[..., Awaitable[Any]],
         arguments: dict[str, Any] | None,
     ) -> asyncio.Task[None]:
-        assert self._loop is not None
-        task = self._loop.create_task(self._respond(command, tag, responder, arguments))
+        assert self._loop is not None and self._context is not None
+        # Each responder in a fresh copy of the connection's context, whatever
+        # the context of the code that starts it.
+        task = self._loop.create_task(
+            self._respond(command, tag, responder, arguments), context=self._context.copy()
+        )
         if self._tasks is None:
             self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        if self._busy >= self._max_responders:
-            self._pause_reading()
         return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -1064,26 +1305,48 @@ class AMPProtocol(asyncio.BufferedProtocol):
         responder: Callable[..., Awaitable[Any]],
         arguments: dict[str, Any] | None,
     ) -> None:
+        """Run a responder to its end, however it ends: answer, and free its place."""
+        responding = _Responding(self)
+        _responding.set(responding)  # in this task's own context
+        data: bytes | None = None
         try:
             result = await (responder() if arguments is None else responder(**arguments))
+        except asyncio.CancelledError:
+            if self._lost:
+                raise  # the connection closed: there is no one to answer
+            task = asyncio.current_task()
+            cancelled = task is not None and task.cancelling() > 0
+            logger.error(
+                "the responder of %s for %s %s%s",
+                command.__qualname__,
+                self._peer,
+                "was cancelled" if cancelled else "raised CancelledError",
+                "; answering UNKNOWN" if tag is not None else "",
+            )
+            data = None if tag is None else encode_unknown_error(tag)
+            if cancelled:
+                raise  # the task was cancelled: it ends cancelled, after answering
         except Exception as exc:
             data = self._failure_answer(command, tag, exc)
         else:
             data = self._answer_for(command, tag, result)
-        self._responded(data)
+        finally:
+            self._responded(data, responding)
 
-    def _responded(self, data: bytes | None) -> None:
-        """A responder is done; send its answer (if any) and free its place."""
+    def _responded(self, data: bytes | None, responding: _Responding | None = None) -> None:
+        """A responder is done: queue its answer (if any) and free its place."""
+        if responding is not None:
+            if responding.ended:
+                return
+            responding.ended = True
         if self._lost:
             return
+        flow = self._flow
+        flow.ended(lending=responding is not None and responding.waiting > 0)
         if data is not None:
             self._send(data)
-            if self._writing_paused:
-                self._held += 1  # its place is freed when the answer can be written
-                return
-        self._busy -= 1
-        if self._deferred or self._reading_paused:
-            self._release()
+        if flow.deferred:
+            self._schedule_release()
 
     def _answer_for(self, command: type[Command], tag: bytes | None, result: Any) -> bytes | None:
         if tag is None:
@@ -1134,7 +1397,22 @@ class AMPProtocol(asyncio.BufferedProtocol):
             logger.debug("! %s: %s answered error %r", self._peer, command.__qualname__, code)
         if tag is None:
             return None
-        return encode_error(tag, code, str(exc).encode("utf-8", "replace"))
+        try:
+            description = str(exc)
+        except Exception as problem:
+            # The mapped code still goes; the text that cannot be made stays out.
+            logger.error(
+                "the responder of %s for %s raised %s, whose str() fails (%s: %s); "
+                "answering %s with the name of the exception",
+                command.__qualname__,
+                self._peer,
+                type(exc).__name__,
+                type(problem).__name__,
+                problem,
+                code.decode("utf-8", "backslashreplace"),
+            )
+            description = type(exc).__name__
+        return encode_error(tag, code, description.encode("utf-8", "replace"))
 
     # Private methods: connection state
 
@@ -1164,11 +1442,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """Fail every call waiting for an answer or to be sent, and ``taken`` ones."""
         calls = [
             *((sent[1], sent[2]) for sent in self._pending.values()),
-            *((held[0], held[1]) for held in self._waiting),
+            *((held[0], held[1]) for held in (*self._waiting, *self._waiting_nested)),
             *((sent[1], sent[2]) for sent in taken or ()),
         ]
         self._pending.clear()
-        self._waiting = ()
+        self._waiting = self._waiting_nested = ()
         reason = f": {cause}" if cause is not None else ""
         for future, command in calls:
             if not future.done():
@@ -1192,22 +1470,23 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """
         self._conn.send(data)
         if self._debug:
-            logger.debug("> %s %r", self._peer, data)
+            _log_sent(self._peer, data)
         self._after_send(now)
 
     def _after_send(self, now: bool) -> None:
         """Flush or schedule a flush (see _send) after bytes were queued."""
         if self._writing_paused:
             return
+        conn = self._conn
         if self._receiving:
-            if self._conn.queued >= WRITE_BATCH:
+            # Answers to the calls of one read go out every WRITE_BATCH boxes; no
+            # new responder starts once writing pauses.
+            if conn.queued >= WRITE_BATCH:
                 self._flush()
             return
-        if self._flush_handle is not None:
-            return
-        if now:
+        if now or conn.queued_bytes >= FLUSH_BYTES:
             self._flush()
-        else:
+        elif self._flush_handle is None:
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -1249,11 +1528,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
         assert transport is not None and exchange is not None and sock is not None
         if not self._conn.has_data_to_send:
             return True  # the box that names them waits for its turn
+        if self._fd_blocked or self._fd_limits is not None:
+            return False  # already waiting
         if transport.get_write_buffer_size():
             # Bytes written earlier are still in the transport: the descriptors,
-            # sent directly, would overtake them. Wait until it drains.
-            if self._loop is not None:
-                self._flush_handle = self._loop.call_later(FD_WRITE_RETRY, self._flush)
+            # sent directly, would overtake them. Wait until it drains, with
+            # writing paused meanwhile (no polling, nothing piling up): with
+            # limits of zero, the transport calls pause_writing now, and
+            # resume_writing once it is empty.
+            self._fd_limits = transport.get_write_buffer_limits()
+            transport.set_write_buffer_limits(high=0, low=0)
             return False
         data = b"".join(self._conn.data_to_send())
         fds = exchange.outgoing
@@ -1273,7 +1557,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if data:
                 self._conn.send(data)  # nothing of it was sent: try again later
             if self._loop is not None:
-                self._flush_handle = self._loop.call_later(FD_WRITE_RETRY, self._flush)
+                # The socket is full: writing pauses until it takes more.
+                self._fd_blocked = True
+                self.pause_writing()
+                self._loop.add_writer(sock.fileno(), self._fd_writable)
             return False
         except OSError as exc:
             if self._close_cause is None:
@@ -1284,6 +1571,14 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if data:
             self._conn.send(data)  # a partial send: the transport writes the rest
         return True
+
+    def _fd_writable(self) -> None:
+        """The socket takes more: send the descriptors that waited."""
+        self._fd_blocked = False
+        if self._fd_socket is not None and self._loop is not None:
+            self._loop.remove_writer(self._fd_socket.fileno())
+        if not self._lost:
+            self.resume_writing()
 
     def _encode_with_fds(self, encode: Callable[..., Any], *args: Any) -> Any:
         """Encode a box that may hold a Descriptor, with this connection's exchange."""
@@ -1301,9 +1596,17 @@ class AMPProtocol(asyncio.BufferedProtocol):
             descriptor_exchange.reset(token)
 
     def _decode_with_fds(
-        self, decode: Callable[[Mapping[bytes, bytes]], dict[str, Any]], box: Mapping[bytes, bytes]
+        self,
+        decode: Callable[[Mapping[bytes, bytes]], dict[str, Any]],
+        box: Mapping[bytes, bytes],
+        *,
+        discard: bool = False,
     ) -> dict[str, Any]:
-        """Decode a box that may name Descriptors, with this connection's exchange."""
+        """
+        Decode a box that may name Descriptors, with this connection's exchange.
+
+        With ``discard``, the descriptors it names are closed instead.
+        """
         exchange = self._fds
         if exchange is None:
             return decode(box)
@@ -1311,7 +1614,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         ok = False
         try:
             result = decode(box)
-            ok = True
+            ok = not discard
             return result
         finally:
             exchange.end_decode(ok)
@@ -1355,7 +1658,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                exchange.received(fds)
+                dropped = exchange.received(fds)
+                if dropped:
+                    logger.warning(
+                        "%s sent file descriptors that no box claims; closed the %d oldest "
+                        "(at most %d wait)",
+                        self._peer,
+                        dropped,
+                        MAX_UNCLAIMED_FDS,
+                    )
         if flags & socket.MSG_CTRUNC:
             self._protocol_failure(
                 ProtocolError(
@@ -1375,23 +1686,26 @@ class AMPProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        if transport.get_write_buffer_size() == 0:
-            transport.close()
-            return
-        if timeout <= 0:
+        if timeout <= 0 and transport.get_write_buffer_size():
             transport.abort()
             return
         transport.close()
-        if self._abort_handle is None and self._loop is not None:
-            self._abort_handle = self._loop.call_later(timeout, self._abort)
+        # Even with nothing left to write, closing may wait for the peer: a TLS
+        # transport sends close_notify and waits for the peer's (asyncio's own
+        # timeout for that is 30 s). The connection is dropped after the timeout
+        # whatever it waits for.
+        if self._abort_handle is None and self._loop is not None and not self._lost:
+            self._abort_handle = self._loop.call_later(max(timeout, 0.0), self._abort)
 
     def _abort(self) -> None:
         self._abort_handle = None
-        if self.transport is not None and not self._lost:
+        transport = self.transport
+        if transport is not None and not self._lost:
+            unread = transport.get_write_buffer_size()
             logger.info(
-                "%s did not read the last %d bytes within %s s; dropping the connection",
+                "%s did not %s within %s s; dropping the connection",
                 self._peer,
-                self.transport.get_write_buffer_size(),
+                f"read the last {unread} bytes" if unread else "finish closing the connection",
                 self.close_timeout,
             )
-            self.transport.abort()
+            transport.abort()
