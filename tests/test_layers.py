@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 SRC = pathlib.Path(__file__).parent.parent / "src" / "asyncio_amp"
-SANS_IO = ["_errors", "_wire", "_arguments", "_commands", "_connection"]
+SANS_IO = ["_errors", "_wire", "_arguments", "_commands", "_connection", "_flow"]
 FORBIDDEN = {"asyncio", "socket", "ssl", "threading", "selectors"}
 # Who may import whom, inside the package (STYLE.md).
 ALLOWED = {
@@ -17,8 +17,17 @@ ALLOWED = {
     "_arguments": {"_errors", "_wire"},
     "_commands": {"_arguments", "_wire", "_errors"},
     "_connection": {"_wire", "_errors"},
-    "_protocol": {"_commands", "_arguments", "_connection", "_wire", "_errors"},
-    "_network": {"_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
+    "_flow": set(),
+    "_protocol": {"_commands", "_arguments", "_connection", "_flow", "_wire", "_errors"},
+    "_network": {
+        "_protocol",
+        "_commands",
+        "_arguments",
+        "_connection",
+        "_flow",
+        "_wire",
+        "_errors",
+    },
     "_cli": {"_network", "_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
     "__main__": {"_cli"},
 }

@@ -231,8 +231,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
     queued, and no new responder starts; everything goes on at
     ``resume_writing``. ``_flow`` explains why no cycle of waits can close.
 
-    Each responder runs in a copy of the context the connection was made in, so
-    context variables that one request sets are never seen by another.
+    Each responder, a coroutine or a plain function, runs in a fresh copy of the
+    context the connection was made in, so context variables that one request
+    sets are never seen by another.
     """
 
     __slots__ = (
@@ -521,7 +522,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if (self._waiting or self._waiting_nested) and not self._writing_paused:
             self._send_waiting()
         if self._flow.deferred:
-            self._schedule_release()
+            self._release()
         self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1132,18 +1133,14 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._release_handle.cancel()
             self._release_handle = None
         flow = self._flow
-        context = self._context
-        assert context is not None
         while not self._lost:
             event = flow.next_call()
             if event is None:
                 break
-            # Each in a fresh copy of the connection's context: a call that
-            # waited must not see what the code that freed its place had set.
-            context.copy().run(self._dispatch, event)
+            self._dispatch(event)
         self._update_reading()
         if self._conn.has_data_to_send and not self._writing_paused and not self._receiving:
-            self._schedule_flush()
+            self._flush()
 
     def _update_reading(self) -> None:
         """Pause or resume reading as the flow control says (see _flow)."""
@@ -1244,7 +1241,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 # its first step (the connection closed) then leaves none unawaited.
                 self._run_task(command, tag, getattr(self, attribute), arguments)
                 return
-            result = getattr(self, attribute)(**arguments)
+            # In a fresh copy of the connection's context, like a coroutine's task.
+            result = self._context.copy().run(getattr(self, attribute), **arguments)  # type: ignore[union-attr]
         except Exception as exc:
             self._responded(self._failure_answer(command, tag, exc))
             return
