@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncio_amp._arguments import (
+    AmpList,
     Argument,
     BigBytes,
     BigString,
@@ -18,6 +19,7 @@ from asyncio_amp._arguments import (
     Descriptor,
     Float,
     Integer,
+    ListOf,
     String,
     python_name,
 )
@@ -680,6 +682,95 @@ def test_big_bytes_through_a_command() -> None:
     assert Upload._decode_arguments(box) == {"data": value, "name": "f"}
     answer = parse_boxes(Upload._encode_answer(b"5", {"data": value}))[0]
     assert Upload._decode_response(answer) == {"data": value}
+
+
+class Buffers(Command):
+    """Every type that takes a bytes-like value, in a schema the compiled encoder takes."""
+
+    arguments = [("raw", Bytes()), ("maybe", Bytes(optional=True)), ("list", ListOf(Bytes()))]
+    response = [("raw", Bytes()), ("list", ListOf(Bytes()))]
+
+
+class BigBuffers(Command):
+    """The same with the multi-key types, which take the general path."""
+
+    arguments = [
+        ("raw", Bytes()),
+        ("big", BigBytes()),
+        ("rows", AmpList([("b", Bytes()), ("big", BigBytes())])),
+    ]
+    response = [("raw", Bytes()), ("big", BigBytes())]
+
+
+class BuffersNoAnswer(Buffers):
+    requires_answer = False
+
+
+class BigBuffersNoAnswer(BigBuffers):
+    requires_answer = False
+
+
+def patterned(size: int) -> bytearray:
+    return bytearray(bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [3, 70_000])
+@pytest.mark.parametrize(
+    "command", [Buffers, BigBuffers, BuffersNoAnswer, BigBuffersNoAnswer], ids=lambda c: c.__name__
+)
+def test_encoding_captures_mutable_values_when_called(command: type[Command], size: int) -> None:
+    # A call may wait in a queue before it is written: it must send the values as
+    # they were when it was called, and leave the caller's buffers free to change.
+    small, element, row, big = patterned(100), patterned(10), patterned(200), patterned(size)
+    big_schema = issubclass(command, BigBuffers)
+
+    def values(form: Callable[[bytearray], Any]) -> dict[str, Any]:
+        if big_schema:
+            return {
+                "raw": form(small),
+                "big": form(big),
+                "rows": [{"b": form(row), "big": form(element)}],
+            }
+        return {"raw": form(small), "maybe": form(row), "list": [form(element)]}
+
+    expected = b"".join(command._encode_ask(values(bytes))[0])
+    views: list[memoryview] = []
+
+    def view(buffer: bytearray) -> memoryview:
+        views.append(memoryview(buffer))
+        return views[-1]
+
+    encoded = [command._encode_ask(values(lambda b: b)), command._encode_ask(values(view))]
+    if command._fast_ask is not None:  # the compiled encoder the protocol calls directly
+        result = command._fast_ask(values(lambda b: b))
+        encoded.append(result if command.requires_answer else (result, -1))
+    for v in views:
+        v.release()
+    for buffer in (small, element, row, big):
+        buffer[0] ^= 0xFF
+        buffer.extend(b"later")  # a BufferError if an encoded box still held a view of it
+    for parts, _ in encoded:
+        assert b"".join(parts) == expected
+
+
+@pytest.mark.parametrize("command", [Buffers, BigBuffers], ids=lambda c: c.__name__)
+def test_answers_capture_mutable_values(command: type[Command]) -> None:
+    small, element, big = patterned(100), patterned(10), patterned(70_000)
+    if command is Buffers:
+        given: dict[str, Any] = {"raw": small, "list": [element]}
+    else:
+        given = {"raw": small, "big": big}
+    answer = command._encode_answer(b"1", given)
+    expected = command._encode_answer(
+        b"1",
+        {
+            key: [bytes(v) for v in value] if isinstance(value, list) else bytes(value)
+            for key, value in given.items()
+        },
+    )
+    for buffer in (small, element, big):
+        buffer.extend(b"later")
+    assert answer == expected
 
 
 # _encode_answer

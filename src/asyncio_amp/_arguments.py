@@ -511,6 +511,7 @@ class _Chunked(Argument[T]):
     multi_key = True
 
     def _data(self, value: T) -> bytes | bytearray | memoryview:
+        """Return the bytes of ``value``; a mutable buffer is copied by ``to_box``."""
         raise NotImplementedError
 
     def _value(self, data: bytes) -> T:
@@ -525,13 +526,25 @@ class _Chunked(Argument[T]):
         return self._value(data)
 
     def to_box(self, key: bytes, value: T, box: dict[bytes, bytes]) -> None:
-        """Write the value in chunks under ``key``, ``key.2``, …"""
+        """
+        Write the value in chunks under ``key``, ``key.2``, …
+
+        The value is captured here: ``bytes`` are shared, and any other buffer
+        (``bytearray``, ``memoryview``) is copied, so changing it after the call
+        changes nothing that is sent.
+        """
         data = self._data(value)
-        view = memoryview(data).cast("B")
-        size = view.nbytes
+        if type(data) is not bytes:
+            # A call may wait in a queue before it is written, so a mutable buffer
+            # (bytearray, memoryview, ...) is captured now, as it is at the call;
+            # the chunks below are views of this copy and hold no export of the
+            # caller's buffer. Immutable bytes are shared, not copied.
+            data = bytes(data)
+        size = len(data)
         if size <= MAX_VALUE_LENGTH:
-            box[key] = bytes(view)
+            box[key] = data
             return
+        view = memoryview(data)
         count = -(-size // MAX_VALUE_LENGTH)
         for i, chunk_key in enumerate(_chunk_keys(key, count)):
             if len(chunk_key) > MAX_KEY_LENGTH:
@@ -561,6 +574,10 @@ class BigBytes(_Chunked[bytes]):
     ``name``, ``name.2``, ``name.3``, … (the BigString convention of
     amp-protocol.net and clj-amp); an empty value is one empty ``name`` key.
     A peer that does not know the convention sees ordinary keys.
+
+    A ``bytearray`` or ``memoryview`` is copied when the call (or the answer)
+    is encoded, so what is sent is the value at that moment, and the buffer may
+    change or grow afterwards; ``bytes`` are sent without a copy.
     """
 
     __slots__ = ()
