@@ -739,6 +739,14 @@ def test_amp_list_repr() -> None:
         ([("a", Integer)], "AmpList field b'a' needs an Argument"),
         ([("a-b", Integer()), ("a_b", Integer())], "AmpList fields b'a-b' and b'a_b' clash"),
         ([("a", Integer()), (b"a", Integer())], "AmpList fields b'a' and b'a' clash"),
+        (
+            [("data", BigBytes()), ("data.2", Bytes())],
+            "AmpList: the field b'data.2' could be a chunk key of the BigBytes field b'data'",
+        ),
+        (
+            [("t.3", Integer()), ("t", BigString())],
+            "AmpList: the field b't.3' could be a chunk key of the BigString field b't'",
+        ),
     ],
 )
 def test_amp_list_checks_its_fields(fields: Any, message: str) -> None:

@@ -279,6 +279,54 @@ def test_names_with_the_same_python_name_are_refused(first: str, second: str | b
             response = [(first, Integer()), (second, Integer())]
 
 
+@pytest.mark.parametrize("where", ["arguments", "response"])
+@pytest.mark.parametrize(
+    ("schema", "big", "other"),
+    [
+        ([("data", BigBytes()), ("data.2", Bytes())], b"data", b"data.2"),
+        ([("data.2", Bytes()), ("data", BigBytes())], b"data", b"data.2"),
+        ([("text", BigString()), ("text.10", Integer(optional=True))], b"text", b"text.10"),
+        ([("data", BigBytes()), ("data.3", BigBytes())], b"data", b"data.3"),
+        ([("a.2", BigBytes()), ("a.2.7", String())], b"a.2", b"a.2.7"),
+        ([(b"d", BigString(optional=True)), (b"d.99999", Bytes())], b"d", b"d.99999"),
+    ],
+)
+def test_keys_that_could_be_chunks_of_a_big_value_are_refused(
+    where: str, schema: list[tuple[str | bytes, Argument[Any]]], big: bytes, other: bytes
+) -> None:
+    # A big value over 65,535 bytes goes under "data", "data.2", ...: another
+    # argument under one of those keys would mix with it on the wire.
+    with pytest.raises(TypeError) as info:
+        define(**{where: schema})
+    message = str(info.value)
+    assert f".{where}: " in message
+    assert repr(other) in message and repr(big) in message, message
+    assert "chunk" in message
+
+
+def test_keys_that_cannot_be_chunks_are_accepted_beside_a_big_value() -> None:
+    class Near(Command):
+        arguments = [
+            ("data", BigBytes()),
+            ("data.1", Bytes()),  # the first chunk is "data" itself
+            ("data.0", Bytes()),
+            ("data.02", Bytes()),  # chunk numbers have no leading zero
+            ("data.x", Bytes()),
+            ("data2", Bytes()),
+            ("data.", Bytes()),
+            ("dat.2", Bytes()),
+        ]
+        # Arguments and response are separate boxes.
+        response = [("data.2", Bytes()), ("data.3", BigBytes())]
+
+    names = ("data.1", "data.0", "data.02", "data.x", "data2", "data.", "dat.2")
+    values = {name: name.encode() for name in names}  # dots stay in Python names
+    big = bytes(200_000)
+    data = ask(Near, data=big, **values)
+    (box,) = parse_boxes(data)
+    assert Near._decode_arguments(box) == {"data": big, **values}
+
+
 def test_names_may_be_bytes_or_str() -> None:
     class Mixed(Command):
         arguments = [(b"x", Integer()), ("y", Integer())]

@@ -453,6 +453,7 @@ class AmpList(Argument[list[dict[str, Any]]]):
                 raise TypeError(f"AmpList fields {names[pyname]!r} and {key!r} clash")
             names[pyname] = key
             parsed.append((key, pyname, argument))
+        check_chunk_keys(((key, argument) for key, _, argument in parsed), "AmpList", "field")
         self._fields = tuple(sorted(parsed))
         self._names = frozenset(names)
         if any(argument.uses_descriptors for _, _, argument in parsed):
@@ -502,6 +503,35 @@ class AmpList(Argument[list[dict[str, Any]]]):
 
 def _chunk_keys(key: bytes, count: int) -> list[bytes]:
     return [key] + [key + b".%d" % i for i in range(2, count + 1)]
+
+
+def check_chunk_keys(fields: Iterable[tuple[bytes, Argument[Any]]], where: str, what: str) -> None:
+    """
+    Refuse a key of one box that a big value of the same box may write a chunk under.
+
+    A [`BigBytes`][] or [`BigString`][] under ``key`` writes its later chunks under
+    ``key.2``, ``key.3``, …; another field under one of those keys would mix with
+    it on the wire and when decoded.
+
+    Raises:
+        TypeError: Naming both fields, with ``where`` (who owns the box) and
+            ``what`` (``"argument"``, ``"field"``, …) in the message.
+    """
+    fields = list(fields)
+    chunked = {key: argument for key, argument in fields if isinstance(argument, _Chunked)}
+    if not chunked:
+        return
+    for key, _ in fields:
+        base, dot, number = key.rpartition(b".")
+        big = chunked.get(base) if dot else None
+        # Chunk numbers are written b".%d" from 2: no sign, no leading zero.
+        if big is not None and number.isdigit() and number[:1] != b"0" and int(number) >= 2:
+            raise TypeError(
+                f"{where}: the {what} {key!r} could be a chunk key of the "
+                f"{type(big).__name__} {what} {base!r}, whose values over "
+                f"{MAX_VALUE_LENGTH:,} bytes go under {base!r}, {base + b'.2'!r}, …; "
+                "rename one of them"
+            )
 
 
 class _Chunked(Argument[T]):

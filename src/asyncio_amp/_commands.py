@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from ._arguments import Argument, Bytes, Float, Integer, String, python_name, wire_name
+from ._arguments import (
+    Argument,
+    Bytes,
+    Float,
+    Integer,
+    String,
+    check_chunk_keys,
+    python_name,
+    wire_name,
+)
 from ._errors import (
     ProtocolError,
     RemoteAmpError,
@@ -106,6 +115,8 @@ class _Schema:
                 raise TypeError(f"{owner}.{what}: {key!r} appears twice")
             seen.add(key)
             fields.append(_Field(key, argument))
+        kind = "argument" if what == "arguments" else "response value"
+        check_chunk_keys(((f.key, f.argument) for f in fields), f"{owner}.{what}", kind)
         by_name: dict[str, _Field] = {}
         for field in fields:
             if field.name in by_name:
