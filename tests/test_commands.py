@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -1052,7 +1053,7 @@ def test_exception_for_an_unmapped_code_keeps_the_wire_code() -> None:
     assert exc.error_code == "TLS_ERROR"
 
 
-def test_exception_for_a_class_that_refuses_one_str() -> None:
+def test_exception_for_a_class_that_refuses_one_str(caplog: pytest.LogCaptureFixture) -> None:
     class Picky(Exception):
         def __init__(self, a: int, b: int) -> None:
             super().__init__(a, b)
@@ -1062,16 +1063,51 @@ def test_exception_for_a_class_that_refuses_one_str() -> None:
             raise ValueError("no")
 
     class Refusing(Command):
-        errors = {Picky: "PICKY", Strict: "STRICT"}
+        errors = {Picky: "PICKY"}
+        fatal_errors = {Strict: "STRICT"}
 
-    for code in (b"PICKY", b"STRICT"):
-        exc = Refusing._exception_for(code, b"details")
+    for code, klass, cause in [(b"PICKY", Picky, TypeError), (b"STRICT", Strict, ValueError)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="asyncio_amp"):
+            exc = Refusing._exception_for(code, b"details")
         assert type(exc) is RemoteAmpError
         assert (exc.error_code, exc.description, exc.command) == (
             code.decode(),
             "details",
             Refusing.__qualname__,
         )
+        assert type(exc.__cause__) is cause
+        # Not silent: one warning says which class and code, and why.
+        (record,) = caplog.records
+        assert (record.name, record.levelno) == ("asyncio_amp", logging.WARNING)
+        message = record.getMessage()
+        assert klass.__qualname__ in message, message
+        assert repr(code.decode()) in message, message
+        assert "one str argument" in message, message
+        assert cause.__name__ in message, message
+
+
+def test_exception_for_builds_any_class_that_takes_one_description(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class WithDefaults(Exception):
+        def __init__(self, message: str, retry: int = 3, *, where: str = "here") -> None:
+            super().__init__(message)
+            self.retry = retry
+
+    class AnyArgs(Exception):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+
+    class Several(Command):
+        errors = {WithDefaults: "DEFAULTS", AnyArgs: "ANY", OSError: "OS"}
+
+    with caplog.at_level(logging.WARNING, logger="asyncio_amp"):
+        for code, klass in [(b"DEFAULTS", WithDefaults), (b"ANY", AnyArgs), (b"OS", OSError)]:
+            exc = Several._exception_for(code, b"what happened")
+            assert type(exc) is klass
+            assert str(exc) == "what happened"
+    assert not caplog.records
 
 
 def test_exception_for_uses_the_subclasss_merged_map() -> None:
