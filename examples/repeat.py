@@ -2,7 +2,9 @@
 The example from the original asyncio-amp README, as it was written there.
 
 A server repeats a text; a client made with plain ``loop.create_connection``
-asks it to. Run it with ``python examples/repeat.py``.
+asks it to. Run it with ``python examples/repeat.py``. The README's copy
+listens on port 8765; this one takes any free port, so that it runs beside
+anything else (the tests check that both make the same calls).
 """
 
 from __future__ import annotations

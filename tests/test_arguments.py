@@ -739,6 +739,14 @@ def test_amp_list_repr() -> None:
         ([("a", Integer)], "AmpList field b'a' needs an Argument"),
         ([("a-b", Integer()), ("a_b", Integer())], "AmpList fields b'a-b' and b'a_b' clash"),
         ([("a", Integer()), (b"a", Integer())], "AmpList fields b'a' and b'a' clash"),
+        (
+            [("data", BigBytes()), ("data.2", Bytes())],
+            "AmpList: the field b'data.2' could be a chunk key of the BigBytes field b'data'",
+        ),
+        (
+            [("t.3", Integer()), ("t", BigString())],
+            "AmpList: the field b't.3' could be a chunk key of the BigString field b't'",
+        ),
     ],
 )
 def test_amp_list_checks_its_fields(fields: Any, message: str) -> None:
@@ -823,6 +831,37 @@ def test_big_bytes_accept_bytearray_and_memoryview() -> None:
     assert big_box(BigBytes(), memoryview(array.array("B", [1, 2]))) == {b"v": b"\x01\x02"}
     box = big_box(BigBytes(), bytearray(70_000))
     assert BigBytes().from_box(b"v", box) == bytes(70_000)
+
+
+def _mutable_values(size: int) -> list[tuple[str, bytearray, Any]]:
+    """Mutable buffers of ``size`` patterned bytes, each as (label, buffer, value to send)."""
+    values: list[tuple[str, bytearray, Any]] = []
+    buffer = bytearray(bytes(range(256)) * (size // 256 + 1))[:size]
+    values.append(("bytearray", buffer, buffer))
+    buffer = bytearray(buffer)
+    values.append(("memoryview", buffer, memoryview(buffer)))
+    return values
+
+
+@pytest.mark.parametrize("size", [10, 65_535, 70_000, 200_000])
+def test_big_bytes_capture_a_mutable_value_when_encoded(size: int) -> None:
+    for label, buffer, value in _mutable_values(size):
+        original = bytes(buffer)
+        box = big_box(BigBytes(), value)
+        if isinstance(value, memoryview):
+            value.release()  # the box holds no export of the caller's buffer
+        buffer[0] ^= 0xFF
+        buffer[-1] ^= 0xFF
+        buffer.extend(b"more")  # a BufferError if the box still held a view of it
+        assert BigBytes().from_box(b"v", box) == original, label
+
+
+def test_big_bytes_do_not_copy_bytes() -> None:
+    small = b"x" * 100
+    assert big_box(BigBytes(), small)[b"v"] is small
+    large = bytes(200_000)
+    box = big_box(BigBytes(), large)
+    assert all(isinstance(chunk, memoryview) and chunk.obj is large for chunk in box.values())
 
 
 def test_big_bytes_refuse_other_types() -> None:

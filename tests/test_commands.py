@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncio_amp._arguments import (
+    AmpList,
     Argument,
     BigBytes,
     BigString,
@@ -18,6 +20,7 @@ from asyncio_amp._arguments import (
     Descriptor,
     Float,
     Integer,
+    ListOf,
     String,
     python_name,
 )
@@ -275,6 +278,54 @@ def test_names_with_the_same_python_name_are_refused(first: str, second: str | b
 
         class Bad(Command):
             response = [(first, Integer()), (second, Integer())]
+
+
+@pytest.mark.parametrize("where", ["arguments", "response"])
+@pytest.mark.parametrize(
+    ("schema", "big", "other"),
+    [
+        ([("data", BigBytes()), ("data.2", Bytes())], b"data", b"data.2"),
+        ([("data.2", Bytes()), ("data", BigBytes())], b"data", b"data.2"),
+        ([("text", BigString()), ("text.10", Integer(optional=True))], b"text", b"text.10"),
+        ([("data", BigBytes()), ("data.3", BigBytes())], b"data", b"data.3"),
+        ([("a.2", BigBytes()), ("a.2.7", String())], b"a.2", b"a.2.7"),
+        ([(b"d", BigString(optional=True)), (b"d.99999", Bytes())], b"d", b"d.99999"),
+    ],
+)
+def test_keys_that_could_be_chunks_of_a_big_value_are_refused(
+    where: str, schema: list[tuple[str | bytes, Argument[Any]]], big: bytes, other: bytes
+) -> None:
+    # A big value over 65,535 bytes goes under "data", "data.2", ...: another
+    # argument under one of those keys would mix with it on the wire.
+    with pytest.raises(TypeError) as info:
+        define(**{where: schema})
+    message = str(info.value)
+    assert f".{where}: " in message
+    assert repr(other) in message and repr(big) in message, message
+    assert "chunk" in message
+
+
+def test_keys_that_cannot_be_chunks_are_accepted_beside_a_big_value() -> None:
+    class Near(Command):
+        arguments = [
+            ("data", BigBytes()),
+            ("data.1", Bytes()),  # the first chunk is "data" itself
+            ("data.0", Bytes()),
+            ("data.02", Bytes()),  # chunk numbers have no leading zero
+            ("data.x", Bytes()),
+            ("data2", Bytes()),
+            ("data.", Bytes()),
+            ("dat.2", Bytes()),
+        ]
+        # Arguments and response are separate boxes.
+        response = [("data.2", Bytes()), ("data.3", BigBytes())]
+
+    names = ("data.1", "data.0", "data.02", "data.x", "data2", "data.", "dat.2")
+    values = {name: name.encode() for name in names}  # dots stay in Python names
+    big = bytes(200_000)
+    data = ask(Near, data=big, **values)
+    (box,) = parse_boxes(data)
+    assert Near._decode_arguments(box) == {"data": big, **values}
 
 
 def test_names_may_be_bytes_or_str() -> None:
@@ -682,6 +733,95 @@ def test_big_bytes_through_a_command() -> None:
     assert Upload._decode_response(answer) == {"data": value}
 
 
+class Buffers(Command):
+    """Every type that takes a bytes-like value, in a schema the compiled encoder takes."""
+
+    arguments = [("raw", Bytes()), ("maybe", Bytes(optional=True)), ("list", ListOf(Bytes()))]
+    response = [("raw", Bytes()), ("list", ListOf(Bytes()))]
+
+
+class BigBuffers(Command):
+    """The same with the multi-key types, which take the general path."""
+
+    arguments = [
+        ("raw", Bytes()),
+        ("big", BigBytes()),
+        ("rows", AmpList([("b", Bytes()), ("big", BigBytes())])),
+    ]
+    response = [("raw", Bytes()), ("big", BigBytes())]
+
+
+class BuffersNoAnswer(Buffers):
+    requires_answer = False
+
+
+class BigBuffersNoAnswer(BigBuffers):
+    requires_answer = False
+
+
+def patterned(size: int) -> bytearray:
+    return bytearray(bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [3, 70_000])
+@pytest.mark.parametrize(
+    "command", [Buffers, BigBuffers, BuffersNoAnswer, BigBuffersNoAnswer], ids=lambda c: c.__name__
+)
+def test_encoding_captures_mutable_values_when_called(command: type[Command], size: int) -> None:
+    # A call may wait in a queue before it is written: it must send the values as
+    # they were when it was called, and leave the caller's buffers free to change.
+    small, element, row, big = patterned(100), patterned(10), patterned(200), patterned(size)
+    big_schema = issubclass(command, BigBuffers)
+
+    def values(form: Callable[[bytearray], Any]) -> dict[str, Any]:
+        if big_schema:
+            return {
+                "raw": form(small),
+                "big": form(big),
+                "rows": [{"b": form(row), "big": form(element)}],
+            }
+        return {"raw": form(small), "maybe": form(row), "list": [form(element)]}
+
+    expected = b"".join(command._encode_ask(values(bytes))[0])
+    views: list[memoryview] = []
+
+    def view(buffer: bytearray) -> memoryview:
+        views.append(memoryview(buffer))
+        return views[-1]
+
+    encoded = [command._encode_ask(values(lambda b: b)), command._encode_ask(values(view))]
+    if command._fast_ask is not None:  # the compiled encoder the protocol calls directly
+        result = command._fast_ask(values(lambda b: b))
+        encoded.append(result if command.requires_answer else (result, -1))
+    for v in views:
+        v.release()
+    for buffer in (small, element, row, big):
+        buffer[0] ^= 0xFF
+        buffer.extend(b"later")  # a BufferError if an encoded box still held a view of it
+    for parts, _ in encoded:
+        assert b"".join(parts) == expected
+
+
+@pytest.mark.parametrize("command", [Buffers, BigBuffers], ids=lambda c: c.__name__)
+def test_answers_capture_mutable_values(command: type[Command]) -> None:
+    small, element, big = patterned(100), patterned(10), patterned(70_000)
+    if command is Buffers:
+        given: dict[str, Any] = {"raw": small, "list": [element]}
+    else:
+        given = {"raw": small, "big": big}
+    answer = command._encode_answer(b"1", given)
+    expected = command._encode_answer(
+        b"1",
+        {
+            key: [bytes(v) for v in value] if isinstance(value, list) else bytes(value)
+            for key, value in given.items()
+        },
+    )
+    for buffer in (small, element, big):
+        buffer.extend(b"later")
+    assert answer == expected
+
+
 # _encode_answer
 
 
@@ -913,7 +1053,7 @@ def test_exception_for_an_unmapped_code_keeps_the_wire_code() -> None:
     assert exc.error_code == "TLS_ERROR"
 
 
-def test_exception_for_a_class_that_refuses_one_str() -> None:
+def test_exception_for_a_class_that_refuses_one_str(caplog: pytest.LogCaptureFixture) -> None:
     class Picky(Exception):
         def __init__(self, a: int, b: int) -> None:
             super().__init__(a, b)
@@ -923,16 +1063,51 @@ def test_exception_for_a_class_that_refuses_one_str() -> None:
             raise ValueError("no")
 
     class Refusing(Command):
-        errors = {Picky: "PICKY", Strict: "STRICT"}
+        errors = {Picky: "PICKY"}
+        fatal_errors = {Strict: "STRICT"}
 
-    for code in (b"PICKY", b"STRICT"):
-        exc = Refusing._exception_for(code, b"details")
+    for code, klass, cause in [(b"PICKY", Picky, TypeError), (b"STRICT", Strict, ValueError)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="asyncio_amp"):
+            exc = Refusing._exception_for(code, b"details")
         assert type(exc) is RemoteAmpError
         assert (exc.error_code, exc.description, exc.command) == (
             code.decode(),
             "details",
             Refusing.__qualname__,
         )
+        assert type(exc.__cause__) is cause
+        # Not silent: one warning says which class and code, and why.
+        (record,) = caplog.records
+        assert (record.name, record.levelno) == ("asyncio_amp", logging.WARNING)
+        message = record.getMessage()
+        assert klass.__qualname__ in message, message
+        assert repr(code.decode()) in message, message
+        assert "one str argument" in message, message
+        assert cause.__name__ in message, message
+
+
+def test_exception_for_builds_any_class_that_takes_one_description(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class WithDefaults(Exception):
+        def __init__(self, message: str, retry: int = 3, *, where: str = "here") -> None:
+            super().__init__(message)
+            self.retry = retry
+
+    class AnyArgs(Exception):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+
+    class Several(Command):
+        errors = {WithDefaults: "DEFAULTS", AnyArgs: "ANY", OSError: "OS"}
+
+    with caplog.at_level(logging.WARNING, logger="asyncio_amp"):
+        for code, klass in [(b"DEFAULTS", WithDefaults), (b"ANY", AnyArgs), (b"OS", OSError)]:
+            exc = Several._exception_for(code, b"what happened")
+            assert type(exc) is klass
+            assert str(exc) == "what happened"
+    assert not caplog.records
 
 
 def test_exception_for_uses_the_subclasss_merged_map() -> None:

@@ -1203,6 +1203,57 @@ async def test_bad_values_are_refused_before_sending_and_the_connection_stays_us
         assert len(server.received) == 1
 
 
+# A call that waits in the queue sends its values as they were when it was made
+
+
+class Hold(amp.Command):
+    """Keeps the only place for a pending call until the test lets it go."""
+
+
+class Store(amp.Command):
+    arguments = [("data", amp.BigBytes()), ("small", amp.Bytes())]
+
+
+class HoldingServer(amp.AMPProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.stored: list[tuple[bytes, bytes]] = []
+
+    @Hold.responder
+    async def hold(self) -> dict[str, Any]:
+        await self.release.wait()
+        return {}
+
+    @Store.responder
+    def store(self, data: bytes, small: bytes) -> dict[str, Any]:
+        self.stored.append((data, small))
+        return {}
+
+
+async def test_a_queued_call_sends_its_mutable_values_as_they_were_when_called() -> None:
+    data = bytearray(patterned(CHUNK) * 3)  # three chunks of BigBytes
+    small = bytearray(b"small")
+    original = bytes(data), bytes(small)
+    async with running_server(HoldingServer) as (_, port, protocols):
+        async with asyncio.timeout(LONG):
+            proto = await amp.connect("127.0.0.1", port, max_pending_calls=1)
+        async with proto:
+            held = proto.call_remote(Hold)
+            queued = proto.call_remote(Store, data=data, small=small)
+            # The Store call waits behind Hold: its caller is free to reuse the buffers.
+            data[0] ^= 0xFF
+            data.extend(b"more")
+            small[:] = b"other"
+            (server,) = protocols
+            assert isinstance(server, HoldingServer)
+            server.release.set()
+            async with asyncio.timeout(LONG):
+                await held
+                await queued
+            assert server.stored == [original]
+
+
 # Memory for one 10 MB BigBytes
 
 

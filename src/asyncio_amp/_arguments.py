@@ -453,6 +453,7 @@ class AmpList(Argument[list[dict[str, Any]]]):
                 raise TypeError(f"AmpList fields {names[pyname]!r} and {key!r} clash")
             names[pyname] = key
             parsed.append((key, pyname, argument))
+        check_chunk_keys(((key, argument) for key, _, argument in parsed), "AmpList", "field")
         self._fields = tuple(sorted(parsed))
         self._names = frozenset(names)
         if any(argument.uses_descriptors for _, _, argument in parsed):
@@ -504,6 +505,35 @@ def _chunk_keys(key: bytes, count: int) -> list[bytes]:
     return [key] + [key + b".%d" % i for i in range(2, count + 1)]
 
 
+def check_chunk_keys(fields: Iterable[tuple[bytes, Argument[Any]]], where: str, what: str) -> None:
+    """
+    Refuse a key of one box that a big value of the same box may write a chunk under.
+
+    A [`BigBytes`][] or [`BigString`][] under ``key`` writes its later chunks under
+    ``key.2``, ``key.3``, …; another field under one of those keys would mix with
+    it on the wire and when decoded.
+
+    Raises:
+        TypeError: Naming both fields, with ``where`` (who owns the box) and
+            ``what`` (``"argument"``, ``"field"``, …) in the message.
+    """
+    fields = list(fields)
+    chunked = {key: argument for key, argument in fields if isinstance(argument, _Chunked)}
+    if not chunked:
+        return
+    for key, _ in fields:
+        base, dot, number = key.rpartition(b".")
+        big = chunked.get(base) if dot else None
+        # Chunk numbers are written b".%d" from 2: no sign, no leading zero.
+        if big is not None and number.isdigit() and number[:1] != b"0" and int(number) >= 2:
+            raise TypeError(
+                f"{where}: the {what} {key!r} could be a chunk key of the "
+                f"{type(big).__name__} {what} {base!r}, whose values over "
+                f"{MAX_VALUE_LENGTH:,} bytes go under {base!r}, {base + b'.2'!r}, …; "
+                "rename one of them"
+            )
+
+
 class _Chunked(Argument[T]):
     """A value of any size, split over ``name``, ``name.2``, … (see [`BigBytes`][])."""
 
@@ -511,6 +541,7 @@ class _Chunked(Argument[T]):
     multi_key = True
 
     def _data(self, value: T) -> bytes | bytearray | memoryview:
+        """Return the bytes of ``value``; a mutable buffer is copied by ``to_box``."""
         raise NotImplementedError
 
     def _value(self, data: bytes) -> T:
@@ -525,13 +556,25 @@ class _Chunked(Argument[T]):
         return self._value(data)
 
     def to_box(self, key: bytes, value: T, box: dict[bytes, bytes]) -> None:
-        """Write the value in chunks under ``key``, ``key.2``, …"""
+        """
+        Write the value in chunks under ``key``, ``key.2``, …
+
+        The value is captured here: ``bytes`` are shared, and any other buffer
+        (``bytearray``, ``memoryview``) is copied, so changing it after the call
+        changes nothing that is sent.
+        """
         data = self._data(value)
-        view = memoryview(data).cast("B")
-        size = view.nbytes
+        if type(data) is not bytes:
+            # A call may wait in a queue before it is written, so a mutable buffer
+            # (bytearray, memoryview, ...) is captured now, as it is at the call;
+            # the chunks below are views of this copy and hold no export of the
+            # caller's buffer. Immutable bytes are shared, not copied.
+            data = bytes(data)
+        size = len(data)
         if size <= MAX_VALUE_LENGTH:
-            box[key] = bytes(view)
+            box[key] = data
             return
+        view = memoryview(data)
         count = -(-size // MAX_VALUE_LENGTH)
         for i, chunk_key in enumerate(_chunk_keys(key, count)):
             if len(chunk_key) > MAX_KEY_LENGTH:
@@ -561,6 +604,10 @@ class BigBytes(_Chunked[bytes]):
     ``name``, ``name.2``, ``name.3``, … (the BigString convention of
     amp-protocol.net and clj-amp); an empty value is one empty ``name`` key.
     A peer that does not know the convention sees ordinary keys.
+
+    A ``bytearray`` or ``memoryview`` is copied when the call (or the answer)
+    is encoded, so what is sent is the value at that moment, and the buffer may
+    change or grow afterwards; ``bytes`` are sent without a copy.
     """
 
     __slots__ = ()

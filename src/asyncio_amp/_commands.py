@@ -9,10 +9,20 @@ and one ``bytes.join``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from ._arguments import Argument, Bytes, Float, Integer, String, python_name, wire_name
+from ._arguments import (
+    Argument,
+    Bytes,
+    Float,
+    Integer,
+    String,
+    check_chunk_keys,
+    python_name,
+    wire_name,
+)
 from ._errors import (
     ProtocolError,
     RemoteAmpError,
@@ -42,6 +52,8 @@ from ._wire import (
 __all__ = ["Command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+logger = logging.getLogger("asyncio_amp")
 
 # The attribute @Command.responder sets on a function: the Command classes it answers.
 RESPONDER_ATTRIBUTE = "__amp_responds_to__"
@@ -106,6 +118,8 @@ class _Schema:
                 raise TypeError(f"{owner}.{what}: {key!r} appears twice")
             seen.add(key)
             fields.append(_Field(key, argument))
+        kind = "argument" if what == "arguments" else "response value"
+        check_chunk_keys(((f.key, f.argument) for f in fields), f"{owner}.{what}", kind)
         by_name: dict[str, _Field] = {}
         for field in fields:
             if field.name in by_name:
@@ -533,7 +547,11 @@ class Command:
         errors: Exception classes to wire codes (str or bytes). A responder that
             raises one of these (or a subclass) answers with the code and
             ``str(exc)``; the caller gets the class built from that description.
-            Inherited and merged along subclasses.
+            So each class must accept one ``str`` argument, the description
+            (``exc_type(description)``); when that call fails, the caller gets
+            a [`RemoteAmpError`][] with the code and description instead, and
+            a warning naming the class and the code is logged on the
+            ``asyncio_amp`` logger. Inherited and merged along subclasses.
         fatal_errors: Like ``errors``, and the responder's side closes the
             connection after sending the error.
         requires_answer: If false, no ``_ask`` is sent, the peer does not answer,
@@ -767,17 +785,29 @@ class Command:
     def _exception_for(cls, code: bytes, description: bytes) -> BaseException:
         """Build the exception a caller raises for an error answer."""
         text = description.decode("utf-8", "replace")
+        code_text = code.decode("utf-8", "backslashreplace")
         exc_type = cls._code_to_exception.get(code)
         if exc_type is not None:
             try:
                 return exc_type(text)
-            except Exception:  # the class does not take one string argument
-                pass
-        code_text = code.decode("utf-8", "backslashreplace")
+            except Exception as exc:  # the class does not take one string argument
+                # A mistake in the schema, not in the peer: say so, rather than
+                # hand the caller another class without a word.
+                logger.warning(
+                    "%s maps the error code %r to %s, which cannot be built from one str "
+                    "argument (the description): %s: %s; the caller gets a RemoteAmpError "
+                    "instead",
+                    cls.__qualname__,
+                    code_text,
+                    exc_type.__qualname__,
+                    type(exc).__name__,
+                    exc,
+                )
+                error = RemoteAmpError(code_text, text, cls.__qualname__)
+                error.__cause__ = exc
+                return error
         if code == UNHANDLED_ERROR_CODE:
             return UnhandledCommandError(code_text, text, cls.__qualname__)
-        if exc_type is not None:
-            return RemoteAmpError(code_text, text, cls.__qualname__)
         return UnknownRemoteError(code_text, text, cls.__qualname__)
 
 
