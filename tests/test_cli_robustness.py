@@ -61,7 +61,10 @@ async def test_serve_forgets_closed_connections(caplog: pytest.LogCaptureFixture
         # Every connection closed: none of their protocols is kept.
         await eventually(lambda: alive() == 0, "the closed connections were forgotten")
     finally:
-        os.kill(os.getpid(), signal.SIGINT)  # the server's own signal handler stops it
+        if "serving" in caplog.text:
+            os.kill(os.getpid(), signal.SIGINT)  # the server's own signal handler stops it
+        else:
+            serving.cancel()
         async with asyncio.timeout(LONG):
             assert await serving == 0
 
@@ -451,3 +454,22 @@ async def test_serve_verbose_shows_sent_boxes_like_received_ones() -> None:
         assert result.status == 0
         await server.line(r"DEBUG < \S+ \{b'_ask': b'1', b'_command': b'Sum'")
         await server.line(r"DEBUG > \S+ \{b'_answer': b'1', b'total': b'94'\}$")
+
+
+async def test_serve_reports_a_listening_error_in_one_line(tmp_path: pathlib.Path) -> None:
+    result = await run_cli(
+        "serve", "cli_app:Calculator", "--unix", str(tmp_path / "no such dir" / "app.sock")
+    )
+    assert result.status == 3
+    assert one_line(result.err), result.err
+    assert "cannot listen on" in result.err
+
+
+async def test_proxy_on_uvloop_logs_through_its_writer() -> None:
+    pytest.importorskip("uvloop")
+    async with served() as (_, port), proxied(port, "--uvloop") as (proxy, listen):
+        result = await run_cli("call", f"{HOST}:{listen}", "Sum", "a=1", "b=2")
+        assert (result.status, result.out) == (0, "total: 3\n")
+        await proxy.line(r"#1 S->C answer tag=1 Sum [\d.]+ ms total=3$", stream="out")
+        assert await proxy.stop(signal.SIGTERM) == 0
+    assert proxy.err[-1] == "asyncio-amp proxy: stopped"

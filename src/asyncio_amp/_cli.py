@@ -1189,9 +1189,10 @@ examples:
   printf '00045f61736b0001310008...' | asyncio-amp decode --hex --json
 
 The input is a raw AMP byte stream (one direction of a connection), or with
---hex a hex dump: plain hex digits, or the output of xxd or hexdump -C. Each box
-is printed as a block of key: value lines. A malformed stream prints the boxes
-before the break, then where it breaks and why, and exits with status 1.
+--hex a hex dump: plain hex digits (xxd -p), or the output of xxd or hexdump -C.
+Each box is printed as a block of key: value lines as soon as it is read; a box
+over 4 MiB is shown as too big, without its fields. A malformed stream prints
+the boxes before the break, then where it breaks and why, and exits with status 1.
 """
 
 PROXY_EXAMPLES = """\
@@ -1203,6 +1204,9 @@ Clients connect to LISTEN; each connection is forwarded to TARGET byte for byte.
 Every box is printed with the time, the connection number, its direction (C->S
 from the client, S->C from the server), its kind and tag; answers name their call
 and its latency. A malformed stream is still forwarded unchanged, and said so.
+The log never holds up forwarding: a box over 1 MiB is shown without its fields,
+lines a slow reader cannot take are dropped (and counted), and if the reader goes
+away the proxy goes on forwarding without a log.
 """
 
 
