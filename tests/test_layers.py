@@ -19,7 +19,17 @@ ALLOWED = {
     "_connection": {"_wire", "_errors"},
     "_protocol": {"_commands", "_arguments", "_connection", "_wire", "_errors"},
     "_network": {"_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
-    "_cli": {"_network", "_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
+    "_cli_output": {"_wire", "_errors"},
+    "_cli": {
+        "_cli_output",
+        "_network",
+        "_protocol",
+        "_commands",
+        "_arguments",
+        "_connection",
+        "_wire",
+        "_errors",
+    },
     "__main__": {"_cli"},
 }
 
