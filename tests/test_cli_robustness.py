@@ -120,6 +120,26 @@ async def test_proxy_forwards_at_full_speed_when_nobody_reads_its_output() -> No
                 os.close(fd)
 
 
+async def test_proxy_stops_on_sigterm_while_its_output_is_not_read() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        async with (
+            served() as (_, port),
+            proxied(port, "--full", stdout=write_end) as (proxy, listen),
+        ):
+            big = "1" * 4000
+            async with await amp.connect(HOST, listen) as client, asyncio.timeout(LONG):
+                for _ in range(100):
+                    await client.call_remote_box("Sum", {"a": big, "b": "0"})
+            start = time.monotonic()
+            assert await proxy.stop(signal.SIGTERM) == 0
+            assert time.monotonic() - start < 3 * TIME
+        assert proxy.err[-1] == "asyncio-amp proxy: stopped"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 async def test_proxy_keeps_forwarding_when_its_output_is_closed() -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `| head -n 2` once it has its lines

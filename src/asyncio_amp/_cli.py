@@ -971,7 +971,8 @@ async def _pump(
                         box=box.number,
                     )
                 else:
-                    log.box(conn, direction, dict(box.items), too_big=box.keys * box.too_big)
+                    too_big = box.keys if box.too_big else 0
+                    log.box(conn, direction, dict(box.items), too_big=too_big)
             if scanner.error is not None:
                 parsing = False
                 log.event(

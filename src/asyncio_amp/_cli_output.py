@@ -391,10 +391,7 @@ class LogWriter:
                 self.dropped += 1
                 return
             if self.dropped:
-                note = f"... {self.dropped} log lines dropped: the output is not read fast enough\n"
-                self._queue.append(note.encode())
-                self._queued += len(note)
-                self.dropped = 0
+                self._note_dropped()
             self._queue.append(data)
             self._queued += len(data)
             self._ready.notify()
@@ -408,21 +405,26 @@ class LogWriter:
         """
         with self._ready:
             self._stopping = True
-            if self.dropped and not self.closed:
-                note = f"... {self.dropped} log lines dropped: the output is not read fast enough\n"
-                self._queue.append(note.encode())
-                self.dropped = 0
             self._ready.notify()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     # Private methods
 
+    def _note_dropped(self) -> None:
+        """Queue the line that says how many lines were dropped (the lock is held)."""
+        note = f"... {self.dropped} log lines dropped: the output is not read fast enough\n"
+        self._queue.append(note.encode())
+        self._queued += len(note)
+        self.dropped = 0
+
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self.dropped and not self._stopping:
                     self._ready.wait()
+                if self.dropped:  # what was queued before went out: say what was not
+                    self._note_dropped()
                 if not self._queue:
                     return
                 chunk = b"".join(self._queue)
