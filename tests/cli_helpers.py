@@ -57,11 +57,10 @@ class Background:
         self.out: list[str] = []
         self.err: list[str] = []
         self._changed = asyncio.Event()
-        assert process.stdout is not None and process.stderr is not None
-        self._readers = [
-            asyncio.ensure_future(self._read(process.stdout, self.out)),
-            asyncio.ensure_future(self._read(process.stderr, self.err)),
-        ]
+        assert process.stderr is not None
+        self._readers = [asyncio.ensure_future(self._read(process.stderr, self.err))]
+        if process.stdout is not None:  # None: the test gave the process a pipe of its own
+            self._readers.append(asyncio.ensure_future(self._read(process.stdout, self.out)))
 
     async def _read(self, stream: asyncio.StreamReader, lines: list[str]) -> None:
         while line := await stream.readline():
@@ -103,12 +102,15 @@ class Background:
 
 
 @contextlib.asynccontextmanager
-async def background(*args: str, cwd: pathlib.Path = TESTS) -> AsyncIterator[Background]:
+async def background(
+    *args: str, cwd: pathlib.Path = TESTS, stdout: int = subprocess.PIPE
+) -> AsyncIterator[Background]:
+    """Start a long-running subcommand; ``stdout`` may be a pipe's write end of the test's."""
     process = await asyncio.create_subprocess_exec(
         *CLI,
         *args,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         cwd=cwd,
     )
@@ -143,7 +145,9 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def proxied(target: int, *extra: str) -> AsyncIterator[tuple[Background, int]]:
-    async with background("proxy", f"{HOST}:0", f"{HOST}:{target}", *extra) as proxy:
+async def proxied(
+    target: int, *extra: str, stdout: int = subprocess.PIPE
+) -> AsyncIterator[tuple[Background, int]]:
+    async with background("proxy", f"{HOST}:0", f"{HOST}:{target}", *extra, stdout=stdout) as proxy:
         found = await proxy.line(r"listening on 127\.0\.0\.1:(\d+), forwarding to")
         yield proxy, int(found.group(1))

@@ -810,15 +810,12 @@ async def test_serve_limits_apply_to_each_connection() -> None:
 
 
 def test_proxy_log_pairs_answers_and_forgets_closed_connections() -> None:
-    import io
-
-    out = io.StringIO()
-    log = _cli._ProxyLog(out, as_json=False, full=False)
+    lines: list[str] = []
+    log = _cli._ProxyLog(lines.append, as_json=False, full=False)
     log.box(1, "C->S", {b"_ask": b"1", b"_command": b"Sum", b"a": b"1"})
     log.box(1, "C->S", {b"_ask": b"2", b"_command": b"Sum", b"a": b"2"})
     log.box(1, "S->C", {b"_answer": b"2", b"total": b"3"})
     log.box(1, "S->C", {b"_answer": b"9"})
-    lines = out.getvalue().splitlines()
     assert re.search(r"#1 S->C answer tag=2 Sum \d+\.\d{3} ms total=3$", lines[2])
     assert lines[3].endswith("#1 S->C answer tag=9 (no call with this tag seen)")
     # Call 1 was never answered: what is kept of it goes with its connection.

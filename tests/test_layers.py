@@ -28,7 +28,18 @@ ALLOWED = {
         "_wire",
         "_errors",
     },
-    "_cli": {"_network", "_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
+    "_cli_output": {"_wire", "_errors"},
+    "_cli": {
+        "_cli_output",
+        "_network",
+        "_protocol",
+        "_commands",
+        "_arguments",
+        "_connection",
+        "_flow",
+        "_wire",
+        "_errors",
+    },
     "__main__": {"_cli"},
 }
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
+import codecs
+import collections
 import contextlib
 import datetime
 import importlib
@@ -21,13 +22,13 @@ import json
 import logging
 import math
 import os
-import pathlib
 import re
 import signal
+import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import IO, Any, NoReturn
 
 from ._arguments import (
@@ -42,6 +43,15 @@ from ._arguments import (
     ListOf,
     String,
 )
+from ._cli_output import (
+    BoxScanner,
+    HexError,
+    HexReader,
+    LogWriter,
+    ScannedBox,
+    looks_like_hex,
+    say,
+)
 from ._commands import Command, RawCommand
 from ._errors import ConnectionLostError, ProtocolError, RemoteAmpError, TooLongError
 from ._network import connect, serve
@@ -53,10 +63,7 @@ from ._wire import (
     ERROR,
     ERROR_CODE,
     ERROR_DESCRIPTION,
-    MAX_KEY_LENGTH,
     RESERVED_KEYS,
-    BoxDecoder,
-    text_head,
 )
 
 __all__ = ["main"]
@@ -408,6 +415,13 @@ def _resolve_call(
 ) -> tuple[type[Command] | None, str, dict[str, Any], dict[str, str]]:
     """Work out the command and its values before connecting: mistakes exit with 2."""
     pairs = [split_pair(text) for text in args.values]
+    for key, value in pairs:
+        for text in (key, value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(f"{key}={value}")
+                raise UsageError(f"{shown!r}: the command line is not UTF-8 text") from None
     if not args.commands:
         raw: dict[str, str] = {}
         for key, value in pairs:
@@ -475,7 +489,7 @@ async def _call(args: argparse.Namespace) -> int:
     except TimeoutError:
         return _fail(EXIT_TIMEOUT, f"no connection to {where} within {timeout:g} s")
     except (OSError, ssl.SSLError) as exc:
-        return _fail(EXIT_CONNECT, f"cannot connect to {where}: {_os_error(exc)}")
+        return _fail(EXIT_CONNECT, _place_error("cannot connect to", host, where, exc))
     try:
         async with asyncio.timeout_at(deadline):
             if command is not None:
@@ -527,18 +541,34 @@ def _remote_error(args: argparse.Namespace, name: str, code: str, description: s
     if args.json:
         error = {"code": code, "description": description}
         print(json.dumps({"error": error}, ensure_ascii=False))
-    return _fail(EXIT_REMOTE_ERROR, f"{name} failed: {code}: {description}")
+    hint = ""
+    if code == "UNKNOWN" and not args.commands:
+        # Often a value the server could not decode: untyped values are sent as text.
+        hint = (
+            " (the values were sent as text; if the server expects other types, "
+            "give them with --commands MODULE)"
+        )
+    return _fail(EXIT_REMOTE_ERROR, f"{name} failed: {code}: {description}{hint}")
 
 
 def _os_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         detail = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc))
         return f"TLS handshake failed: {detail}"
+    if isinstance(exc, socket.gaierror):  # its errno is the resolver's, not errno's
+        return exc.strerror or str(exc)
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _place_error(doing: str, host: str | None, where: str, exc: BaseException) -> str:
+    """Say why connecting to (or listening on) ``where`` failed: ``doing`` says which."""
+    if isinstance(exc, socket.gaierror) and host is not None:
+        return f"cannot resolve host {host!r}: {_os_error(exc)}"
+    return f"{doing} {where}: {_os_error(exc)}"
 
 
 def _fail(status: int, message: str) -> int:
@@ -573,14 +603,21 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def _logged(cls: type[AMPProtocol]) -> type[AMPProtocol]:
-    """The user's protocol class, logging each connection at INFO."""
+def _logged(cls: type[AMPProtocol], live: set[AMPProtocol]) -> type[AMPProtocol]:
+    """
+    The user's protocol class, logging each connection at INFO.
+
+    Each connection is in ``live`` from when it is made until it is lost, so that
+    shutdown reaches every open one and a closed one is not kept.
+    """
 
     def connection_made(self: AMPProtocol, transport: asyncio.BaseTransport) -> None:
+        live.add(self)
         cls.connection_made(self, transport)
         logger.info("connection from %s", self.peer)
 
     def connection_lost(self: AMPProtocol, exc: Exception | None) -> None:
+        live.discard(self)
         cls.connection_lost(self, exc)
         logger.info("connection from %s closed%s", self.peer, f": {exc}" if exc else "")
 
@@ -598,13 +635,7 @@ async def _serve(args: argparse.Namespace) -> int:
     tls = server_tls(args)
     limits = _limits(args)
     live: set[AMPProtocol] = set()
-    logged = _logged(cls)
-
-    def factory() -> AMPProtocol:
-        protocol = logged()
-        live.add(protocol)
-        return protocol
-
+    factory = _logged(cls, live)
     try:
         if args.unix:
             server = await serve(factory, path=args.unix, ssl=tls, **limits)
@@ -614,7 +645,8 @@ async def _serve(args: argparse.Namespace) -> int:
             where = ", ".join(_format_sockname(s.getsockname()) for s in server.sockets)
     except OSError as exc:
         target = args.unix or f"{args.host}:{args.port}"
-        return _fail(EXIT_CONNECT, f"cannot listen on {target}: {_os_error(exc)}")
+        host = None if args.unix else args.host
+        return _fail(EXIT_CONNECT, _place_error("cannot listen on", host, target, exc))
     scheme = " with TLS" if tls else ""
     logger.info("serving %s on %s%s (press Ctrl-C to stop)", args.app, where, scheme)
     loop = asyncio.get_running_loop()
@@ -625,25 +657,23 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
         stop.clear()
-        for protocol in list(live):
-            if protocol.closed:
-                live.discard(protocol)
+        still_open = [protocol for protocol in live if not protocol.closed]
         logger.info(
             "shutting down: %d open connection%s, grace period %g s (Ctrl-C again to stop now)",
-            len(live),
-            "" if len(live) == 1 else "s",
+            len(still_open),
+            "" if len(still_open) == 1 else "s",
             args.grace,
         )
         server.close()
         shutdowns = asyncio.gather(
-            *(protocol.shutdown(args.grace) for protocol in live), return_exceptions=True
+            *(protocol.shutdown(args.grace) for protocol in still_open), return_exceptions=True
         )
         interrupt = asyncio.ensure_future(stop.wait())
         waiters: set[asyncio.Future[Any]] = {shutdowns, interrupt}
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if not shutdowns.done():
             logger.info("stopping now")
-            for protocol in live:
+            for protocol in still_open:
                 if protocol.transport is not None:
                     protocol.transport.abort()
             await shutdowns
@@ -671,72 +701,14 @@ def _format_sockname(name: Any) -> str:
 # decode
 
 
-class ScannedBox:
-    """One box of a byte stream, with its place in the stream and its pairs in order."""
+# How much of one box decode and proxy keep to show it (its keys and values, each pair
+# counted with its cost as Python objects): past this, a box is "too big to show" and
+# skipped to its end, so that memory stays bounded whatever the input.
+DECODE_SHOW_LIMIT = 4 << 20
+PROXY_SHOW_LIMIT = 1 << 20
 
-    __slots__ = ("items", "length", "offset")
-
-    def __init__(self, offset: int, length: int, items: list[tuple[bytes, bytes]]) -> None:
-        self.offset = offset
-        self.length = length
-        self.items = items
-
-
-def scan_boxes(data: bytes) -> tuple[list[ScannedBox], str | None]:
-    """
-    Split a byte stream into boxes, keeping each pair in wire order (duplicates too).
-
-    Returns:
-        The complete boxes, and what stopped the scan (where the stream breaks and
-        why), or ``None`` if it is a whole number of boxes.
-    """
-    boxes: list[ScannedBox] = []
-    end = len(data)
-    pos = 0
-    while pos < end:
-        start = pos
-        items: list[tuple[bytes, bytes]] = []
-        number = len(boxes) + 1
-        while True:
-            if end - pos < 2:
-                return boxes, (
-                    f"the stream ends inside box {number}, which starts at byte {start} "
-                    f"({end - start} bytes of it, {len(items)} complete keys)"
-                )
-            klen = (data[pos] << 8) | data[pos + 1]
-            if klen == 0:
-                if not items:
-                    return boxes, f"box {number} at byte {start} is empty (an AMP box needs a key)"
-                pos += 2
-                boxes.append(ScannedBox(start, pos - start, items))
-                break
-            if klen > MAX_KEY_LENGTH:
-                head = text_head(data[pos:])
-                hint = "" if head is None else f"; the bytes there are text ({head!r}), not AMP"
-                return boxes, (
-                    f"box {number}: the key length {klen} at byte {pos} is over the AMP "
-                    f"limit of {MAX_KEY_LENGTH}{hint}"
-                )
-            vpos = pos + 2 + klen
-            if vpos + 2 > end:
-                return boxes, (
-                    f"the stream ends inside box {number} (starting at byte {start}), "
-                    f"in the key at byte {pos}"
-                )
-            vlen = (data[vpos] << 8) | data[vpos + 1]
-            stop = vpos + 2 + vlen
-            if stop > end:
-                return boxes, (
-                    f"the stream ends inside box {number} (starting at byte {start}): the "
-                    f"value of {data[pos + 2 : vpos]!r} at byte {vpos} needs {vlen} bytes, "
-                    f"and only {end - vpos - 2} follow"
-                )
-            items.append((data[pos + 2 : vpos], data[vpos + 2 : stop]))
-            pos = stop
-    return boxes, None
-
-
-_HEX_OFFSET = re.compile(r"^\s*[0-9a-fA-F]{4,}:?(\s|$)")
+# decode reads its input in pieces of this size.
+READ_SIZE = 1 << 16
 
 
 def parse_hex(text: str) -> bytes:
@@ -747,61 +719,68 @@ def parse_hex(text: str) -> bytes:
     Raises:
         UsageError: The text is not hex.
     """
-    digits: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        body = line.strip()
-        if not body:
-            continue
-        if "|" in body:  # hexdump -C: the text column is between bars
-            body = body.split("|", 1)[0]
-        elif re.match(r"^[0-9a-fA-F]+: ", body):  # xxd: "offset: hex groups  text"
-            body = body.split(": ", 1)[1].split("  ", 1)[0]
-        if _HEX_OFFSET.match(body) and len(body.split()) > 1 and "|" in line:
-            body = body.split(None, 1)[1]
-        elif re.match(r"^[0-9a-fA-F]{8}\s*$", body) and "|" not in line and digits:
-            continue  # hexdump -C's last line: the total length alone
-        body = re.sub(r"0x|[\s:,]", "", body, flags=re.IGNORECASE)
-        if not re.fullmatch(r"[0-9a-fA-F]*", body):
-            bad = re.search(r"[^0-9a-fA-F]", body)
-            assert bad is not None
-            raise UsageError(f"line {number} of the hex dump has {bad.group()!r}, not hex")
-        digits.append(body)
-    joined = "".join(digits)
-    if len(joined) % 2:
-        raise UsageError("the hex dump has an odd number of digits")
+    reader = HexReader()
     try:
-        return binascii.unhexlify(joined)
-    except binascii.Error as exc:  # pragma: no cover - checked above
-        raise UsageError(f"not a hex dump: {exc}") from None
+        return b"".join(reader.feed(text) + reader.end())
+    except HexError as exc:
+        raise UsageError(str(exc)) from None
 
 
-def _read_input(source: str, binary_stdin: IO[bytes]) -> bytes:
+def _chunks(source: str, binary_stdin: IO[bytes]) -> Iterator[bytes]:
+    """The input of decode, in pieces as they can be read."""
     if source == "-":
-        return binary_stdin.read()
+        stream: IO[bytes] = binary_stdin
+        close = False
+    else:
+        try:
+            stream = open(source, "rb")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise UsageError(f"cannot read {source}: {_os_error(exc)}") from None
+        close = True
     try:
-        return pathlib.Path(source).read_bytes()
+        read = getattr(stream, "read1", stream.read)
+        while chunk := read(READ_SIZE):
+            yield chunk
     except OSError as exc:
         raise UsageError(f"cannot read {source}: {_os_error(exc)}") from None
+    finally:
+        if close:
+            stream.close()
 
 
-def _box_header(number: int, box: ScannedBox) -> str:
+def _hex_chunks(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The bytes of a hex dump read in pieces."""
+    reader = HexReader()
+    text = codecs.getincrementaldecoder("utf-8")("replace")
+    try:
+        for chunk in chunks:
+            yield from reader.feed(text.decode(chunk))
+        yield from reader.feed(text.decode(b"", final=True))
+        yield from reader.end()
+    except HexError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _box_header(box: ScannedBox) -> str:
     items = dict(box.items)
     kind, command, tag = box_summary(items)
-    head = f"box {number} at byte {box.offset} ({box.length} bytes): {kind}"
+    head = f"box {box.number} at byte {box.offset} ({box.length} bytes): {kind}"
     if command is not None:
         head += f" {command}"
     if tag is not None:
         head += f", tag {tag}"
     if kind == "error":
         head += f": {_error_text(items)}"
+    if box.too_big:
+        head += f" (too big to show: {box.keys:,} keys)"
     return head
 
 
-def _box_json(number: int, box: ScannedBox) -> dict[str, Any]:
+def _box_json(box: ScannedBox) -> dict[str, Any]:
     items = dict(box.items)
     kind, command, tag = box_summary(items)
     record: dict[str, Any] = {
-        "box": number,
+        "box": box.number,
         "offset": box.offset,
         "length": box.length,
         "kind": kind,
@@ -809,49 +788,74 @@ def _box_json(number: int, box: ScannedBox) -> dict[str, Any]:
         "tag": tag,
         "fields": {_text(key): json_bytes(value) for key, value in box.items},
     }
+    if box.too_big:
+        record["too_big"] = True
+        record["keys"] = box.keys
     if len(items) != len(box.items):
-        record["duplicate_keys"] = sorted({_text(k) for k, _ in box.items if _count(box, k) > 1})
+        counts = collections.Counter(key for key, _ in box.items)
+        record["duplicate_keys"] = sorted(_text(k) for k, n in counts.items() if n > 1)
     return record
 
 
-def _count(box: ScannedBox, key: bytes) -> int:
-    return sum(1 for k, _ in box.items if k == key)
+def _print_box(box: ScannedBox, args: argparse.Namespace, out: IO[str]) -> None:
+    if args.json:
+        print(json.dumps(_box_json(box), ensure_ascii=False), file=out)
+        return
+    if box.number > 1:
+        print(file=out)
+    print(_box_header(box), file=out)
+    limit = None if args.full else SHOW_LIMIT
+    seen: set[bytes] = set()
+    for key, value in box.items:
+        note = "  (again: the last one counts)" if key in seen else ""
+        seen.add(key)
+        print(f"  {show_bytes(key)}: {show_bytes(value, limit)}{note}", file=out)
 
 
 def _decode(args: argparse.Namespace, stdin: IO[bytes], out: IO[str]) -> int:
-    data = _read_input(args.file, stdin)
+    chunks = _chunks(args.file, stdin)
     if args.hex:
-        data = parse_hex(data.decode("utf-8", "replace"))
-    boxes, problem = scan_boxes(data)
-    limit = None if args.full else SHOW_LIMIT
-    for number, box in enumerate(boxes, 1):
-        if args.json:
-            print(json.dumps(_box_json(number, box), ensure_ascii=False), file=out)
-            continue
-        if number > 1:
-            print(file=out)
-        print(_box_header(number, box), file=out)
-        seen: set[bytes] = set()
-        for key, value in box.items:
-            note = "  (again: the last one counts)" if key in seen else ""
-            seen.add(key)
-            print(f"  {show_bytes(key)}: {show_bytes(value, limit)}{note}", file=out)
+        chunks = _hex_chunks(chunks)
+    scanner = BoxScanner(show_limit=DECODE_SHOW_LIMIT)
+    first = b""
+    size = 0
+    for chunk in chunks:
+        if len(first) < 4096:
+            first += chunk[: 4096 - len(first)]
+        size += len(chunk)
+        for box in scanner.feed(chunk):
+            if box.complete:
+                _print_box(box, args, out)
+        out.flush()  # each box as soon as it is whole
+        if scanner.error is not None:
+            break
+    problem = scanner.end()
     out.flush()
     if problem is not None:
+        if not args.hex and looks_like_hex(first):
+            problem += "; the input looks like a hex dump: try --hex"
         return _fail(EXIT_REMOTE_ERROR, f"malformed AMP stream: {problem}")
-    if not data:
+    if not size:
         print(f"{PROG}: the input is empty", file=sys.stderr)
     return EXIT_OK
 
 
 # proxy
 
+# How many bytes of log lines may wait for a slow reader of the proxy's output;
+# past this, lines are dropped (and counted) rather than holding up forwarding.
+LOG_QUEUE_LIMIT = 1 << 20
+# At shutdown, how long the log may take to go out, and how long a connection's
+# unsent bytes may take before it is cut.
+LOG_FLUSH_TIMEOUT = 1.0
+CLOSE_TIMEOUT = 5.0
+
 
 class _ProxyLog:
     """Prints the boxes of proxied connections, pairing each answer with its call."""
 
-    def __init__(self, out: IO[str], *, as_json: bool, full: bool) -> None:
-        self.out = out
+    def __init__(self, write: Callable[[str], None], *, as_json: bool, full: bool) -> None:
+        self.write = write
         self.as_json = as_json
         self.limit = None if full else 80
         # (connection, direction of the call) -> tag -> (time sent, command)
@@ -866,11 +870,14 @@ class _ProxyLog:
         now = time.time()
         if self.as_json:
             record = {"time": _iso(now), "conn": conn, "event": text, **fields}
-            print(json.dumps(record, ensure_ascii=False), file=self.out, flush=True)
+            self.write(json.dumps(record, ensure_ascii=False))
         else:
-            print(f"{_clock(now)} #{conn} {text}", file=self.out, flush=True)
+            self.write(f"{_clock(now)} #{conn} {text}")
 
-    def box(self, conn: int, direction: str, items: Mapping[bytes, bytes]) -> None:
+    def box(
+        self, conn: int, direction: str, items: Mapping[bytes, bytes], *, too_big: int = 0
+    ) -> None:
+        """Log one box; ``too_big``: it was too big to show, and had this many keys."""
         now = time.time()
         moment = time.monotonic()
         kind, command, tag_text = box_summary(items)
@@ -901,7 +908,10 @@ class _ProxyLog:
                 record["error_code"] = _text(items.get(ERROR_CODE, b""))
                 record["error_description"] = _text(items.get(ERROR_DESCRIPTION, b""))
             record["fields"] = {_text(k): json_bytes(v) for k, v in fields.items()}
-            print(json.dumps(record, ensure_ascii=False), file=self.out, flush=True)
+            if too_big:
+                record["too_big"] = True
+                record["keys"] = too_big
+            self.write(json.dumps(record, ensure_ascii=False))
             return
         parts = [_clock(now), f"#{conn}", direction, kind]
         if kind.startswith("call"):
@@ -915,10 +925,14 @@ class _ProxyLog:
                 parts.append(f"{command} {latency:.3f} ms")
         if kind == "error":
             parts.append(_error_text(items))
-        parts.extend(
-            f"{show_bytes(key)}={show_bytes(value, self.limit)}" for key, value in fields.items()
-        )
-        print(" ".join(parts), file=self.out, flush=True)
+        if too_big:
+            parts.append(f"(too big to show: {too_big:,} keys)")
+        else:
+            parts.extend(
+                f"{show_bytes(key)}={show_bytes(value, self.limit)}"
+                for key, value in fields.items()
+            )
+        self.write(" ".join(parts))
 
 
 def _clock(now: float) -> str:
@@ -937,30 +951,41 @@ async def _pump(
     log: _ProxyLog,
 ) -> None:
     """Forward bytes from ``reader`` to ``writer`` unchanged, printing the boxes they hold."""
-    # No limits: a proxy shows what passes, it does not police it.
-    decoder: BoxDecoder | None = BoxDecoder(max_box_size=1 << 62, max_keys=1 << 62)
+    # No limits on what passes: a proxy shows what passes, it does not police it.
+    # Only what is kept to show a box is bounded (PROXY_SHOW_LIMIT).
+    scanner = BoxScanner(show_limit=PROXY_SHOW_LIMIT)
+    parsing = True
     while True:
         data = await reader.read(256 * 1024)
         if not data:
             break
         writer.write(data)
-        if decoder is not None:
-            boxes, error = decoder.receive_data_partial(data)
-            for box in boxes:
-                log.box(conn, direction, box)
-            if error is not None:
-                decoder = None
+        if parsing:
+            for box in scanner.feed(data):
+                if not box.complete:
+                    log.event(
+                        conn,
+                        f"{direction} box too big to show (box {box.number} at byte "
+                        f"{box.offset}): skipping to its end",
+                        direction=direction,
+                        box=box.number,
+                    )
+                else:
+                    too_big = box.keys if box.too_big else 0
+                    log.box(conn, direction, dict(box.items), too_big=too_big)
+            if scanner.error is not None:
+                parsing = False
                 log.event(
                     conn,
-                    f"{direction} malformed AMP, forwarding the rest unparsed: {error}",
+                    f"{direction} malformed AMP, forwarding the rest unparsed: {scanner.error}",
                     direction=direction,
-                    error=str(error),
+                    error=scanner.error,
                 )
         await writer.drain()
-    if decoder is not None:
-        error = decoder.end_of_stream()
-        if error is not None:
-            log.event(conn, f"{direction} {error}", direction=direction, error=str(error))
+    if parsing:
+        problem = scanner.end()
+        if problem is not None:
+            log.event(conn, f"{direction} {problem}", direction=direction, error=problem)
     if writer.can_write_eof():
         with contextlib.suppress(OSError):
             writer.write_eof()
@@ -977,20 +1002,20 @@ async def _proxy_connection(
     try:
         server_reader, server_writer = await asyncio.open_connection(*target)
     except OSError as exc:
-        log.event(
-            conn,
-            f"from {peer}: cannot connect to {target[0]}:{target[1]}: {_os_error(exc)}",
-            peer=peer,
-            error=_os_error(exc),
-        )
-        client_writer.close()
+        error = _place_error("cannot connect to", target[0], f"{target[0]}:{target[1]}", exc)
+        log.event(conn, f"from {peer}: {error}", peer=peer, error=_os_error(exc))
+        client_writer.transport.abort()
         return
+    except asyncio.CancelledError:
+        client_writer.transport.abort()
+        raise
     log.event(conn, f"open {peer} -> {target[0]}:{target[1]}", peer=peer)
     pumps = [
         asyncio.ensure_future(_pump(conn, "C->S", client_reader, server_writer, log)),
         asyncio.ensure_future(_pump(conn, "S->C", server_reader, client_writer, log)),
     ]
     reason = ""
+    cut = False
     try:
         pending: set[asyncio.Future[None]] = set(pumps)
         while pending:
@@ -998,52 +1023,77 @@ async def _proxy_connection(
             failed = [task for task in done if task.exception() is not None]
             if failed:
                 reason = f": {_os_error(failed[0].exception())}"  # type: ignore[arg-type]
-                for task in pending:
-                    task.cancel()
                 break
+    except asyncio.CancelledError:
+        cut = True  # the proxy is stopping
+        raise
     finally:
         for task in pumps:
-            if not task.done():
-                task.cancel()
-        for writer in (client_writer, server_writer):
-            if reason and writer.transport is not None:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        writers = (client_writer, server_writer)
+        for writer in writers:
+            if reason or cut:
                 writer.transport.abort()
-            writer.close()
-        for writer in (client_writer, server_writer):
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    log.forget(conn)
+            else:
+                writer.close()
+        if not (reason or cut):
+            # Unsent bytes get CLOSE_TIMEOUT to go out (a peer may not read).
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    for writer in writers:
+                        with contextlib.suppress(OSError):
+                            await writer.wait_closed()
+            except TimeoutError:
+                for writer in writers:
+                    writer.transport.abort()
+        log.forget(conn)
+        if cut:
+            log.event(conn, "closed: the proxy is stopping", error="the proxy is stopping")
     log.event(conn, f"closed{reason}", **({"error": reason[2:]} if reason else {}))
+
+
+def _proxy_output(as_json: bool, full: bool) -> tuple[_ProxyLog, LogWriter]:
+    """The proxy's log, written to standard output without ever holding up forwarding."""
+    sys.stdout.flush()
+
+    def closed(reason: str) -> None:
+        say(f"{PROG} proxy: {reason}: no more log lines; still forwarding")
+
+    writer = LogWriter(sys.stdout.fileno(), limit=LOG_QUEUE_LIMIT, on_closed=closed)
+    return _ProxyLog(writer.write, as_json=as_json, full=full), writer
 
 
 async def _proxy(args: argparse.Namespace) -> int:
     listen = parse_address(args.listen, "LISTEN", default_host="127.0.0.1")
     target = parse_address(args.target, "TARGET")
-    log = _ProxyLog(sys.stdout, as_json=args.json, full=args.full)
     count = 0
+    # Each connection runs as a task of its own, apart from the one asyncio gives the
+    # accept callback: cancelling that one makes asyncio log a traceback.
     connections: set[asyncio.Task[None]] = set()
+    logs: list[_ProxyLog] = []
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal count
         count += 1
-        task = asyncio.current_task()
-        assert task is not None
+        task = asyncio.ensure_future(_proxy_connection(count, reader, writer, target, logs[0]))
         connections.add(task)
         try:
-            await _proxy_connection(count, reader, writer, target, log)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         finally:
             connections.discard(task)
 
     try:
         server = await asyncio.start_server(accept, *listen)
     except OSError as exc:
-        return _fail(EXIT_CONNECT, f"cannot listen on {listen[0]}:{listen[1]}: {_os_error(exc)}")
+        where = f"{listen[0]}:{listen[1]}"
+        return _fail(EXIT_CONNECT, _place_error("cannot listen on", listen[0], where, exc))
+    # No connection is handled before the next await: the log is there in time.
+    log, output = _proxy_output(args.json, args.full)
+    logs.append(log)
     where = ", ".join(_format_sockname(s.getsockname()) for s in server.sockets)
-    print(
-        f"{PROG} proxy: listening on {where}, forwarding to {target[0]}:{target[1]}",
-        file=sys.stderr,
-        flush=True,
-    )
+    say(f"{PROG} proxy: listening on {where}, forwarding to {target[0]}:{target[1]}")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -1057,15 +1107,38 @@ async def _proxy(args: argparse.Namespace) -> int:
         for task in list(connections):
             task.cancel()
         if connections:
-            await asyncio.wait(connections, timeout=5)
+            await asyncio.wait(connections, timeout=CLOSE_TIMEOUT)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
                 await server.wait_closed()
-    print(f"{PROG} proxy: stopped", file=sys.stderr)
+        await asyncio.to_thread(output.close, LOG_FLUSH_TIMEOUT)
+    say(f"{PROG} proxy: stopped")
     return EXIT_OK
 
 
 # The command line
+
+
+def _port_number(text: str) -> int:
+    """argparse's type for a TCP port: 0 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the port must be a number, not {text!r}") from None
+    if not 0 <= port <= 65_535:
+        raise argparse.ArgumentTypeError(f"the port must be 0 to 65535, not {port}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """argparse's type for a duration: a number of seconds, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, not {text!r}")
+    return seconds
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -1117,9 +1190,10 @@ examples:
   printf '00045f61736b0001310008...' | asyncio-amp decode --hex --json
 
 The input is a raw AMP byte stream (one direction of a connection), or with
---hex a hex dump: plain hex digits, or the output of xxd or hexdump -C. Each box
-is printed as a block of key: value lines. A malformed stream prints the boxes
-before the break, then where it breaks and why, and exits with status 1.
+--hex a hex dump: plain hex digits (xxd -p), or the output of xxd or hexdump -C.
+Each box is printed as a block of key: value lines as soon as it is read; a box
+over 4 MiB is shown as too big, without its fields. A malformed stream prints
+the boxes before the break, then where it breaks and why, and exits with status 1.
 """
 
 PROXY_EXAMPLES = """\
@@ -1131,6 +1205,9 @@ Clients connect to LISTEN; each connection is forwarded to TARGET byte for byte.
 Every box is printed with the time, the connection number, its direction (C->S
 from the client, S->C from the server), its kind and tag; answers name their call
 and its latency. A malformed stream is still forwarded unchanged, and said so.
+The log never holds up forwarding: a box over 1 MiB is shown without its fields,
+lines a slow reader cannot take are dropped (and counted), and if the reader goes
+away the proxy goes on forwarding without a log.
 """
 
 
@@ -1174,7 +1251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     call.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="give up after this long, connecting included (default 10; 0: wait forever)",
@@ -1205,12 +1282,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="the interface to listen on (default 127.0.0.1)"
     )
     serve_parser.add_argument(
-        "--port", type=int, default=7000, help="the TCP port (default 7000; 0: any free port)"
+        "--port",
+        type=_port_number,
+        default=7000,
+        help="the TCP port (default 7000; 0: any free port)",
     )
     serve_parser.add_argument("--unix", metavar="PATH", help="listen on a UNIX socket instead")
     serve_parser.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="how long running responders may take to finish at shutdown (default 10)",
