@@ -18,8 +18,26 @@ ALLOWED = {
     "_commands": {"_arguments", "_wire", "_errors"},
     "_connection": {"_wire", "_errors"},
     "_protocol": {"_commands", "_arguments", "_connection", "_wire", "_errors"},
-    "_network": {"_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
-    "_cli": {"_network", "_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
+    "_server": {"_protocol", "_commands", "_arguments", "_connection", "_wire", "_errors"},
+    "_network": {
+        "_server",
+        "_protocol",
+        "_commands",
+        "_arguments",
+        "_connection",
+        "_wire",
+        "_errors",
+    },
+    "_cli": {
+        "_network",
+        "_server",
+        "_protocol",
+        "_commands",
+        "_arguments",
+        "_connection",
+        "_wire",
+        "_errors",
+    },
     "__main__": {"_cli"},
 }
 
