@@ -7,9 +7,11 @@ import contextlib
 import os
 import pathlib
 import socket
+import ssl
 from collections.abc import AsyncIterator
 
 import pytest
+import trustme
 
 import asyncio_amp as amp
 from helpers import HOST, LONG, SHORT, TIME, eventually, port_of
@@ -332,3 +334,30 @@ async def test_unix_socket_server_closes_gracefully(tmp_path: pathlib.Path) -> N
             await client.wait_closed()
         with socket.socket(socket.AF_UNIX) as probe, pytest.raises(OSError):
             probe.connect(path)
+
+
+async def test_a_connection_made_after_close_is_closed_too() -> None:
+    # Over TLS, a connection accepted before close() is made (handed to its
+    # protocol) only after its handshake, which here completes after close().
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST).configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    made: list[Worker] = []
+
+    def worker() -> Worker:
+        made.append(Worker())
+        return made[-1]
+
+    server = await amp.serve(worker, HOST, 0, ssl=server_context)
+    async with closing(server), asyncio.timeout(LONG):
+        reader, writer = await asyncio.open_connection(HOST, port_of(server))
+        await eventually(lambda: len(made) == 1, "the server accepted the connection")
+        server.close()
+        await writer.start_tls(client_context, server_hostname=HOST)
+        assert await reader.read() == b""  # closed by the server, without an answer
+        writer.close()
+        await server.wait_closed()
+        assert made[0].closed
+        assert server.connections == frozenset()
