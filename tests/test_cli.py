@@ -305,6 +305,20 @@ async def test_serve_and_call_over_a_unix_socket(tmp_path: pathlib.Path) -> None
     assert not os.path.exists(path)  # noqa: ASYNC240  # removed by the server
 
 
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="UNIX sockets only")
+async def test_serve_refuses_a_unix_socket_a_live_server_answers_on(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "amp.sock")
+    async with background("serve", "cli_app:Calculator", "--unix", path) as first:
+        await first.line(r"serving cli_app:Calculator on .*amp\.sock")
+        async with background("serve", "cli_app:Calculator", "--unix", path) as second:
+            await second.line(rf"cannot listen on {re.escape(path)}: Address already in use")
+            async with asyncio.timeout(LONG):
+                assert await second.process.wait() == 3
+        result = await run_cli("call", "--unix", path, "Sum", "a=4", "b=5")
+        assert (result.status, result.out) == (0, "total: 9\n")
+        assert await first.stop() == 0
+
+
 async def test_serve_and_call_over_tls(tmp_path: pathlib.Path) -> None:
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))

@@ -7,7 +7,16 @@ import importlib.resources
 
 import asyncio_amp
 
-MODULES = ["_errors", "_wire", "_arguments", "_commands", "_connection", "_protocol", "_network"]
+MODULES = [
+    "_errors",
+    "_wire",
+    "_arguments",
+    "_commands",
+    "_connection",
+    "_protocol",
+    "_server",
+    "_network",
+]
 
 
 def test_all_is_the_union_of_the_modules_all() -> None:

@@ -19,7 +19,9 @@ ALLOWED = {
     "_connection": {"_wire", "_errors"},
     "_flow": set(),
     "_protocol": {"_commands", "_arguments", "_connection", "_flow", "_wire", "_errors"},
+    "_server": {"_protocol", "_commands", "_arguments", "_connection", "_flow", "_wire", "_errors"},
     "_network": {
+        "_server",
         "_protocol",
         "_commands",
         "_arguments",
@@ -32,6 +34,7 @@ ALLOWED = {
     "_cli": {
         "_cli_output",
         "_network",
+        "_server",
         "_protocol",
         "_commands",
         "_arguments",

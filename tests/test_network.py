@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import pathlib
+import socket
+import stat
 
 import pytest
 
@@ -61,3 +65,73 @@ async def test_connection_refused_is_an_os_error() -> None:
     await server.wait_closed()
     with pytest.raises(OSError):
         await amp.connect(HOST, port)
+
+
+async def test_serve_returns_a_server_that_closes_its_connections() -> None:
+    server = await amp.serve(Server, HOST, 0)
+    assert isinstance(server, amp.Server)
+    async with asyncio.timeout(LONG):
+        proto = await amp.connect(HOST, port_of(server))
+        assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
+        server.close()
+        await server.wait_closed()
+        await proto.wait_closed()
+    assert proto.closed
+
+
+async def test_a_unix_socket_a_live_server_answers_on_is_refused(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "amp.sock")
+    async with await amp.serve(Server, path=path), asyncio.timeout(LONG):
+        with pytest.raises(OSError, match="already in use by a live server") as info:
+            await amp.serve(amp.AMPProtocol, path=path)
+        assert info.value.errno == errno.EADDRINUSE
+        # The first server still has its path, and answers on it.
+        async with await amp.connect(path=path) as proto:
+            assert await proto.call_remote(Sum, a=2, b=2) == {"total": 4}
+
+
+async def test_a_stale_unix_socket_file_is_replaced(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "amp.sock")
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(path)
+        dead.listen()
+    assert stat.S_ISSOCK(os.stat(path).st_mode)  # left behind, as by a killed server
+    async with (
+        await amp.serve(Server, path=path),
+        asyncio.timeout(LONG),
+        await amp.connect(path=path) as proto,
+    ):
+        assert await proto.call_remote(Sum, a=3, b=3) == {"total": 6}
+
+
+async def test_a_file_that_is_not_a_socket_is_not_replaced(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "amp.sock"
+    path.write_text("keep me")
+    with pytest.raises(OSError):
+        await amp.serve(Server, path=str(path))
+    assert path.read_text() == "keep me"
+
+
+async def test_closing_removes_the_unix_socket_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "amp.sock"
+    server = await amp.serve(Server, path=str(path))
+    assert path.exists()
+    server.close()
+    async with asyncio.timeout(LONG):
+        await server.wait_closed()
+    assert not path.exists()
+
+
+async def test_closing_leaves_a_path_another_server_took(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "amp.sock")
+    server = await amp.serve(Server, path=path)
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(path)
+        other.listen()
+        server.close()
+        async with asyncio.timeout(LONG):
+            await server.wait_closed()
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(path)  # the other server still has it

@@ -26,16 +26,9 @@ class Worker(amp.AMPProtocol):
 
 
 async def main() -> None:
-    connections: set[Worker] = set()
-
-    def worker() -> Worker:
-        protocol = Worker()
-        connections.add(protocol)
-        return protocol
-
     # --8<-- [start:serve]
     server = await amp.serve(
-        worker,
+        Worker,
         "127.0.0.1",
         0,
         max_box_size=1024 * 1024,  # refuse boxes over 1 MiB
@@ -62,8 +55,7 @@ async def main() -> None:
     slow = client.call_remote(Work, seconds=0.2)
     await client.call_remote(Work, seconds=0)  # so the server has started the slow call
 
-    server.close()  # accept no new connections
-    shutdown = asyncio.gather(*(protocol.shutdown(grace=2) for protocol in connections))
+    server.close(grace=2)  # stop listening, and shut every connection down
     await asyncio.sleep(0)  # let the shutdown start
 
     try:
@@ -71,9 +63,8 @@ async def main() -> None:
     except amp.UnknownRemoteError as exc:
         print("a new call during the shutdown:", exc.error_code)
     print("the call already running:", await slow)
-    await shutdown
+    await server.wait_closed()  # every connection is closed
     await client.wait_closed()
-    await server.wait_closed()
     print("client connection closed:", client.closed)
     # --8<-- [end:shutdown]
 

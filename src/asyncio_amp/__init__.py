@@ -37,6 +37,7 @@ from ._errors import (
 )
 from ._network import connect, serve
 from ._protocol import AMPProtocol
+from ._server import Server
 from ._wire import Box, BoxDecoder, encode_box, parse_boxes
 
 __version__ = "0.1.0"
@@ -64,6 +65,7 @@ __all__ = [
     "Path",
     "ProtocolError",
     "RemoteAmpError",
+    "Server",
     "String",
     "TooLongError",
     "UnhandledCommandError",

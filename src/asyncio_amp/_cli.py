@@ -664,18 +664,15 @@ async def _serve(args: argparse.Namespace) -> int:
             "" if len(still_open) == 1 else "s",
             args.grace,
         )
-        server.close()
-        shutdowns = asyncio.gather(
-            *(protocol.shutdown(args.grace) for protocol in still_open), return_exceptions=True
-        )
+        # Every connection shuts down through shutdown(grace), at once.
+        server.close(grace=args.grace)
+        shutdowns = asyncio.ensure_future(server.wait_closed())
         interrupt = asyncio.ensure_future(stop.wait())
         waiters: set[asyncio.Future[Any]] = {shutdowns, interrupt}
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if not shutdowns.done():
             logger.info("stopping now")
-            for protocol in still_open:
-                if protocol.transport is not None:
-                    protocol.transport.abort()
+            server.abort_clients()
             await shutdowns
         interrupt.cancel()
         with contextlib.suppress(TimeoutError):

@@ -8,11 +8,16 @@ and their UNIX-socket variants, and take the same keyword arguments.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import socket
 import ssl as _ssl
+import stat
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from ._protocol import AMPProtocol
+from ._server import Server
 
 __all__ = ["connect", "serve"]
 
@@ -27,6 +32,11 @@ LIMITS = (
     "max_queued_calls",
     "close_timeout",
 )
+
+# How long serve(path=...) waits for a connection to a UNIX socket that is already
+# there. The kernel, not the server, completes it, so a live server accepts at
+# once; only a full backlog makes it wait, and that too means a live server.
+PROBE_TIMEOUT = 1.0
 
 
 def _with_limits(factory: Callable[[], P], kwargs: dict[str, Any]) -> Callable[[], P]:
@@ -47,24 +57,54 @@ def _with_limits(factory: Callable[[], P], kwargs: dict[str, Any]) -> Callable[[
     return build
 
 
+async def _refuse_live_path(path: str) -> None:
+    """
+    Raise if a live server answers on the UNIX socket ``path``.
+
+    The event loop replaces a socket file that is already there. That is right
+    for the file a killed server left behind, but it would take the path from a
+    server still running on it.
+    """
+    if path.startswith("\0"):
+        return  # the abstract namespace: binding it fails by itself if taken
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # not a socket: the event loop refuses it by itself
+    except OSError:
+        return
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await loop.sock_connect(probe, path)
+        except TimeoutError:
+            pass  # a full backlog: someone listens there
+        except OSError:
+            return  # refused: a stale file, which the event loop replaces
+    raise OSError(errno.EADDRINUSE, f"{path} is already in use by a live server")
+
+
 async def serve(
-    protocol_factory: Callable[[], AMPProtocol],
+    protocol_factory: Callable[[], P],
     host: str | list[str] | None = None,
     port: int | None = None,
     *,
     path: str | None = None,
     ssl: _ssl.SSLContext | None = None,
     **kwargs: Any,
-) -> asyncio.Server:
+) -> Server[P]:
     """
-    Start an AMP server and return the ``asyncio.Server``.
+    Start an AMP server and return its [`Server`][asyncio_amp.Server].
 
     Args:
         protocol_factory: Called once per connection; usually an
             [`AMPProtocol`][] subclass with responders.
         host: The interface(s) to listen on, as for ``loop.create_server``.
         port: The TCP port; 0 picks a free one (see ``server.sockets``).
-        path: Listen on this UNIX socket path instead of TCP.
+        path: Listen on this UNIX socket path instead of TCP. A socket file
+            already there is replaced if nothing answers on it (a server was
+            killed), and refused if a live server does.
         ssl: A server-side ``ssl.SSLContext`` to accept TLS connections.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
@@ -72,16 +112,26 @@ async def serve(
             protocol the factory builds; the rest is passed on to
             ``loop.create_server`` (or ``create_unix_server``).
 
-    The server is already serving when this returns. Use it as an async context
-    manager, or call ``close()`` and ``await wait_closed()`` to stop it.
+    Returns:
+        The server, already serving. Use it as an async context manager, or call
+        its ``close()`` (which closes its connections too) and
+        ``await wait_closed()`` to stop it.
+
+    Raises:
+        OSError: The server cannot listen: the address is taken (``EADDRINUSE``,
+            also for a UNIX socket a live server answers on), or not allowed.
     """
     loop = asyncio.get_running_loop()
-    protocol_factory = _with_limits(protocol_factory, kwargs)
+    server = Server(_with_limits(protocol_factory, kwargs))
     if path is not None:
         if host is not None or port is not None:
             raise TypeError("serve() takes either host and port or path, not both")
-        return await loop.create_unix_server(protocol_factory, path, ssl=ssl, **kwargs)
-    return await loop.create_server(protocol_factory, host, port, ssl=ssl, **kwargs)
+        await _refuse_live_path(os.fsdecode(path))
+        unix = await loop.create_unix_server(server._build, path, ssl=ssl, **kwargs)
+        server._listen(unix, os.fsdecode(path))
+    else:
+        server._listen(await loop.create_server(server._build, host, port, ssl=ssl, **kwargs))
+    return server
 
 
 @overload
