@@ -268,6 +268,7 @@ class Scenario:
     ctx_plain: bool  # plain responders set the context variable too
     burst: bool  # a burst of calls to a slow reader checks write backpressure
     check_cpu: bool
+    families: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         parts = []
@@ -282,20 +283,11 @@ class Scenario:
         for call in self.calls:
             for node in call.node.walk():
                 kinds[node.kind] = kinds.get(node.kind, 0) + 1
-        flags = [
-            name
-            for name, on in (
-                ("closing", self.closing),
-                ("burst", self.burst),
-                ("ctx_plain", self.ctx_plain),
-                ("cpu", self.check_cpu),
-            )
-            if on
-        ]
+        flags = ",".join(self.families) or "none"
         actions = sum(call.action != "wait" for call in self.calls)
         return (
             f"seed {self.seed}: {self.transport} {' '.join(parts)} calls={len(self.calls)} "
-            f"kinds={kinds} caller-cancels={actions} {' '.join(flags)}"
+            f"kinds={kinds} caller-cancels={actions} families={flags}"
         )
 
     def biggest_box(self) -> int:
@@ -419,6 +411,7 @@ def make_scenario(
         ctx_plain="ctx_plain" in families,
         burst=burst,
         check_cpu=generous or "cpu" in families,
+        families=sorted(families),
     )
 
 
@@ -610,7 +603,7 @@ class SoakProtocol(amp.AMPProtocol):
         except amp.ConnectionLostError:
             if not self.run.scenario.closing:
                 self.run.fail(
-                    "outcome", f"nested #{child.id} (in #{parent.id}) lost its connection"
+                    "connection-lost", f"nested #{child.id} (in #{parent.id}) lost its connection"
                 )
             raise
         except Exception as exc:
@@ -789,10 +782,12 @@ async def _drive(run: SoakRun, spec: CallSpec) -> None:
     async with run.slots(need):
         spec.state = "calling"
         try:
-            future = protocol.call_remote(
-                spec.node.command,
-                plan=json.dumps(spec.node.to_json()),
-                payload=blob(spec.node.id, spec.node.in_size),
+            future = _retrieved(
+                protocol.call_remote(
+                    spec.node.command,
+                    plan=json.dumps(spec.node.to_json()),
+                    payload=blob(spec.node.id, spec.node.in_size),
+                )
             )
         except Exception as exc:
             spec.outcome = exc
@@ -819,6 +814,17 @@ async def _drive(run: SoakRun, spec: CallSpec) -> None:
         except Exception as exc:
             spec.outcome = exc
         spec.state = "done"
+
+
+def _retrieved(future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """
+    Mark the future's exception as seen once it is done.
+
+    A task cancelled in the very turn its call fails (a caller's timeout) never
+    looks at the exception, and asyncio would log it as never retrieved.
+    """
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 async def _await(future: asyncio.Future[Any]) -> Any:
@@ -857,7 +863,10 @@ async def _cpu_phase(run: SoakRun) -> None:
     a = run.protocols["A"]
     count = min(run.scenario.limits["A"].max_pending_calls + 1, 8)
     gates = [Node(900_000 + i, GATE, True, 0, 8, 0) for i in range(count)]
-    futures = [a.call_remote(WorkLater, plan=json.dumps(g.to_json()), payload=b"") for g in gates]
+    futures = [
+        _retrieved(a.call_remote(WorkLater, plan=json.dumps(g.to_json()), payload=b""))
+        for g in gates
+    ]
     await asyncio.sleep(0.02)
     for label in ("calls waiting at max_pending_calls on a slow responder", "nothing in flight"):
         wall, cpu = loop.time(), time.process_time()
@@ -898,8 +907,10 @@ async def _slot_phase(run: SoakRun) -> None:
                 (
                     caller,
                     node,
-                    run.protocols[caller].call_remote(
-                        node.command, plan=plan, payload=blob(node.id, 16)
+                    _retrieved(
+                        run.protocols[caller].call_remote(
+                            node.command, plan=plan, payload=blob(node.id, 16)
+                        )
                     ),
                 )
             )
@@ -1180,6 +1191,23 @@ def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+#: The seeds that failed once: tests/test_soak.py runs every one of them.
+REGRESSIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "soak_regressions.txt")
+
+
+def record_regression(seed: int, families: set[str] | None, note: str) -> None:
+    """Add a failing seed to the regressions file, unless it is there already."""
+    entry = str(seed) if families is None else f"{seed} families={','.join(sorted(families))}"
+    try:
+        with open(REGRESSIONS) as file:
+            known = {line.split("#", 1)[0].strip() for line in file}
+    except FileNotFoundError:
+        known = set()
+    if entry not in known:
+        with open(REGRESSIONS, "a") as file:
+            file.write(f"{entry:<40} # {note}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60, help="run seeds for this long")
@@ -1191,6 +1219,11 @@ def main(argv: list[str] | None = None) -> int:
         "--families",
         help=f"comma-separated fault families to turn on, instead of each seed's choice "
         f"({', '.join(FAMILIES)}; '' for none)",
+    )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="add each failing seed to soak_regressions.txt, which CI runs",
     )
     parser.add_argument("--verbose", action="store_true", help="describe passing seeds too")
     args = parser.parse_args(argv)
@@ -1216,6 +1249,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(report.describe(), flush=True)
             failed.append((seed, report.invariants))
+            if args.record:
+                record_regression(seed, families, f"{args.loop}: {' '.join(report.invariants)}")
         seed += 1
     growth = rss[-1] - rss[min(5, len(rss) - 1)] if rss else 0
     print(
