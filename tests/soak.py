@@ -427,6 +427,9 @@ class SoakRun:
         self.failure_counts: dict[str, int] = {}
         self.responders = 0  # responders running, on both sides
         self.running = {"A": 0, "B": 0}  # the same, per side
+        # Per side: the responders that ended in CancelledError or in an error
+        # whose str() fails (each must still be answered and free its slot).
+        self.faulted: dict[str, list[str]] = {"A": [], "B": []}
         self.gate = asyncio.Event()
         self.closed = False
         self.budget: dict[tuple[str, str], int] = {}
@@ -558,6 +561,9 @@ class SoakProtocol(amp.AMPProtocol):
         try:
             self._enter(node, payload, sets_context=self.run.scenario.ctx_plain)
             return self._finish(node)
+        except BadStrError:
+            self.run.faulted[self.side].append(f"#{node.id} raised BadStrError")
+            raise
         finally:
             self.run.responders -= 1
             self.run.running[self.side] -= 1
@@ -588,6 +594,12 @@ class SoakProtocol(amp.AMPProtocol):
                     f"(now {REQUEST.get()})",
                 )
             return self._finish(node)
+        except asyncio.CancelledError:
+            self.run.faulted[self.side].append(f"#{node.id} ended in CancelledError")
+            raise
+        except BadStrError:
+            self.run.faulted[self.side].append(f"#{node.id} raised BadStrError")
+            raise
         finally:
             self.run.responders -= 1
             self.run.running[self.side] -= 1
@@ -683,6 +695,12 @@ def deadlock_hints(run: SoakRun) -> list[str]:
             )
         if getattr(protocol, "_reading_paused", False) and getattr(protocol, "_pending", None):
             paused.append(side)
+    for side, notes in run.faulted.items():
+        if notes:
+            hints.append(
+                f"hint: responders on {side} that must still be answered and free their "
+                f"slot: {', '.join(notes[:8])}{' ...' if len(notes) > 8 else ''}"
+            )
     if len(paused) == 2:
         hints.append(
             "hint: both sides stopped reading while waiting for answers to their own calls: "
@@ -702,6 +720,8 @@ class Report:
     failures: list[str]
     counts: dict[str, int]
     seconds: float
+    loop: str = "asyncio"
+    generous: bool = False
 
     @property
     def ok(self) -> bool:
@@ -714,7 +734,18 @@ class Report:
             return f"{head}\n  ok in {self.seconds:.2f} s: {counts}"
         lines = [head, f"  FAILED in {self.seconds:.2f} s: {counts}"]
         lines += [f"  {failure}" for failure in self.failures]
+        lines.append(f"  to run it again: {self.command}")
         return "\n".join(lines)
+
+    @property
+    def command(self) -> str:
+        """The command line that runs this scenario again."""
+        families = ",".join(self.scenario.families)
+        return (
+            f"python tests/soak.py --seed {self.scenario.seed} --count 1 --loop {self.loop} "
+            + ("--generous " if self.generous else "")
+            + f"--families '{families}'"
+        )
 
     @property
     def invariants(self) -> list[str]:
@@ -1116,6 +1147,9 @@ async def run_seed(
     """Run the scenario of ``seed`` and check that its protocols are freed."""
     with quiet_logs() as logged:
         report = await run_scenario(make_scenario(seed, generous=generous, families=families))
+    report.generous = generous
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        report.loop = "uvloop"
     report.failures += [f"[asyncio-log] {message}" for message in logged.messages]
 
     def freed() -> bool:
