@@ -236,6 +236,11 @@ class SideLimits:
     high: int
     low: int
 
+    def check(self) -> None:
+        """Fail early on limits the transport would refuse."""
+        assert 0 <= self.low <= self.high, self
+        assert self.max_responders >= 1 and self.max_pending_calls >= 1, self
+
 
 @dataclasses.dataclass
 class CallSpec:
@@ -341,6 +346,7 @@ def make_scenario(
     if burst:
         limits["A"].max_pending_calls = rng.choice([64, 128, 256])
         limits["A"].high = 16 * 1024
+        limits["A"].low = 4 * 1024
         limits["B"].max_responders = 1
     kinds_now = [*PLAIN_KINDS, *(["bad_str"] if "bad_str" in families else [])]
     kinds_later = [
@@ -377,6 +383,8 @@ def make_scenario(
             next(ids), kind, later, size(), size(), rng.choice([0, 0, 0.001, 0.005, 0.02]), children
         )
 
+    for lim in limits.values():
+        lim.check()
     capacity = {
         (side, kind): (lim.max_responders if kind == "R" else lim.max_pending_calls)
         for side, lim in limits.items()
