@@ -444,6 +444,7 @@ class SoakRun:
         self.barrier_count = {"A": 0, "B": 0}
         self.barrier_most = {"A": 0, "B": 0}
         self.barrier = {"A": asyncio.Event(), "B": asyncio.Event()}
+        self.barrier_need = {"A": 1, "B": 1}
         self.gate = asyncio.Event()
         self.closed = False
         self.budget: dict[tuple[str, str], int] = {}
@@ -628,7 +629,7 @@ class SoakProtocol(amp.AMPProtocol):
         run.barrier_count[side] += 1
         run.barrier_most[side] = max(run.barrier_most[side], run.barrier_count[side])
         event = run.barrier[side]
-        if run.barrier_count[side] >= self.max_responders:
+        if run.barrier_count[side] >= run.barrier_need[side]:
             event.set()
         try:
             async with asyncio.timeout(PHASE_DEADLINE / 2):
@@ -636,9 +637,11 @@ class SoakProtocol(amp.AMPProtocol):
         except TimeoutError:
             run.fail(
                 "slot-leak",
-                f"#{node.id}: at most {run.barrier_most[side]} responders of "
-                f"max_responders={self.max_responders} ever ran at once on {side} after "
-                f"every call had resolved: a responder slot leaked; {protocol_state(self)}",
+                f"#{node.id}: at most {run.barrier_most[side]} responders ever ran at once "
+                f"on {side} after every call had resolved, not {run.barrier_need[side]} "
+                f"(max_responders={self.max_responders}, the caller's max_pending_calls="
+                f"{run.scenario.limits[_other(side)].max_pending_calls}): a responder slot "
+                f"leaked; {protocol_state(self)}",
             )
             event.set()
         finally:
@@ -968,15 +971,19 @@ async def _slot_phase(run: SoakRun) -> None:
     """
     After everything resolved, max_responders + 1 calls each way must all complete.
 
-    The first max_responders of them on each side wait until that many run at once
-    (a barrier), so one leaked slot is enough to stop them; the last one waits
-    for a slot.
+    Each side's responders wait until as many of them run at once as can (a
+    barrier): max_responders, or fewer if the caller's max_pending_calls is lower.
+    So one leaked slot is enough to stop them.
     """
     futures = []
     ids = iter(range(800_000, 900_000))
+    limits = run.scenario.limits
     for caller in "AB":
         callee = _other(caller)
-        count = run.scenario.limits[callee].max_responders + 1
+        count = limits[callee].max_responders + 1
+        run.barrier_need[callee] = min(
+            limits[callee].max_responders, limits[caller].max_pending_calls
+        )
         for _ in range(count):
             node = Node(next(ids), BARRIER, True, 16, 16, 0)
             plan = json.dumps(node.to_json())

@@ -39,7 +39,7 @@ SEEDS: list[tuple[int, frozenset[str] | None]] = [
     (205, frozenset({"nested"})),
 ]
 
-REGRESSIONS = pathlib.Path(__file__).with_name("soak_regressions.txt")
+REGRESSIONS = pathlib.Path(soak.REGRESSIONS)
 
 
 def regression_seeds() -> list[tuple[int, frozenset[str] | None]]:
