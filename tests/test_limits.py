@@ -558,3 +558,25 @@ class Silent:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         writer.transport.pause_reading()
+
+
+async def test_waiting_for_a_place_again_and_again_watches_each_call_once() -> None:
+    # One call stays pending while others come and go at max_pending_calls: each
+    # time calls wait for a place, the sent calls are watched for cancellation,
+    # but a call that stays is watched once, not once per wait.
+    Server.release = asyncio.Event()
+    async with (
+        running_server(Server) as (_, port, _protocols),
+        client(port) as proto,
+    ):
+        proto.max_pending_calls = 2
+        slow = proto.call_remote(Slow, n=-1)  # waits for Server.release
+        for i in range(30):
+            fast = [proto.call_remote(Big, n=i) for _ in range(3)]  # one waits for a place
+            async with asyncio.timeout(LONG):
+                await asyncio.gather(*fast)
+        callbacks = slow._callbacks  # type: ignore[attr-defined]
+        assert len(callbacks) <= 2, callbacks
+        Server.release.set()
+        async with asyncio.timeout(LONG):
+            assert await slow == {"n": -1}

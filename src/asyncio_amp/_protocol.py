@@ -491,6 +491,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._flush()
         if flow.deferred or self._writing_paused or self._reading_paused:
             self._update_reading()
+        if self._watching and not self._pending:
+            self._watching = False
 
     def eof_received(self) -> bool | None:
         """The peer will send nothing more; close our side too."""
@@ -650,7 +652,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         ):
             self._hold((future, cmd, parts, slot))
             return future
-        if slot < 0 or self._debug or self._reading_paused:
+        if slot < 0 or self._debug or self._reading_paused or self._watching:
             self._send_call(future, cmd, parts, slot, now=not pending and not self._gather)
             return future
         # _send_call and _send, inline for the usual call that wants an answer.
@@ -992,7 +994,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._send_call(future, command, parts, slot, now=False)
             if conn.queued_bytes >= FLUSH_BYTES and not self._receiving:
                 self._flush()  # may pause writing: the rest waits as it is
-        self._watching = False
 
     def _watch_pending(self) -> None:
         """
@@ -1000,8 +1001,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
         A cancelled call is not taken out of the pending calls at once (that would
         take a future subclass or a callback per call, which makes every call
-        slower), so while calls wait for a place, each sent call's future tells
+        slower), so once calls wait for a place, each sent call's future tells
         when it is cancelled (_pending_done), and its place is taken back then.
+        This goes on until no call is pending, so that a future gets one such
+        callback at most.
         """
         if self._watching:
             return
@@ -1034,6 +1037,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             while len(cancelled) > MAX_CANCELLED_TAGS:
                 del cancelled[next(iter(cancelled))]
             if not pending:
+                self._watching = False
                 self._update_reading()  # no answer is expected any more
         if self._waiting and not self._receiving:
             self._send_waiting()
