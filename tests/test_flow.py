@@ -235,3 +235,47 @@ def test_every_sequence_of_events_keeps_the_bounds_and_drains(
         assert started == waiting
         checked += 1
     assert checked == len(STEPS) ** depth
+
+
+# Our calls
+
+
+def test_the_applications_calls_wait_for_max_pending_calls_in_order() -> None:
+    flow = FlowControl(1, max_pending_calls=2)
+    assert flow.max_pending_calls == 2
+    assert flow.may_send(0, nested=False, behind=False)
+    assert flow.may_send(1, nested=False, behind=False)
+    assert not flow.may_send(2, nested=False, behind=False)
+    # Behind other waiting calls: it waits its turn, even with a free place.
+    assert not flow.may_send(0, nested=False, behind=True)
+
+
+def test_nested_calls_wait_only_for_writing() -> None:
+    flow = FlowControl(1, max_pending_calls=1)
+    assert flow.may_send(5, nested=True, behind=True)
+    flow.pause_writing()
+    assert not flow.may_send(0, nested=True, behind=False)
+    assert not flow.may_send(0, nested=False, behind=False)
+    flow.resume_writing()
+    assert flow.may_send(0, nested=True, behind=False)
+
+
+@pytest.mark.parametrize("max_pending", [1, 2, 3])
+def test_may_send_keeps_the_applications_calls_under_the_limit(max_pending: int) -> None:
+    # Every combination: the application's calls never exceed the limit, and
+    # nested ones go whenever writing is not paused.
+    flow = FlowControl(1, max_pending_calls=max_pending)
+    for paused, pending, nested, behind in itertools.product(
+        (False, True), range(max_pending + 2), (False, True), (False, True)
+    ):
+        if paused:
+            flow.pause_writing()
+        else:
+            flow.resume_writing()
+        allowed = flow.may_send(pending, nested=nested, behind=behind)
+        if paused:
+            assert not allowed
+        elif nested:
+            assert allowed
+        else:
+            assert allowed is (not behind and pending < max_pending)

@@ -32,12 +32,12 @@ What is bounded, and by what:
   is queued, whether the transport can take the answer or not. While writing is
   paused no new responder starts, so what is queued and unwritten is at most
   the answers of the responders already running, plus one read's worth.
-* **Our calls on the wire** (the protocol's side, not decided here): the
-  application's calls, at most ``max_pending_calls``; further ones wait in order
-  as their encoded parts. Calls that our responders make back to the peer
-  (*nested* calls) do not wait for that limit: there is one per lending
-  responder, so the bound above holds them. Nothing is written past the
-  transport's high-water mark; what is not written waits.
+* **Our calls on the wire** (:meth:`may_send`): the application's calls, at
+  most ``max_pending_calls``; further ones wait in order as their encoded parts.
+  Calls that our responders make back to the peer (*nested* calls) do not wait
+  for that limit: there is one per lending responder, so the bound above holds
+  them. No call goes out while writing is paused, and nothing is written past
+  the transport's high-water mark; what is not written waits.
 
 Why no cycle of waits can close. Suppose every responder ends once the calls it
 makes on this connection are answered (anything else it waits for is not this
@@ -78,6 +78,9 @@ __all__: list[str] = []
 # library with its default limits stays far below it.
 DEFAULT_MAX_QUEUED_CALLS = 10_000
 
+# The most calls of ours that may wait for their answers at once, by default.
+DEFAULT_MAX_PENDING_CALLS = 1000
+
 
 class Verdict(enum.Enum):
     """What to do with a call that has just arrived."""
@@ -101,6 +104,7 @@ class FlowControl:
     __slots__ = (
         "deferred",
         "lending",
+        "max_pending_calls",
         "max_queued_calls",
         "max_responders",
         "working",
@@ -108,10 +112,15 @@ class FlowControl:
     )
 
     def __init__(
-        self, max_responders: int, max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS
+        self,
+        max_responders: int,
+        max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
+        max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
     ) -> None:
         #: The most responders that may work at once.
         self.max_responders = max_responders
+        #: The most calls of the application's that may wait for answers at once.
+        self.max_pending_calls = max_pending_calls
         #: The most calls that may wait for a place while reading goes on.
         self.max_queued_calls = max_queued_calls
         #: Responders started and not ended, less those lending their place.
@@ -183,6 +192,24 @@ class FlowControl:
         """A lending responder has its answers and works again."""
         self.lending -= 1
         self.working += 1
+
+    # Our calls
+
+    def may_send(self, pending: int, *, nested: bool, behind: bool) -> bool:
+        """
+        Whether a call of ours may go out now.
+
+        Args:
+            pending: How many of our calls wait for their answers.
+            nested: One of our responders makes it (it calls the peer back).
+            behind: Calls of the application's wait to go out before it.
+
+        A nested call waits only for writing to resume; the application's
+        calls also wait for ``max_pending_calls``, in order.
+        """
+        if self.writing_paused:
+            return False
+        return nested or (not behind and pending < self.max_pending_calls)
 
     # Writing and reading
 

@@ -36,7 +36,7 @@ from ._commands import (
 )
 from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError
-from ._flow import DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
+from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
 
 __all__ = ["AMPProtocol"]
@@ -101,7 +101,6 @@ _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 # Default limits; see AMPProtocol's docstring.
 DEFAULT_MAX_RESPONDERS = 100
 # (DEFAULT_MAX_QUEUED_CALLS comes from _flow.)
-DEFAULT_MAX_PENDING_CALLS = 1000
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
 # The error code of an answer to a call that arrives while the connection shuts down.
@@ -257,7 +256,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_gather",
         "_loop",
         "_lost",
-        "_max_pending_calls",
         "_peer",
         "_pending",
         "_read_buffer",
@@ -318,8 +316,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._flow = FlowControl(
             _positive("max_responders", max_responders),
             _positive("max_queued_calls", max_queued_calls),
+            _positive("max_pending_calls", max_pending_calls),
         )
-        self._max_pending_calls = _positive("max_pending_calls", max_pending_calls)
         self._close_timeout = 0.0
         self.close_timeout = close_timeout
         self._abort_handle: asyncio.TimerHandle | None = None
@@ -645,10 +643,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if self._writing_paused:
                 self._hold_nested((future, cmd, parts, slot))
                 return future
-        elif (
+        elif (  # not FlowControl.may_send(nested=False), inline
             self._waiting
             or self._writing_paused
-            or (slot >= 0 and len(pending) >= self._max_pending_calls)
+            or (slot >= 0 and len(pending) >= self._flow.max_pending_calls)
         ):
             self._hold((future, cmd, parts, slot))
             return future
@@ -746,10 +744,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             if self._writing_paused:
                 self._hold_nested((future, raw, parts, slot))
                 return future
-        elif (
+        elif (  # not FlowControl.may_send(nested=False), inline
             self._waiting
             or self._writing_paused
-            or (slot >= 0 and len(self._pending) >= self._max_pending_calls)
+            or (slot >= 0 and len(self._pending) >= self._flow.max_pending_calls)
         ):
             self._hold((future, raw, parts, slot))
             return future
@@ -872,11 +870,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
     @property
     def max_pending_calls(self) -> int:
         """The most calls of ours that may wait for an answer at once."""
-        return self._max_pending_calls
+        return self._flow.max_pending_calls
 
     @max_pending_calls.setter
     def max_pending_calls(self, value: int) -> None:
-        self._max_pending_calls = _positive("max_pending_calls", value)
+        self._flow.max_pending_calls = _positive("max_pending_calls", value)
 
     @property
     def close_timeout(self) -> float:
@@ -973,21 +971,21 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _send_waiting(self) -> None:
         """Send the calls that waited, in order, as far as the limits allow."""
         conn = self._conn
+        flow = self._flow
         nested = self._waiting_nested
-        while nested and not self._writing_paused and not self._lost:
+        while nested and not self._lost and flow.may_send(0, nested=True, behind=False):
             future, command, parts, slot = nested.popleft()
             if not future.done():
                 self._send_call(future, command, parts, slot, now=False)
                 if conn.queued_bytes >= FLUSH_BYTES and not self._receiving:
                     self._flush()
         waiting = self._waiting
-        limit = self._max_pending_calls
         while waiting and not self._writing_paused and not self._lost:
             future, command, parts, slot = waiting[0]
             if future.done():  # cancelled while it waited: it never takes a tag
                 waiting.popleft()
                 continue
-            if slot >= 0 and len(self._pending) >= limit:
+            if slot >= 0 and not flow.may_send(len(self._pending), nested=False, behind=False):
                 self._watch_pending()
                 return
             waiting.popleft()
