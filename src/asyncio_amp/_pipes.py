@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import sys
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
@@ -315,6 +316,15 @@ def _file(pipe: Pipe, mode: str) -> IO[Any]:
     return pipe
 
 
+def _close(*pipes: Pipe) -> None:
+    for pipe in pipes:
+        with contextlib.suppress(OSError):
+            if isinstance(pipe, int):
+                os.close(pipe)
+            else:
+                pipe.close()
+
+
 async def connect_pipes(
     read_pipe: Pipe,
     write_pipe: Pipe,
@@ -353,7 +363,8 @@ async def connect_pipes(
 
     Raises:
         ValueError: Both pipes are the same descriptor, or the event loop does
-            not take one of them (a regular file, say).
+            not take one of them (a regular file, say): then both pipes are
+            closed.
         TypeError: A keyword is not a limit of [`AMPProtocol`][].
     """
     loop = asyncio.get_running_loop()
@@ -364,6 +375,14 @@ async def connect_pipes(
     write_fd = write_pipe if isinstance(write_pipe, int) else write_pipe.fileno()
     if read_fd == write_fd:
         raise ValueError("connect_pipes() needs two descriptors, one to read and one to write")
+    for fd in (read_fd, write_fd):
+        # Checked here, as asyncio's loop does: uvloop's aborts the process.
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+            _close(read_pipe, write_pipe)
+            raise ValueError(
+                f"connect_pipes() takes pipes, sockets and character devices, not fd {fd}"
+            )
     protocol = factory()
     reader, writer = _file(read_pipe, "rb"), _file(write_pipe, "wb")
     peername = f"pipes (read {read_fd}, write {write_fd})"
@@ -376,10 +395,13 @@ async def connect_pipes(
     except BaseException:
         pipes.abort()
         # A pipe that no transport took is closed here.
-        for pipe, transport in ((reader, pipes._reader), (writer, pipes._writer)):
-            if transport is None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        _close(
+            *(
+                pipe
+                for pipe, taken in ((reader, pipes._reader), (writer, pipes._writer))
+                if taken is None
+            )
+        )
         raise
     pipes._start()
     return protocol
