@@ -8,10 +8,9 @@ import os
 import pathlib
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 import asyncio_amp as amp
 from asyncio_amp._wire import parse_boxes
 from helpers import HOST, LONG, SHORT, eventually, port_of
+from process_helpers import child_process, exited
 from stdio_child import CallBack, Quit, Stray, Sum
 
 CHILD = pathlib.Path(__file__).parent / "stdio_child.py"
@@ -265,44 +265,6 @@ async def test_connect_pipes_refuses_a_regular_file(tmp_path: pathlib.Path) -> N
 
 
 # The child process: serve_stdio on its stdin and stdout.
-
-
-def start(argv: list[str], stderr: pathlib.Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    """Start ``argv`` on new pipes; return it, its stdout's read end and its stdin's write end."""
-    to_child, to_parent = os.pipe(), os.pipe()
-    with open(stderr, "wb") as errors:
-        process = subprocess.Popen(argv, stdin=to_child[0], stdout=to_parent[1], stderr=errors)
-    os.close(to_child[0])
-    os.close(to_parent[1])
-    return process, to_parent[0], to_child[1]
-
-
-@contextlib.asynccontextmanager
-async def child_process(
-    argv: list[str], stderr: pathlib.Path
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, int]]:
-    """
-    Start ``argv`` with pipes as its stdin and stdout; yield it, the read end of
-    its stdout and the write end of its stdin. It is killed by pid at the end if
-    it is still running.
-    """
-    process, out, into = start(argv, stderr)
-    try:
-        yield process, out, into
-    finally:
-        for fd in (out, into):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=LONG)
-
-
-async def exited(process: subprocess.Popen[bytes]) -> int:
-    """The exit status of ``process``, waited for within LONG."""
-    await eventually(lambda: process.poll() is not None, f"process {process.pid} exited")
-    assert process.returncode is not None
-    return process.returncode
 
 
 class Parent(Calc):
