@@ -16,6 +16,7 @@ MODULES = [
     "_protocol",
     "_server",
     "_network",
+    "_pipes",
 ]
 
 

@@ -30,6 +30,17 @@ ALLOWED = {
         "_wire",
         "_errors",
     },
+    "_pipes": {
+        "_network",
+        "_server",
+        "_protocol",
+        "_commands",
+        "_arguments",
+        "_connection",
+        "_flow",
+        "_wire",
+        "_errors",
+    },
     "_cli_output": {"_wire", "_errors"},
     "_cli": {
         "_cli_output",

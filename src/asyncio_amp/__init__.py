@@ -36,6 +36,7 @@ from ._errors import (
     UnknownRemoteError,
 )
 from ._network import connect, serve
+from ._pipes import connect_pipes, serve_stdio
 from ._protocol import AMPProtocol
 from ._server import Server
 from ._wire import Box, BoxDecoder, encode_box, parse_boxes
@@ -73,7 +74,9 @@ __all__ = [
     "UnknownRemoteError",
     "__version__",
     "connect",
+    "connect_pipes",
     "encode_box",
     "parse_boxes",
     "serve",
+    "serve_stdio",
 ]

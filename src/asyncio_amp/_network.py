@@ -141,6 +141,7 @@ async def connect(
     *,
     protocol_factory: Callable[[], P],
     path: str | None = None,
+    sock: socket.socket | None = None,
     ssl: _ssl.SSLContext | bool | None = None,
     **kwargs: Any,
 ) -> P: ...
@@ -152,6 +153,7 @@ async def connect(
     port: int | None = None,
     *,
     path: str | None = None,
+    sock: socket.socket | None = None,
     ssl: _ssl.SSLContext | bool | None = None,
     **kwargs: Any,
 ) -> AMPProtocol: ...
@@ -163,6 +165,7 @@ async def connect(
     *,
     protocol_factory: Callable[[], AMPProtocol] = AMPProtocol,
     path: str | None = None,
+    sock: socket.socket | None = None,
     ssl: _ssl.SSLContext | bool | None = None,
     **kwargs: Any,
 ) -> AMPProtocol:
@@ -176,6 +179,9 @@ async def connect(
             [`AMPProtocol`][] subclass with responders to answer the server's
             calls. [`AMPProtocol`][] by default.
         path: Connect to this UNIX socket path instead of TCP.
+        sock: Use this socket, already connected, instead of opening one: a
+            TCP or a UNIX stream socket (one end of ``socket.socketpair()``,
+            say). The connection owns it from now on and closes it at the end.
         ssl: An ``ssl.SSLContext`` (or ``True`` for the default one) to
             speak TLS.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
@@ -191,7 +197,19 @@ async def connect(
     """
     loop = asyncio.get_running_loop()
     protocol_factory = _with_limits(protocol_factory, kwargs)
-    if path is not None:
+    if sock is not None:
+        if host is not None or port is not None or path is not None:
+            raise TypeError("connect() takes host and port, path or sock, only one of them")
+        # The UNIX variant for a UNIX socket: uvloop picks its transport by the call.
+        if getattr(socket, "AF_UNIX", None) == sock.family:
+            _, protocol = await loop.create_unix_connection(
+                protocol_factory, sock=sock, ssl=ssl, **kwargs
+            )
+        else:
+            _, protocol = await loop.create_connection(
+                protocol_factory, sock=sock, ssl=ssl, **kwargs
+            )
+    elif path is not None:
         if host is not None or port is not None:
             raise TypeError("connect() takes either host and port or path, not both")
         _, protocol = await loop.create_unix_connection(protocol_factory, path, ssl=ssl, **kwargs)
