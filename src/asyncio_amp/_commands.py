@@ -556,6 +556,12 @@ class Command:
             connection after sending the error.
         requires_answer: If false, no ``_ask`` is sent, the peer does not answer,
             and ``call_remote`` completes at once with ``None``.
+        close_after_answer: If true, the responder's side closes the connection
+            right after writing a successful answer, as Twisted's
+            ``responseType = QuitBox`` does; the caller still gets the answer,
+            and its other pending calls fail with [`ConnectionLostError`][].
+            An error answer leaves the connection open (unless the error is
+            fatal), and so does a call sent without ``_ask``.
         command_name: The name on the wire; the class name by default.
 
     An instance carries the arguments of one call: ``call_remote(Sum(a=1, b=2))``
@@ -567,6 +573,7 @@ class Command:
     errors: ClassVar[ErrorMap] = {}
     fatal_errors: ClassVar[ErrorMap] = {}
     requires_answer: ClassVar[bool] = True
+    close_after_answer: ClassVar[bool] = False
     command_name: ClassVar[str | bytes] = "Command"
 
     # Computed once per class by __init_subclass__.
@@ -618,6 +625,8 @@ class Command:
         )
         if not isinstance(cls.requires_answer, bool):
             raise TypeError(f"{owner}.requires_answer must be True or False")
+        if not isinstance(cls.close_after_answer, bool):
+            raise TypeError(f"{owner}.close_after_answer must be True or False")
         try:
             if cls.requires_answer:
                 cls._fast_ask = _compile_encoder(owner, cls._ask_steps, (None, cls.wire_name))
@@ -631,7 +640,8 @@ class Command:
             cls._fast_answer = None
         plain = not cls._uses_descriptors
         cls._plain_ask = cls._fast_ask if plain and cls.requires_answer else None
-        cls._plain_answer = cls._fast_answer if plain else None
+        # An answer that closes the connection takes the general path (_answer_for).
+        cls._plain_answer = cls._fast_answer if plain and not cls.close_after_answer else None
         cls._fast_arguments = _compile_decoder(owner, cls._arguments_schema.fields)
         cls._fast_response = _compile_decoder(owner, cls._response_schema.fields)
         cls._parse_arguments = cls._parse_response = None

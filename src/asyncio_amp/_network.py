@@ -23,7 +23,8 @@ __all__ = ["connect", "serve"]
 
 P = TypeVar("P", bound=AMPProtocol)
 
-# The limits of AMPProtocol that serve() and connect() take as keywords.
+# The limits of AMPProtocol that serve() and connect() take as keywords (and its
+# locators, set the same way).
 LIMITS = (
     "max_box_size",
     "max_keys",
@@ -31,6 +32,7 @@ LIMITS = (
     "max_pending_calls",
     "max_queued_calls",
     "close_timeout",
+    "locators",
 )
 
 # How long serve(path=...) waits for a connection to a UNIX socket that is already
@@ -47,6 +49,7 @@ def _with_limits(factory: Callable[[], P], kwargs: dict[str, Any]) -> Callable[[
     probe = AMPProtocol()
     for name, value in limits.items():
         setattr(probe, name, value)  # checks the values now, not at the first connection
+        limits[name] = getattr(probe, name)  # an iterator of locators is read once
 
     def build() -> P:
         protocol = factory()
@@ -108,8 +111,8 @@ async def serve(
         ssl: A server-side ``ssl.SSLContext`` to accept TLS connections.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``max_queued_calls``, ``close_timeout``), set on each
-            protocol the factory builds; the rest is passed on to
+            ``max_queued_calls``, ``close_timeout``) and its ``locators``,
+            set on each protocol the factory builds; the rest is passed on to
             ``loop.create_server`` (or ``create_unix_server``).
 
     Returns:
@@ -186,8 +189,8 @@ async def connect(
             speak TLS.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``max_queued_calls``, ``close_timeout``); the rest is
-            passed on to ``loop.create_connection`` (or
+            ``max_queued_calls``, ``close_timeout``) and its
+            ``locators``; the rest is passed on to ``loop.create_connection`` (or
             ``create_unix_connection``), e.g. ``server_hostname``.
 
     Use the protocol as an async context manager to close it at the end:

@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self, cast, overload
 
@@ -31,12 +31,12 @@ from ._commands import (
     RawArguments,
     RawCommand,
     encode_error,
-    encode_unhandled_error,
     encode_unknown_error,
 )
 from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failure
-from ._errors import ConnectionLostError, ProtocolError
+from ._errors import ConnectionLostError, ProtocolError, UnhandledCommandError
 from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
+from ._locators import Located, default_hook, default_locate, is_default_hook, locate
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
 
 __all__ = ["AMPProtocol"]
@@ -224,6 +224,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         close_timeout: How long [`close`][] lets the data already queued drain
             to the peer before it drops the connection anyway (10 seconds), so a
             peer that stops reading cannot keep a connection open.
+        locators: Objects whose ``@Command.responder`` methods answer the
+            commands this protocol has no responder of its own for, tried in
+            order (see [`locators`][asyncio_amp.AMPProtocol.locators]).
 
     While the transport's write buffer is over its high-water mark
     (``pause_writing``), new calls wait as their encoded parts, answers stay
@@ -254,6 +257,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_flow",
         "_flush_handle",
         "_gather",
+        "_locators",
         "_loop",
         "_lost",
         "_peer",
@@ -309,6 +313,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
         max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        locators: Iterable[object] = (),
     ) -> None:
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
@@ -342,6 +347,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # The connection's table: it takes out the calls whose answers it decodes.
         self._pending: dict[bytes, _Sent] = self._conn.pending
         self._conn.ask_parsers = self._ask_parsers
+        self._locators: Located | None = None
+        if locators:
+            self.locators = locators
         # Tags of cancelled calls taken out of pending, with their commands.
         self._cancelled: dict[bytes, type[Command] | RawCommand] | None = None
         self._tasks: set[asyncio.Task[None]] | None = None
@@ -905,6 +913,89 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def max_keys(self, value: int) -> None:
         self._conn.max_keys = value
 
+    @property
+    def locators(self) -> tuple[object, ...]:
+        """
+        The objects that answer the commands this protocol has no responder for.
+
+        Any object whose class has ``@Command.responder`` methods is a locator. A
+        call from the peer goes to the protocol's own responder if it has one,
+        else to the first locator that has one, else to
+        [`unhandled_command`][asyncio_amp.AMPProtocol.unhandled_command]. A
+        locator's responder runs exactly like the protocol's own (the same limits,
+        context and error answers), with the arguments as keywords. Setting it
+        (to any iterable) replaces the locators; ``serve`` and ``connect`` take
+        it as the ``locators`` keyword.
+        """
+        located = self._locators
+        return () if located is None else located.locators
+
+    @locators.setter
+    def locators(self, value: Iterable[object]) -> None:
+        if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+            raise TypeError(f"locators must be an iterable of objects, not {value!r}")
+        located = Located(value, self._responder_table, self._ask_parsers)
+        if not located.locators:
+            self._locators = None
+            self._conn.ask_parsers = self._ask_parsers
+            return
+        self._locators = located
+        # The connection decodes the locators' calls straight from the bytes too,
+        # unless locate_responder() is overridden and must see every miss.
+        if is_default_hook(type(self).locate_responder):
+            self._conn.ask_parsers = located.ask_parsers
+
+    @default_hook
+    def locate_responder(self, name: bytes) -> Callable[..., Any] | None:
+        """
+        Find the responder of the command named ``name`` (wire bytes).
+
+        Called for each call from the peer that the protocol's own responders do
+        not answer. By default it returns the responder of the first of
+        [`locators`][asyncio_amp.AMPProtocol.locators] that has one. Override
+        it for dynamic dispatch; the responder it returns must be marked
+        ``@Command.responder`` for a Command named ``name`` and is called with
+        the decoded arguments, like any responder. An exception here is logged,
+        and the caller is answered ``UNKNOWN``.
+
+        Returns:
+            The bound responder, or ``None``: the call then goes to
+            [`unhandled_command`][asyncio_amp.AMPProtocol.unhandled_command].
+        """
+        return default_locate(self, name)
+
+    @default_hook
+    def unhandled_command(
+        self, name: bytes, box: dict[bytes, bytes]
+    ) -> Mapping[bytes, bytes] | Awaitable[Mapping[bytes, bytes]]:
+        """
+        Answer a call from the peer that no responder answers.
+
+        Override it to answer commands by name with raw boxes, as a router or a
+        gateway does (Twisted's ``SimpleStringLocator``). It may be a coroutine
+        function. It runs like a responder: it holds a place under
+        ``max_responders``, in a copy of the connection's context. For a call
+        without ``_ask`` its result is dropped.
+
+        Args:
+            name: The command name on the wire.
+            box: The call's argument keys and values, without ``_ask`` and
+                ``_command``.
+
+        Returns:
+            The answer box: bytes keys to bytes values, without ``_answer``. A box
+            that breaks AMP's rules or limits is logged, and the caller is
+            answered ``UNKNOWN``.
+
+        Raises:
+            RemoteAmpError: Answer the call with this error code and
+                description. Any other exception is logged, and the caller is
+                answered ``UNKNOWN``. By default it raises
+                [`UnhandledCommandError`][] (``UNHANDLED``, with Twisted's
+                description).
+        """
+        raise UnhandledCommandError("UNHANDLED", f"Unhandled Command: {name!r}")
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -1208,16 +1299,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         else:
             found = self._responder_table.get(event.command)  # type: ignore[union-attr]
             if found is None:
-                logger.warning(
-                    "%s called %r, which has no responder%s",
-                    self._peer,
-                    event.command,  # type: ignore[union-attr]
-                    "; answering UNHANDLED" if tag is not None else "",
-                )
-                self._responded(
-                    None if tag is None else encode_unhandled_error(tag, event.command)  # type: ignore[union-attr]
-                )
-                return
+                # Not ours: a locator's, or unhandled_command (see _locators).
+                found = locate(self, event)  # type: ignore[arg-type]
+                if found is None:
+                    return  # already answered
             command, attribute, is_coroutine = found
             try:
                 if command._uses_descriptors:
@@ -1238,13 +1323,16 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 self._responded(None if tag is None else encode_unknown_error(tag))
                 return
         try:
+            # A name for the protocol's own responders, the responder itself for
+            # those found elsewhere (see _locators).
+            responder = getattr(self, attribute) if type(attribute) is str else attribute
             if is_coroutine:
                 # The coroutine is created inside the task: a task cancelled before
                 # its first step (the connection closed) then leaves none unawaited.
-                self._run_task(command, tag, getattr(self, attribute), arguments)
+                self._run_task(command, tag, responder, arguments)
                 return
             # In a fresh copy of the connection's context, like a coroutine's task.
-            result = self._context.copy().run(getattr(self, attribute), **arguments)  # type: ignore[union-attr]
+            result = self._context.copy().run(responder, **arguments)  # type: ignore[union-attr]
         except Exception as exc:
             self._responded(self._failure_answer(command, tag, exc))
             return
@@ -1356,8 +1444,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 data: bytes = self._encode_with_fds(
                     command._encode_answer, tag, {} if result is None else result
                 )
-                return data
-            return command._encode_answer(tag, {} if result is None else result)
+            else:
+                data = command._encode_answer(tag, {} if result is None else result)
         except Exception as exc:
             logger.error(
                 "the responder of %s for %s returned an answer that cannot be sent "
@@ -1368,6 +1456,13 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 exc,
             )
             return encode_unknown_error(tag)
+        if command.close_after_answer:
+            # Twisted's QuitBox: the connection closes once this answer is written.
+            if self._debug:
+                logger.debug("= %s answered; closing the connection", command.__qualname__)
+            self._close_after_flush = True
+            self._accepting = False
+        return data
 
     def _failure_answer(
         self, command: type[Command], tag: bytes | None, exc: Exception

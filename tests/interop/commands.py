@@ -52,6 +52,7 @@ __all__ = [
     "Hello",
     "Nope",
     "Notify",
+    "Quit",
     "RecordingProtocol",
     "Slow",
     "Sum",
@@ -118,6 +119,13 @@ class Slow(Command):
 class CallBack(Command):
     arguments = [("a", Integer()), ("b", Integer())]
     response = [("total", Integer())]
+
+
+class Quit(Command):
+    """Twisted's side has ``responseType = QuitBox``; ours closes the same way."""
+
+    response = [("bye", String())]
+    close_after_answer = True
 
 
 class Hello(Command):

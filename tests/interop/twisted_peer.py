@@ -211,6 +211,14 @@ class CallBack(amp.Command):
     response = [(b"total", amp.Integer())]
 
 
+class Quit(amp.Command):
+    """Answers, then closes the connection (ampoule's Shutdown does the same)."""
+
+    commandName = b"Quit"
+    response = [(b"bye", amp.Unicode())]
+    responseType = amp.QuitBox
+
+
 class Hello(amp.Command):
     commandName = b"Hello"
     arguments = [(b"hello-name", amp.Unicode())]
@@ -343,6 +351,7 @@ COMMANDS: dict[str, type[amp.Command]] = {
         Big,
         Slow,
         CallBack,
+        Quit,
         Hello,
         EchoTypes,
         BigEcho,
@@ -526,6 +535,11 @@ class PeerAMP(amp.AMP):
         d: Deferred[dict[str, Any]] = self.callRemote(Sum, a=a, b=b)
         d.addCallback(lambda answer: {"total": answer["total"] + 1000})
         return d
+
+    @Quit.responder
+    def quit(self) -> dict[str, Any]:
+        self._record(Quit)
+        return {"bye": "bye"}
 
     @Hello.responder
     def hello(self, hello_name: str) -> dict[str, Any]:
