@@ -23,7 +23,7 @@ import pytest
 import trustme
 
 import asyncio_amp as amp
-from asyncio_amp import _cli
+from asyncio_amp.cli import _common, proxy
 from cli_helpers import background, free_port, proxied, run_cli, served
 from helpers import HOST, LONG, port_of
 
@@ -733,14 +733,14 @@ async def test_proxy_stops_on_sigterm_with_connections_open() -> None:
 
 
 def test_show_bytes() -> None:
-    assert _cli.show_bytes(b"plain text") == "plain text"
-    assert _cli.show_bytes(b"") == "''"
-    assert _cli.show_bytes(b" padded") == "' padded'"
-    assert _cli.show_bytes(b"'quoted'") == "\"'quoted'\""
-    assert _cli.show_bytes(b"b'x'") == "\"b'x'\""
-    assert _cli.show_bytes(b"\x00\xff") == "b'\\x00\\xff'"
-    assert _cli.show_bytes("é".encode()) == "é"
-    assert _cli.show_bytes(b"a" * 10, limit=4) == "aaaa… (10 bytes)"
+    assert _common.show_bytes(b"plain text") == "plain text"
+    assert _common.show_bytes(b"") == "''"
+    assert _common.show_bytes(b" padded") == "' padded'"
+    assert _common.show_bytes(b"'quoted'") == "\"'quoted'\""
+    assert _common.show_bytes(b"b'x'") == "\"b'x'\""
+    assert _common.show_bytes(b"\x00\xff") == "b'\\x00\\xff'"
+    assert _common.show_bytes("é".encode()) == "é"
+    assert _common.show_bytes(b"a" * 10, limit=4) == "aaaa… (10 bytes)"
 
 
 def test_json_value() -> None:
@@ -757,7 +757,7 @@ def test_json_value() -> None:
         "p": pathlib.PurePosixPath("/x"),
         "l": [1, None, True],
     }
-    assert _cli.json_value(value) == {
+    assert _common.json_value(value) == {
         "b": {"base64": "/w=="},
         "t": "ok",
         "d": "1.50",
@@ -770,13 +770,13 @@ def test_json_value() -> None:
 
 
 def test_parse_address() -> None:
-    assert _cli.parse_address("127.0.0.1:7000", "x") == ("127.0.0.1", 7000)
-    assert _cli.parse_address("[::1]:7000", "x") == ("::1", 7000)
-    assert _cli.parse_address("7001", "x", default_host="127.0.0.1") == ("127.0.0.1", 7001)
-    assert _cli.parse_address(":7001", "x", default_host="127.0.0.1") == ("127.0.0.1", 7001)
+    assert _common.parse_address("127.0.0.1:7000", "x") == ("127.0.0.1", 7000)
+    assert _common.parse_address("[::1]:7000", "x") == ("::1", 7000)
+    assert _common.parse_address("7001", "x", default_host="127.0.0.1") == ("127.0.0.1", 7001)
+    assert _common.parse_address(":7001", "x", default_host="127.0.0.1") == ("127.0.0.1", 7001)
     for bad in ("host", ":1", "h:70000", "h:-1"):
-        with pytest.raises(_cli.UsageError):
-            _cli.parse_address(bad, "x")
+        with pytest.raises(_common.UsageError):
+            _common.parse_address(bad, "x")
 
 
 async def test_call_typed_no_answer_sends_the_typed_box_without_ask() -> None:
@@ -825,7 +825,7 @@ async def test_serve_limits_apply_to_each_connection() -> None:
 
 def test_proxy_log_pairs_answers_and_forgets_closed_connections() -> None:
     lines: list[str] = []
-    log = _cli._ProxyLog(lines.append, as_json=False, full=False)
+    log = proxy._ProxyLog(lines.append, as_json=False, full=False)
     log.box(1, "C->S", {b"_ask": b"1", b"_command": b"Sum", b"a": b"1"})
     log.box(1, "C->S", {b"_ask": b"2", b"_command": b"Sum", b"a": b"2"})
     log.box(1, "S->C", {b"_answer": b"2", b"total": b"3"})

@@ -25,7 +25,7 @@ import time
 import pytest
 
 import asyncio_amp as amp
-from asyncio_amp import _cli
+from asyncio_amp import cli
 from cli_app import Calculator
 from cli_helpers import CLI, TESTS, background, free_port, proxied, run_cli, served
 from helpers import HOST, LONG, TIME, eventually, port_of
@@ -42,8 +42,8 @@ def one_line(text: str) -> bool:
 
 async def test_serve_forgets_closed_connections(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="asyncio_amp.cli")
-    args = _cli.build_parser().parse_args(["serve", "cli_app:Calculator", "--port", "0"])
-    serving = asyncio.ensure_future(_cli._serve(args))
+    args = cli.build_parser().parse_args(["serve", "cli_app:Calculator", "--port", "0"])
+    serving = asyncio.ensure_future(cli.serve.run(args))
     try:
         await eventually(lambda: "serving" in caplog.text, "the server started")
         port = int(re.search(r"serving \S+ on 127\.0\.0\.1:(\d+)", caplog.text).group(1))  # type: ignore[union-attr]
@@ -292,7 +292,7 @@ async def test_decode_into_a_pipe_closed_early_stops_at_once_and_quietly(
 
 _PEAK = (
     "import resource, sys\n"
-    "from asyncio_amp._cli import main\n"
+    "from asyncio_amp.cli import main\n"
     "status = main(sys.argv[1:])\n"
     "sys.stdout.flush()\n"
     "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -324,10 +324,10 @@ async def test_decode_memory_is_bounded_whatever_the_box(tmp_path: pathlib.Path)
 
 
 def test_box_scanner_keeps_at_most_its_limit() -> None:
-    from asyncio_amp import _cli_output
+    from asyncio_amp.cli import _output
 
     shown = []
-    scanner = _cli_output.BoxScanner(show_limit=1000)
+    scanner = _output.BoxScanner(show_limit=1000)
     scanner.feed(b"\x00\x08_command\x00\x01A")
     for _ in range(10_000):
         shown += scanner.feed(b"\x00\x01k\x00\x02vv")

@@ -489,7 +489,7 @@ async def test_the_late_answer_to_a_cancelled_call_closes_its_descriptors(
             # A call after it: its answer comes after the late one.
             assert await asyncio.wait_for(client.call_remote(Plain, n=1), LONG) == {"n": 1}
             assert client._fds is not None
-            assert not client._fds._unclaimed
+            assert not client._fds.exchange._unclaimed
         finally:
             client.close()
             await asyncio.wait_for(client.wait_closed(), LONG)

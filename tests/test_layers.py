@@ -10,7 +10,12 @@ import pytest
 SRC = pathlib.Path(__file__).parent.parent / "src" / "asyncio_amp"
 SANS_IO = ["_errors", "_wire", "_arguments", "_commands", "_connection", "_flow"]
 FORBIDDEN = {"asyncio", "socket", "ssl", "threading", "selectors"}
-# Who may import whom, inside the package (STYLE.md).
+# The sans-I/O core, which the asyncio layer builds on.
+CORE = {"_commands", "_arguments", "_connection", "_flow", "_wire", "_errors"}
+# The private modules below the command-line tool.
+CLI_BELOW = CORE | {"_pipes", "_network", "_server", "_protocol", "_fds", "_locators"}
+# Who may import whom, inside the package (STYLE.md). Modules of a subpackage are
+# named with a dot: "cli.call".
 ALLOWED = {
     "_errors": set(),
     "_wire": {"_errors"},
@@ -19,68 +24,39 @@ ALLOWED = {
     "_connection": {"_wire", "_errors"},
     "_flow": set(),
     "_locators": {"_commands", "_arguments", "_connection", "_wire", "_errors"},
-    "_protocol": {
-        "_locators",
-        "_commands",
-        "_arguments",
-        "_connection",
-        "_flow",
-        "_wire",
-        "_errors",
-    },
-    "_server": {
-        "_protocol",
-        "_locators",
-        "_commands",
-        "_arguments",
-        "_connection",
-        "_flow",
-        "_wire",
-        "_errors",
-    },
-    "_network": {
-        "_server",
-        "_protocol",
-        "_locators",
-        "_commands",
-        "_arguments",
-        "_connection",
-        "_flow",
-        "_wire",
-        "_errors",
-    },
-    "_pipes": {
-        "_network",
-        "_server",
-        "_protocol",
-        "_commands",
-        "_arguments",
-        "_connection",
-        "_flow",
-        "_wire",
-        "_errors",
-    },
-    "_cli_output": {"_wire", "_errors"},
-    "_cli": {
-        "_cli_output",
-        "_network",
-        "_server",
-        "_protocol",
-        "_locators",
-        "_commands",
-        "_arguments",
-        "_connection",
-        "_flow",
-        "_wire",
-        "_errors",
-    },
-    "__main__": {"_cli"},
+    # Descriptor passing is I/O (sockets, the event loop); the sans-I/O
+    # DescriptorExchange it drives is in _arguments.
+    "_fds": {"_arguments", "_connection", "_wire", "_errors"},
+    "_protocol": CORE | {"_fds", "_locators"},
+    "_server": CORE | {"_protocol", "_fds", "_locators"},
+    "_network": CORE | {"_server", "_protocol", "_fds", "_locators"},
+    "_pipes": CORE | {"_network", "_server", "_protocol", "_fds", "_locators"},
+    # The command-line tool sits on top: it may import any private module, and
+    # nothing but __main__ imports it.
+    "cli._output": {"_wire", "_errors"},
+    "cli._common": {"_wire", "_errors"},
+    "cli.call": CLI_BELOW | {"cli._common", "cli._output"},
+    "cli.serve": CLI_BELOW | {"cli._common", "cli._output"},
+    "cli.decode": CLI_BELOW | {"cli._common", "cli._output"},
+    "cli.proxy": CLI_BELOW | {"cli._common", "cli._output"},
+    "cli": CLI_BELOW
+    | {"cli._common", "cli._output", "cli.call", "cli.serve", "cli.decode", "cli.proxy"},
+    "__main__": {"cli"},
 }
+
+
+def source_of(module: str) -> pathlib.Path:
+    """The file of a module named as in ALLOWED: "_wire", "cli", "cli.call"."""
+    path = SRC.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def imports_of(module: str) -> tuple[set[str], set[str]]:
     """Return (top-level external modules, package-internal modules) a module imports."""
-    tree = ast.parse((SRC / f"{module}.py").read_text())
+    tree = ast.parse(source_of(module).read_text())
+    # The package a relative import starts from: "" for the top level.
+    parts = module.split(".")
+    package = parts if source_of(module).name == "__init__.py" else parts[:-1]
     external: set[str] = set()
     internal: set[str] = set()
     for node in ast.walk(tree):
@@ -89,7 +65,14 @@ def imports_of(module: str) -> tuple[set[str], set[str]]:
                 external.add(alias.name.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                internal.add((node.module or "").split(".")[0])
+                base = package[: len(package) - (node.level - 1)]
+                if node.module is None:  # from . import a, b: modules of that package
+                    names = [[*base, alias.name] for alias in node.names]
+                else:
+                    names = [[*base, *node.module.split(".")]]
+                for name in names:
+                    # A module of a subpackage ("cli.call"), or a top-level one ("_wire").
+                    internal.add(".".join(name[:2] if (SRC / name[0]).is_dir() else name[:1]))
             else:
                 external.add((node.module or "").split(".")[0])
     return external, internal
@@ -110,4 +93,9 @@ def test_import_direction(module: str) -> None:
 
 def test_every_module_is_checked() -> None:
     modules = {p.stem for p in SRC.glob("_*.py") if p.stem != "__init__"}
+    for package in (p.parent for p in SRC.glob("*/__init__.py")):
+        modules.add(package.name)
+        modules.update(
+            f"{package.name}.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"
+        )
     assert modules == set(ALLOWED)

@@ -8,7 +8,6 @@ go through one method, ``AMPProtocol._flush``.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import contextlib
@@ -16,7 +15,6 @@ import contextvars
 import functools
 import inspect
 import logging
-import os
 import socket
 import sys
 import weakref
@@ -24,7 +22,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self, cast, overload
 
-from ._arguments import MAX_UNCLAIMED_FDS, DescriptorExchange, descriptor_exchange
 from ._commands import (
     RESPONDER_ATTRIBUTE,
     Command,
@@ -35,6 +32,7 @@ from ._commands import (
 )
 from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError, UnhandledCommandError
+from ._fds import FdChannel
 from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
@@ -84,19 +82,6 @@ def _read_buffer_for(loop: asyncio.AbstractEventLoop) -> memoryview:
     except TypeError:  # a loop that cannot be weakly referenced
         return memoryview(bytearray(64 * 1024))
 
-
-# File descriptor passing (Descriptor) on UNIX socket connections. asyncio's
-# transports neither send nor receive ancillary data, so on such a connection the
-# protocol reads by itself with recvmsg() (the transport's own reading stays
-# paused) and, when a write must carry descriptors, sends it with sendmsg() once
-# the transport's buffer is empty, so that nothing can overtake it. Both use a
-# duplicate of the transport's socket.
-#
-# Linux takes at most 253 descriptors per message (SCM_MAX_FD).
-MAX_FDS_PER_MESSAGE = 253
-_FD_SIZE = array.array("i").itemsize
-_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 # Default limits; see AMPProtocol's docstring.
 DEFAULT_MAX_RESPONDERS = 100
@@ -250,9 +235,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_conn",
         "_context",
         "_debug",
-        "_fd_blocked",
-        "_fd_limits",
-        "_fd_socket",
         "_fds",
         "_flow",
         "_flush_handle",
@@ -367,15 +349,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._closed_waiter: asyncio.Future[None] | None = None
         self._debug = False
         self._read_buffer: memoryview | None = None
-        # On UNIX socket connections: the descriptors sent and received, and the
-        # duplicate socket they go through.
-        self._fds: DescriptorExchange | None = None
-        self._fd_socket: socket.socket | None = None
-        # While descriptors wait for the transport's buffer to drain: its own
-        # write buffer limits, replaced by zeros so that it says when it is empty.
-        self._fd_limits: tuple[int, int] | None = None
-        # True while descriptors wait for the socket to take more (EAGAIN).
-        self._fd_blocked = False
+        # On UNIX socket connections: descriptor passing (see _fds).
+        self._fds: FdChannel | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -408,7 +383,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             and getattr(sock, "family", None) == socket.AF_UNIX
             and transport.get_extra_info("sslcontext") is None
         ):
-            self._start_fd_passing(sock.fileno())
+            self._fds = FdChannel(self, loop, sock.fileno())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Return the buffer for the transport to read into."""
@@ -515,11 +490,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         """The transport's buffer has drained: send what was held back."""
-        if self._fd_limits is not None and self.transport is not None:
-            # Descriptors waited for the buffer to drain: back to its own limits.
-            low, high = self._fd_limits
-            self._fd_limits = None
-            self.transport.set_write_buffer_limits(high=high, low=low)
+        if self._fds is not None:
+            # Descriptors may have waited for the buffer to drain: back to its own limits.
+            self._fds.restore_limits(self.transport)
         self._writing_paused = False
         self._flow.resume_writing()
         if self._debug:
@@ -569,12 +542,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._abort_handle.cancel()
             self._abort_handle = None
         self._conn.data_to_send()
-        if self._fd_socket is not None:
-            self._stop_fd_reading()
-            if self._fd_blocked and self._loop is not None:
-                self._loop.remove_writer(self._fd_socket.fileno())
-            self._fd_socket.close()
-            self._fd_socket = None
         if self._fds is not None:
             self._fds.close()
         if self._closed_waiter is not None and not self._closed_waiter.done():
@@ -638,8 +605,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 parts, slot = encoder(arguments)
             except Exception:  # anything unusual: the general path reports it
                 parts, slot = cmd._encode_ask(arguments)
-        elif cmd._uses_descriptors:
-            parts, slot = self._encode_with_fds(cmd._encode_ask, arguments)
+        elif cmd._uses_descriptors and self._fds is not None:
+            parts, slot = self._fds.encode(cmd._encode_ask, arguments)
         else:
             parts, slot = cmd._encode_ask(arguments)
         future = self._loop.create_future()  # type: ignore[union-attr]
@@ -1173,7 +1140,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             logger.debug("= dropped the late answer to cancelled call %r", tag)
         if box is not None and command._uses_descriptors and self._fds is not None:
             with contextlib.suppress(Exception):  # whatever it names, nobody wants it
-                self._decode_with_fds(command._decode_response, box, discard=True)  # type: ignore[arg-type]
+                self._fds.decode(command._decode_response, box, discard=True)  # type: ignore[arg-type]
         return None
 
     def _resolve(self, sent: _Sent, box: Mapping[bytes, bytes]) -> None:
@@ -1181,8 +1148,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         _, future, command = sent
         result: Any
         try:
-            if command._uses_descriptors:
-                result = self._decode_with_fds(command._decode_response, box)  # type: ignore[arg-type]
+            if command._uses_descriptors and self._fds is not None:
+                result = self._fds.decode(command._decode_response, box)  # type: ignore[arg-type]
             else:
                 result = command._decode_response(box)
         except ProtocolError as exc:
@@ -1248,8 +1215,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self._lost:
             self._reading_paused = True
-            if self._fd_socket is not None:
-                self._stop_fd_reading()
+            if self._fds is not None:
+                self._fds.pause_reading()
             else:
                 self.transport.pause_reading()
             if self._debug:
@@ -1261,11 +1228,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             # In a fresh copy of the connection's context: the event loop may keep
             # the context of the code that resumes reading for its read callbacks.
             assert self._context is not None
-            if self._fd_socket is not None:
-                assert self._loop is not None
-                self._context.copy().run(
-                    self._loop.add_reader, self._fd_socket.fileno(), self._read_with_fds
-                )
+            if self._fds is not None:
+                self._context.copy().run(self._fds.resume_reading, self)
             else:
                 self._context.copy().run(self.transport.resume_reading)
             if self._debug:
@@ -1305,8 +1269,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                     return  # already answered
             command, attribute, is_coroutine = found
             try:
-                if command._uses_descriptors:
-                    arguments = self._decode_with_fds(command._decode_arguments, event.box)  # type: ignore[union-attr]
+                if command._uses_descriptors and self._fds is not None:
+                    arguments = self._fds.decode(command._decode_arguments, event.box)  # type: ignore[union-attr]
                 else:
                     try:
                         arguments = command._fast_arguments(event.box)  # type: ignore[union-attr]
@@ -1440,8 +1404,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if tag is None:
             return None
         try:
-            if command._uses_descriptors:
-                data: bytes = self._encode_with_fds(
+            if command._uses_descriptors and self._fds is not None:
+                data: bytes = self._fds.encode(
                     command._encode_answer, tag, {} if result is None else result
                 )
             else:
@@ -1601,7 +1565,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             and transport is not None
             and not self._lost
             and not transport.is_closing()
-            and not self._flush_fds()
+            and not self._fds.flush(self)
         ):
             return  # the bytes wait in the queue, with their descriptors
         data = self._conn.data_to_send()
@@ -1611,170 +1575,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
             transport.write(data[0] if len(data) == 1 else b"".join(data))
         if self._close_after_flush:
             self._close_transport(0 if self._close_cause is not None else self.close_timeout)
-
-    def _flush_fds(self) -> bool:
-        """
-        Send the queued bytes with the descriptors waiting to go out.
-
-        Returns ``False`` if they must wait (they stay queued and a retry is
-        scheduled), ``True`` if ``_flush`` should go on with what is left.
-        """
-        transport, exchange, sock = self.transport, self._fds, self._fd_socket
-        assert transport is not None and exchange is not None and sock is not None
-        if not self._conn.has_data_to_send:
-            return True  # the box that names them waits for its turn
-        if self._fd_blocked or self._fd_limits is not None:
-            return False  # already waiting
-        if transport.get_write_buffer_size():
-            # Bytes written earlier are still in the transport: the descriptors,
-            # sent directly, would overtake them. Wait until it drains, with
-            # writing paused meanwhile (no polling, nothing piling up): with
-            # limits of zero, the transport calls pause_writing now, and
-            # resume_writing once it is empty.
-            self._fd_limits = transport.get_write_buffer_limits()
-            transport.set_write_buffer_limits(high=0, low=0)
-            return False
-        data = b"".join(self._conn.data_to_send())
-        fds = exchange.outgoing
-        try:
-            while fds:
-                # Each message carries a batch of descriptors and at least one byte;
-                # the last one carries the rest of the bytes.
-                batch = fds[:MAX_FDS_PER_MESSAGE]
-                chunk = data if len(fds) <= MAX_FDS_PER_MESSAGE else data[:1]
-                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))]
-                sent = sock.sendmsg([chunk], rights)
-                del fds[: len(batch)]
-                for fd in batch:
-                    os.close(fd)  # the peer has its own copies now
-                data = data[sent:]
-        except (BlockingIOError, InterruptedError):
-            if data:
-                self._conn.send(data)  # nothing of it was sent: try again later
-            if self._loop is not None:
-                # The socket is full: writing pauses until it takes more.
-                self._fd_blocked = True
-                self.pause_writing()
-                self._loop.add_writer(sock.fileno(), self._fd_writable)
-            return False
-        except OSError as exc:
-            if self._close_cause is None:
-                self._close_cause = exc
-                self._accepting = False
-            transport.abort()
-            return False
-        if data:
-            self._conn.send(data)  # a partial send: the transport writes the rest
-        return True
-
-    def _fd_writable(self) -> None:
-        """The socket takes more: send the descriptors that waited."""
-        self._fd_blocked = False
-        if self._fd_socket is not None and self._loop is not None:
-            self._loop.remove_writer(self._fd_socket.fileno())
-        if not self._lost:
-            self.resume_writing()
-
-    def _encode_with_fds(self, encode: Callable[..., Any], *args: Any) -> Any:
-        """Encode a box that may hold a Descriptor, with this connection's exchange."""
-        exchange = self._fds
-        if exchange is None:
-            return encode(*args)  # not a UNIX socket: Descriptor says so
-        token = descriptor_exchange.set(exchange)
-        mark = exchange.mark()
-        try:
-            return encode(*args)
-        except BaseException:
-            exchange.rollback(mark)  # the box is not sent: neither are its descriptors
-            raise
-        finally:
-            descriptor_exchange.reset(token)
-
-    def _decode_with_fds(
-        self,
-        decode: Callable[[Mapping[bytes, bytes]], dict[str, Any]],
-        box: Mapping[bytes, bytes],
-        *,
-        discard: bool = False,
-    ) -> dict[str, Any]:
-        """
-        Decode a box that may name Descriptors, with this connection's exchange.
-
-        With ``discard``, the descriptors it names are closed instead.
-        """
-        exchange = self._fds
-        if exchange is None:
-            return decode(box)
-        token = descriptor_exchange.set(exchange)
-        ok = False
-        try:
-            result = decode(box)
-            ok = not discard
-            return result
-        finally:
-            exchange.end_decode(ok)
-            descriptor_exchange.reset(token)
-
-    def _start_fd_passing(self, fileno: int) -> None:
-        """Read from this UNIX socket with recvmsg(), so that descriptors can arrive."""
-        assert self.transport is not None and self._loop is not None
-        self._fds = DescriptorExchange()
-        # A duplicate: the event loop refuses a reader on the transport's own fd.
-        self._fd_socket = sock = socket.socket(fileno=os.dup(fileno))
-        sock.setblocking(False)
-        self.transport.pause_reading()
-        self._loop.add_reader(sock.fileno(), self._read_with_fds)
-
-    def _stop_fd_reading(self) -> None:
-        if self._fd_socket is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd_socket.fileno())
-
-    def _read_with_fds(self) -> None:
-        """Read what the peer sent, with the descriptors that came with it."""
-        sock, exchange, transport = self._fd_socket, self._fds, self.transport
-        if sock is None or exchange is None or transport is None or self._lost:
-            return
-        if transport.is_closing():
-            self._stop_fd_reading()  # as the transport itself stops reading when closed
-            return
-        buffer = self.get_buffer(-1)
-        try:
-            nbytes, ancdata, flags, _ = sock.recvmsg_into([buffer], _ANCILLARY_SIZE, _RECV_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._stop_fd_reading()
-            if self._close_cause is None:
-                self._close_cause = exc
-                self._accepting = False
-            transport.abort()
-            return
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                dropped = exchange.received(fds)
-                if dropped:
-                    logger.warning(
-                        "%s sent file descriptors that no box claims; closed the %d oldest "
-                        "(at most %d wait)",
-                        self._peer,
-                        dropped,
-                        MAX_UNCLAIMED_FDS,
-                    )
-        if flags & socket.MSG_CTRUNC:
-            self._protocol_failure(
-                ProtocolError(
-                    f"the peer sent more than {MAX_FDS_PER_MESSAGE} file descriptors at once"
-                )
-            )
-            return
-        if nbytes == 0:
-            self._stop_fd_reading()
-            if not self.eof_received():
-                transport.close()
-            return
-        self.buffer_updated(nbytes)
 
     def _close_transport(self, timeout: float) -> None:
         """Close the transport, and abort it if it has not closed within ``timeout``."""

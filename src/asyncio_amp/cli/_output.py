@@ -29,7 +29,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from ._wire import MAX_KEY_LENGTH, RESERVED_KEYS, text_head
+from .._wire import MAX_KEY_LENGTH, RESERVED_KEYS, text_head
 
 __all__: list[str] = []
 

@@ -1,0 +1,261 @@
+"""
+``asyncio-amp serve``: run a user's `AMPProtocol` subclass as a server.
+
+Each connection is logged at INFO and every box at DEBUG. SIGINT or SIGTERM
+shuts the server down with a grace period for running responders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+from typing import Any
+
+from .._network import serve
+from .._protocol import AMPProtocol
+from ._common import (
+    EXIT_CONNECT,
+    EXIT_OK,
+    Formatter,
+    UsageError,
+    fail,
+    format_sockname,
+    import_user_module,
+    place_error,
+    port_number,
+    seconds,
+    user_attribute,
+)
+
+__all__: list[str] = []
+
+logger = logging.getLogger("asyncio_amp.cli")
+
+EXAMPLES = """\
+examples:
+  asyncio-amp serve myapp.server:Calculator --port 7000
+  asyncio-amp serve myapp.server:Calculator --host 0.0.0.0 --port 7000 -v
+  asyncio-amp serve myapp.server:Calculator --unix /run/app.sock
+  asyncio-amp serve myapp.server:Calculator --port 7443 --certfile cert.pem --keyfile key.pem
+
+The current directory is on the import path. Each connection is logged at INFO,
+every box at DEBUG (-v). SIGINT (Ctrl-C) or SIGTERM stops accepting, refuses new
+calls with SHUTDOWN, and lets running responders finish for --grace seconds;
+a second Ctrl-C stops at once.
+"""
+
+# serve's options for the limits of AMPProtocol: (name, type, metavar, default shown).
+LIMIT_OPTIONS = (
+    ("max_box_size", int, "BYTES", "16 MiB"),
+    ("max_keys", int, "N", "1024"),
+    ("max_responders", int, "N", "100"),
+    ("max_pending_calls", int, "N", "1000"),
+    ("close_timeout", float, "SECONDS", "10"),
+)
+
+
+def add_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add ``serve`` and its options to the command's subparsers."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run an AMPProtocol subclass as a server",
+        description="Run an AMP server from MODULE:ProtocolClass, an AMPProtocol subclass.",
+        epilog=EXAMPLES,
+        formatter_class=Formatter,
+    )
+    parser.add_argument("app", metavar="MODULE:ProtocolClass")
+    # Where to serve: --host and --port, or --unix. Another place to serve (standard
+    # I/O, say) would be an option beside these, and run() would hand it to a
+    # function beside _listen.
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="the interface to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        default=7000,
+        help="the TCP port (default 7000; 0: any free port)",
+    )
+    parser.add_argument("--unix", metavar="PATH", help="listen on a UNIX socket instead")
+    parser.add_argument(
+        "--grace",
+        type=seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long running responders may take to finish at shutdown (default 10)",
+    )
+    parser.add_argument("--certfile", metavar="FILE", help="serve TLS with this certificate")
+    parser.add_argument("--keyfile", metavar="FILE", help="the certificate's key")
+    parser.add_argument(
+        "--cafile", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run on uvloop (pip install 'asyncio-amp[uvloop]')"
+    )
+    limits = parser.add_argument_group("limits (per connection; see AMPProtocol)")
+    for name, kind, metavar, default in LIMIT_OPTIONS:
+        limits.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            metavar=metavar,
+            help=f"default {default}",
+        )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every box sent and received (DEBUG)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    return parser
+
+
+# Loading the server
+
+
+def load_protocol(spec: str) -> type[AMPProtocol]:
+    """Import ``MODULE:ProtocolClass`` and check that it is an AMPProtocol subclass."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise UsageError(f"the server must be given as MODULE:ProtocolClass, not {spec!r}")
+    target = user_attribute(import_user_module(module_name), name, spec)
+    if not (isinstance(target, type) and issubclass(target, AMPProtocol)):
+        raise UsageError(f"{spec} is {target!r}, not an AMPProtocol subclass")
+    return target
+
+
+def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context from --certfile, --keyfile and --cafile (client certs)."""
+    if not args.certfile:
+        if args.keyfile or args.cafile:
+            raise UsageError("--keyfile and --cafile need --certfile")
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        if args.cafile:
+            context.load_verify_locations(args.cafile)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS files: {exc}") from None
+    return context
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits given on the command line, checked by AMPProtocol itself."""
+    given = {name: getattr(args, name) for name, *_ in LIMIT_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    probe = AMPProtocol()
+    for name, value in given.items():
+        try:
+            setattr(probe, name, value)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--{name.replace('_', '-')}: {exc}") from None
+    return given
+
+
+def _logged(cls: type[AMPProtocol], live: set[AMPProtocol]) -> type[AMPProtocol]:
+    """
+    The user's protocol class, logging each connection at INFO.
+
+    Each connection is in ``live`` from when it is made until it is lost, so that
+    shutdown reaches every open one and a closed one is not kept.
+    """
+
+    def connection_made(self: AMPProtocol, transport: asyncio.BaseTransport) -> None:
+        live.add(self)
+        cls.connection_made(self, transport)
+        logger.info("connection from %s", self.peer)
+
+    def connection_lost(self: AMPProtocol, exc: Exception | None) -> None:
+        live.discard(self)
+        cls.connection_lost(self, exc)
+        logger.info("connection from %s closed%s", self.peer, f": {exc}" if exc else "")
+
+    namespace = {
+        "connection_made": connection_made,
+        "connection_lost": connection_lost,
+        "__qualname__": cls.__qualname__,
+        "__module__": cls.__module__,
+    }
+    return type(cls.__name__, (cls,), namespace)
+
+
+# Serving
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the server ``args`` describe until SIGINT or SIGTERM; return the exit status."""
+    cls = load_protocol(args.app)
+    tls = server_tls(args)
+    limits = _limits(args)
+    live: set[AMPProtocol] = set()
+    factory = _logged(cls, live)
+    # Where the server is: one listening socket for now. Another way to serve
+    # (one connection on standard I/O, say) would be a function beside
+    # _listen that takes the same factory, TLS context and limits.
+    return await _listen(args, factory, tls, limits, live)
+
+
+async def _listen(
+    args: argparse.Namespace,
+    factory: type[AMPProtocol],
+    tls: ssl.SSLContext | None,
+    limits: dict[str, Any],
+    live: set[AMPProtocol],
+) -> int:
+    """Listen on TCP or a UNIX socket, and shut down with grace when stopped."""
+    try:
+        if args.unix:
+            server = await serve(factory, path=args.unix, ssl=tls, **limits)
+            where = args.unix
+        else:
+            server = await serve(factory, args.host, args.port, ssl=tls, **limits)
+            where = ", ".join(format_sockname(s.getsockname()) for s in server.sockets)
+    except OSError as exc:
+        target = args.unix or f"{args.host}:{args.port}"
+        host = None if args.unix else args.host
+        return fail(EXIT_CONNECT, place_error("cannot listen on", host, target, exc))
+    scheme = " with TLS" if tls else ""
+    logger.info("serving %s on %s%s (press Ctrl-C to stop)", args.app, where, scheme)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        stop.clear()
+        still_open = [protocol for protocol in live if not protocol.closed]
+        logger.info(
+            "shutting down: %d open connection%s, grace period %g s (Ctrl-C again to stop now)",
+            len(still_open),
+            "" if len(still_open) == 1 else "s",
+            args.grace,
+        )
+        # Every connection shuts down through shutdown(grace), at once.
+        server.close(grace=args.grace)
+        shutdowns = asyncio.ensure_future(server.wait_closed())
+        interrupt = asyncio.ensure_future(stop.wait())
+        waiters: set[asyncio.Future[Any]] = {shutdowns, interrupt}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not shutdowns.done():
+            logger.info("stopping now")
+            server.abort_clients()
+            await shutdowns
+        interrupt.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(1.0, args.grace)):
+                await server.wait_closed()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        if args.unix:
+            with contextlib.suppress(OSError):
+                os.unlink(args.unix)
+    logger.info("stopped")
+    return EXIT_OK
