@@ -17,6 +17,7 @@ import ssl
 from typing import Any
 
 from .._network import serve
+from .._pipes import serve_stdio
 from .._protocol import AMPProtocol
 from ._common import (
     EXIT_CONNECT,
@@ -41,6 +42,7 @@ examples:
   asyncio-amp serve myapp.server:Calculator --port 7000
   asyncio-amp serve myapp.server:Calculator --host 0.0.0.0 --port 7000 -v
   asyncio-amp serve myapp.server:Calculator --unix /run/app.sock
+  asyncio-amp serve myapp.server:Calculator --stdio     # one connection on stdin/stdout
   asyncio-amp serve myapp.server:Calculator --port 7443 --certfile cert.pem --keyfile key.pem
 
 The current directory is on the import path. Each connection is logged at INFO,
@@ -55,6 +57,7 @@ LIMIT_OPTIONS = (
     ("max_keys", int, "N", "1024"),
     ("max_responders", int, "N", "100"),
     ("max_pending_calls", int, "N", "1000"),
+    ("max_queued_calls", int, "N", "10000"),
     ("close_timeout", float, "SECONDS", "10"),
 )
 
@@ -84,6 +87,11 @@ def add_parser(
         help="the TCP port (default 7000; 0: any free port)",
     )
     parser.add_argument("--unix", metavar="PATH", help="listen on a UNIX socket instead")
+    parser.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve one connection on standard input and output instead (the log goes to stderr)",
+    )
     parser.add_argument(
         "--grace",
         type=seconds,
@@ -190,15 +198,50 @@ def _logged(cls: type[AMPProtocol], live: set[AMPProtocol]) -> type[AMPProtocol]
 
 async def run(args: argparse.Namespace) -> int:
     """Run the server ``args`` describe until SIGINT or SIGTERM; return the exit status."""
+    if args.stdio and (args.unix or args.certfile or args.keyfile or args.cafile):
+        raise UsageError("--stdio serves one connection on standard I/O: no --unix or TLS")
     cls = load_protocol(args.app)
     tls = server_tls(args)
     limits = _limits(args)
     live: set[AMPProtocol] = set()
     factory = _logged(cls, live)
-    # Where the server is: one listening socket for now. Another way to serve
-    # (one connection on standard I/O, say) would be a function beside
-    # _listen that takes the same factory, TLS context and limits.
+    if args.stdio:
+        return await _stdio(args, factory, limits, live)
     return await _listen(args, factory, tls, limits, live)
+
+
+async def _stdio(
+    args: argparse.Namespace,
+    factory: type[AMPProtocol],
+    limits: dict[str, Any],
+    live: set[AMPProtocol],
+) -> int:
+    """Serve one connection on standard I/O until it ends; shut it down with grace when stopped."""
+    logger.info("serving %s on standard input and output", args.app)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        if stopping:  # a second signal: drop the connection now
+            for protocol in live:
+                if protocol.transport is not None:
+                    protocol.transport.abort()
+            return
+        logger.info("shutting down: grace period %g s (Ctrl-C again to stop now)", args.grace)
+        stopping.extend(loop.create_task(p.shutdown(args.grace)) for p in list(live))
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop)
+    try:
+        await serve_stdio(factory, **limits)
+        if stopping:
+            await asyncio.wait(stopping, timeout=max(1.0, args.grace))
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    logger.info("stopped")
+    return EXIT_OK
 
 
 async def _listen(
