@@ -30,6 +30,7 @@ from ._errors import (
     AmpError,
     ConnectionLostError,
     ProtocolError,
+    ProtocolSwitchedError,
     RemoteAmpError,
     TooLongError,
     UnhandledCommandError,
@@ -38,6 +39,8 @@ from ._errors import (
 from ._network import connect, serve
 from ._protocol import AMPProtocol
 from ._server import Server
+from ._switch import ProtocolSwitchCommand
+from ._tls import StartTLS
 from ._wire import Box, BoxDecoder, encode_box, parse_boxes
 
 __version__ = "0.1.0"
@@ -64,8 +67,11 @@ __all__ = [
     "ListOf",
     "Path",
     "ProtocolError",
+    "ProtocolSwitchCommand",
+    "ProtocolSwitchedError",
     "RemoteAmpError",
     "Server",
+    "StartTLS",
     "String",
     "TooLongError",
     "UnhandledCommandError",

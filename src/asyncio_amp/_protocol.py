@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import socket
+import ssl
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -37,6 +38,8 @@ from ._commands import (
 from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError
 from ._flow import DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
+from ._switch import Upgrade
+from ._tls import StartTLS
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
 
 __all__ = ["AMPProtocol"]
@@ -268,6 +271,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_shutting_down",
         "_sweep_handle",
         "_tasks",
+        "_upgrade",
         "_waiting",
         "_waiting_nested",
         "_watching",
@@ -370,6 +374,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._fd_limits: tuple[int, int] | None = None
         # True while descriptors wait for the socket to take more (EAGAIN).
         self._fd_blocked = False
+        # While StartTLS or a protocol switch changes what the connection
+        # carries (see _tls and _switch): it holds writes, and may own reading.
+        self._upgrade: Upgrade | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -502,6 +509,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """The transport's buffer is full: hold back calls, answers and new responders."""
         self._writing_paused = True
         self._flow.pause_writing()
+        if self._upgrade is not None:
+            self._upgrade.pause_writing()
         if self._debug:
             logger.debug("= writing to %s paused", self._peer)
 
@@ -512,6 +521,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             low, high = self._fd_limits
             self._fd_limits = None
             self.transport.set_write_buffer_limits(high=high, low=low)
+        if self._upgrade is not None and self._upgrade.resume_writing():
+            return  # writes are held until the upgrade is done
         self._writing_paused = False
         self._flow.resume_writing()
         if self._debug:
@@ -630,6 +641,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 parts, slot = encoder(arguments)
             except Exception:  # anything unusual: the general path reports it
                 parts, slot = cmd._encode_ask(arguments)
+        elif (upgrade := getattr(cmd, "_upgrade_call", None)) is not None:
+            return upgrade(self, cmd, arguments)  # type: ignore[no-any-return]  # StartTLS, switch
         elif cmd._uses_descriptors:
             parts, slot = self._encode_with_fds(cmd._encode_ask, arguments)
         else:
@@ -845,6 +858,26 @@ class AMPProtocol(asyncio.BufferedProtocol):
         return self._lost
 
     @property
+    def tls(self) -> bool:
+        """``True`` while the connection runs over TLS (``ssl=``, or after [`StartTLS`][])."""
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("sslcontext") is not None
+
+    def start_tls_context(self) -> ssl.SSLContext | None:
+        """
+        The context to answer the peer's [`StartTLS`][] with, as the TLS server.
+
+        Override it to accept StartTLS; the default, ``None``, answers the error
+        code ``TLS_ERROR`` ("TLS not available"), as Twisted does without TLS.
+        """
+        return None
+
+    @StartTLS.responder
+    def _start_tls_responder(self) -> dict[str, Any]:
+        # The answer and the handshake are _tls.answer_start_tls's (see _answer_for).
+        return {}
+
+    @property
     def peer(self) -> str:
         """The peer's address as text, as used in log lines."""
         return self._peer
@@ -935,7 +968,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._send(b"".join(parts), now=now)
             future.set_result(None)
             return
-        conn.send_call(parts, slot, (command._parse_response, future, command))
+        tag = conn.send_call(parts, slot, (command._parse_response, future, command))
+        if self._upgrade is not None:
+            self._upgrade.sent(self, future, tag)
         if self._watching:
             future.add_done_callback(self._pending_done)
         if self._debug:
@@ -946,6 +981,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     def _refusal(self, name: str) -> ConnectionLostError:
         """The error for a call made while the connection cannot take one."""
+        if self._upgrade is not None and (switched := self._upgrade.refusal(name)) is not None:
+            return switched  # type: ignore[return-value]  # ProtocolSwitchedError
         closed = self._close_after_flush or self._lost or self._loop is None or self._close_cause
         if self._shutting_down and not closed:
             return ConnectionLostError(
@@ -1146,6 +1183,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """Pause or resume reading as the flow control says (see _flow)."""
         if self.transport is None or self._lost:
             return
+        if self._upgrade is not None and self._upgrade.owns_reading:
+            return  # TLS is starting: it is read again once the handshake is done
         if self._flow.wants_reading(bool(self._pending)):
             if self._reading_paused:
                 self._resume_reading()
@@ -1349,6 +1388,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _answer_for(self, command: type[Command], tag: bytes | None, result: Any) -> bytes | None:
         if tag is None:
             return None
+        upgrade = getattr(command, "_upgrade_answer", None)
+        if upgrade is not None:  # StartTLS, ProtocolSwitchCommand
+            return upgrade(self, command, tag, result)  # type: ignore[no-any-return]
         try:
             if command._uses_descriptors:
                 data: bytes = self._encode_with_fds(
@@ -1497,6 +1539,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._flush_handle.cancel()
             self._flush_handle = None
         self._gather = False
+        if self._upgrade is not None and self._upgrade.holds_writes(self):
+            return  # StartTLS or a switch holds what would go out now
         transport = self.transport
         if (
             self._fds is not None
@@ -1707,3 +1751,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 self.close_timeout,
             )
             transport.abort()
+
+
+# AMPProtocol's own responders (StartTLS) into its tables, as for a subclass.
+AMPProtocol.__init_subclass__()
