@@ -1388,8 +1388,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _answer_for(self, command: type[Command], tag: bytes | None, result: Any) -> bytes | None:
         if tag is None:
             return None
-        upgrade = getattr(command, "_upgrade_answer", None)
-        if upgrade is not None:  # StartTLS, ProtocolSwitchCommand
+        if command._plain_answer is None and (
+            (upgrade := getattr(command, "_upgrade_answer", None)) is not None
+        ):  # StartTLS, ProtocolSwitchCommand (which have no plain answer encoder)
             return upgrade(self, command, tag, result)  # type: ignore[no-any-return]
         try:
             if command._uses_descriptors:
