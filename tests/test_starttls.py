@@ -412,3 +412,34 @@ async def test_limits_and_backpressure_hold_over_tls(
         close_raw(raws)
         server.close()
         await server.wait_closed()
+
+
+async def test_closing_while_tls_starts_drops_what_was_held(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """Boxes held for TLS never go out in plaintext, even when the connection closes."""
+    loop = asyncio.get_running_loop()
+    raws: list[RawTLSServer] = []
+
+    def build() -> RawTLSServer:
+        raws.append(RawTLSServer(server_ctx))
+        return raws[-1]
+
+    server = await loop.create_server(build, HOST, 0)
+    try:
+        async with client(port_of(server), Peer) as proto, asyncio.timeout(LONG):
+            starting = proto.call_remote(amp.StartTLS, ssl=client_ctx, server_hostname=HOST)
+            held = proto.call_remote(Sum, a=1, b=2)
+            await raws[0].asked
+            proto.close()
+            await proto.wait_closed()
+            with pytest.raises(amp.ConnectionLostError):
+                await starting
+            with pytest.raises(amp.ConnectionLostError):
+                await held
+            await asyncio.sleep(SHORT)
+            assert bytes(raws[0].received) == encode_box({b"_ask": b"1", b"_command": b"StartTLS"})
+    finally:
+        close_raw(raws)
+        server.close()
+        await server.wait_closed()

@@ -383,3 +383,20 @@ def test_a_switch_command_has_no_response_and_requires_an_answer() -> None:
 
         class NoAnswer(amp.ProtocolSwitchCommand):
             requires_answer = False
+
+
+async def test_a_factory_that_fails_closes_the_connection() -> None:
+    def broken() -> Raw:
+        raise RuntimeError("no protocol today")
+
+    async with (
+        running_server(Switcher) as (_, port, servers),
+        client(port, Switcher) as proto,
+        asyncio.timeout(LONG),
+    ):
+        with pytest.raises(RuntimeError, match="no protocol today"):
+            await proto.call_remote(Switch, protocol_factory=broken, name="x")
+        await proto.wait_closed()
+        raw = servers[0].raw
+        assert raw is not None
+        await raw.lost
