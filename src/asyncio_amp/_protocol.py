@@ -1732,7 +1732,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if timeout <= 0 and transport.get_write_buffer_size():
             transport.abort()
             return
-        transport.close()
+        if not transport.is_closing():
+            # Once is enough: asyncio's TLS transport forgets its TLS protocol
+            # on a second close(), and then fails in get_write_buffer_size().
+            transport.close()
         # Even with nothing left to write, closing may wait for the peer: a TLS
         # transport sends close_notify and waits for the peer's (asyncio's own
         # timeout for that is 30 s). The connection is dropped after the timeout
