@@ -614,6 +614,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             ConnectionLostError: The connection is closed or shutting down (raised
                 at once), or it closes before the answer comes (raised by the
                 future).
+            ProtocolSwitchedError: The connection is switching, or has switched,
+                to another protocol (see [`ProtocolSwitchCommand`][]).
 
         The future raises the exception the command maps to the peer's error code,
         [`UnhandledCommandError`][] if the peer has no responder for it, or
@@ -979,10 +981,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._update_reading()  # its answer must be read
         self._after_send(now)
 
-    def _refusal(self, name: str) -> ConnectionLostError:
+    def _refusal(self, name: str) -> Exception:
         """The error for a call made while the connection cannot take one."""
         if self._upgrade is not None and (switched := self._upgrade.refusal(name)) is not None:
-            return switched  # type: ignore[return-value]  # ProtocolSwitchedError
+            return switched  # ProtocolSwitchedError
         closed = self._close_after_flush or self._lost or self._loop is None or self._close_cause
         if self._shutting_down and not closed:
             return ConnectionLostError(
