@@ -1098,3 +1098,131 @@ def test_decoding_matches_the_general_path(
     data = b"".join(boxes) + tail
     check_decoding(data, (b"1", b"2", b"3"), **limits)
     check_decoding(data, (b"1", b"2", b"3"), min(cut, len(data)), **limits)
+
+
+# Stopping at a box boundary (StartTLS, protocol switching)
+
+
+def stop_events(conn: AMPConnection) -> list[Any]:
+    return [(type(e).__name__, getattr(e, "tag", None)) for e in conn.events_received()]
+
+
+def test_stop_after_answer_keeps_the_bytes_after_it_undecoded() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"2")
+    stream = (
+        encode_box({b"_answer": b"1", b"x": b"y"})
+        + encode_box({b"_answer": b"2"})
+        + b"GET / HTTP/1.0\r\n"
+    )
+    conn.receive_data(stream)
+    assert stop_events(conn) == [("Answer", b"1"), ("Answer", b"2")]
+    assert conn.stopped
+    conn.receive_data(b"more raw bytes")
+    assert conn.events_received() == []
+    assert conn.state is State.OPEN
+    assert conn.resume() == b"GET / HTTP/1.0\r\nmore raw bytes"
+    assert not conn.stopped
+
+
+def test_stop_after_answer_fed_one_byte_at_a_time() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"1")
+    stream = encode_box({b"_ask": b"7", b"_command": b"Hi"}) + encode_box({b"_answer": b"1"})
+    for i in range(len(stream)):
+        conn.receive_data(stream[i : i + 1])
+    conn.receive_data(b"\x00\x00rest")
+    assert stop_events(conn) == [("Ask", b"7"), ("Answer", b"1")]
+    assert conn.resume() == b"\x00\x00rest"
+
+
+def test_stop_after_answer_when_a_box_was_already_partly_received() -> None:
+    conn = AMPConnection()
+    answer = encode_box({b"_answer": b"5", b"value": b"v" * 300})
+    conn.receive_data(answer[:7])  # inside the first pair
+    conn.stop_after_answer(b"5")
+    conn.receive_data(answer[7:] + b"tail")
+    assert stop_events(conn) == [("Answer", b"5")]
+    assert conn.resume() == b"tail"
+
+
+def test_an_empty_remainder_is_empty() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"1")
+    conn.receive_data(encode_box({b"_answer": b"1"}))
+    assert conn.stopped
+    assert conn.resume() == b""
+
+
+def test_an_error_answer_does_not_stop_decoding() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"1")
+    error = encode_box({b"_error": b"1", b"_error_code": b"X", b"_error_description": b"no"})
+    conn.receive_data(error + encode_box({b"_answer": b"2"}))
+    assert stop_events(conn) == [("ErrorAnswer", b"1"), ("Answer", b"2")]
+    assert not conn.stopped
+    assert conn.resume() == b""
+    # Decoding goes on as usual, fast path included.
+    conn.receive_data(encode_box({b"_answer": b"3"}))
+    assert stop_events(conn) == [("Answer", b"3")]
+
+
+def test_answers_to_other_tags_do_not_stop_decoding() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"10")
+    conn.receive_data(encode_box({b"_answer": b"1"}) + encode_box({b"_answer": b"100"}))
+    assert stop_events(conn) == [("Answer", b"1"), ("Answer", b"100")]
+    assert not conn.stopped
+
+
+def test_bad_input_before_the_stop_fails_as_usual() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"1")
+    conn.receive_data(encode_box({b"_answer": b"9"}) + b"\x00\x00")
+    events = conn.events_received()
+    assert isinstance(events[0], Answer)
+    assert isinstance(events[1], Failure)
+    assert "empty box" in str(events[1].error)
+    assert conn.state is State.CLOSED
+
+
+def test_a_key_over_the_limit_before_the_stop_fails_as_usual() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"1")
+    conn.receive_data(b"\x01\x00" + b"k" * 256)
+    (event,) = conn.events_received()
+    assert isinstance(event, Failure)
+    assert "over the AMP limit" in str(event.error)
+
+
+def test_stop_between_boxes_is_immediate() -> None:
+    conn = AMPConnection()
+    conn.receive_data(encode_box({b"_answer": b"1"}))
+    conn.stop()
+    assert conn.stopped
+    conn.receive_data(encode_box({b"_answer": b"2"}))
+    assert stop_events(conn) == [("Answer", b"1")]
+    conn.stop()  # already stopped: nothing changes
+    assert conn.resume() == encode_box({b"_answer": b"2"})
+
+
+def test_stop_inside_a_box_waits_for_its_end() -> None:
+    conn = AMPConnection()
+    box = encode_box({b"_answer": b"1"})
+    conn.receive_data(box[:4])
+    conn.stop()
+    assert not conn.stopped
+    conn.receive_data(box[4:] + b"\x16\x03\x01")
+    assert stop_events(conn) == [("Answer", b"1")]
+    assert conn.resume() == b"\x16\x03\x01"
+
+
+def test_resume_hands_back_bytes_that_can_be_decoded_again() -> None:
+    conn = AMPConnection()
+    conn.stop_after_answer(b"1")
+    tail = encode_box({b"_answer": b"2"})
+    conn.receive_data(encode_box({b"_answer": b"1"}) + tail[:3])
+    conn.events_received()
+    rest = conn.resume()
+    conn.receive_data(rest + tail[3:])
+    assert stop_events(conn) == [("Answer", b"2")]

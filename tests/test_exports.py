@@ -13,6 +13,8 @@ MODULES = [
     "_arguments",
     "_commands",
     "_connection",
+    "_switch",
+    "_tls",
     "_protocol",
     "_server",
     "_network",

@@ -12,8 +12,10 @@ SANS_IO = ["_errors", "_wire", "_arguments", "_commands", "_connection", "_flow"
 FORBIDDEN = {"asyncio", "socket", "ssl", "threading", "selectors"}
 # The sans-I/O core, which the asyncio layer builds on.
 CORE = {"_commands", "_arguments", "_connection", "_flow", "_wire", "_errors"}
+# StartTLS and protocol switching, which the protocol delegates to.
+UPGRADES = {"_tls", "_switch"}
 # The private modules below the command-line tool.
-CLI_BELOW = CORE | {"_pipes", "_network", "_server", "_protocol", "_fds", "_locators"}
+CLI_BELOW = CORE | UPGRADES | {"_pipes", "_network", "_server", "_protocol", "_fds", "_locators"}
 # Who may import whom, inside the package (STYLE.md). Modules of a subpackage are
 # named with a dot: "cli.call".
 ALLOWED = {
@@ -27,10 +29,12 @@ ALLOWED = {
     # Descriptor passing is I/O (sockets, the event loop); the sans-I/O
     # DescriptorExchange it drives is in _arguments.
     "_fds": {"_arguments", "_connection", "_wire", "_errors"},
-    "_protocol": CORE | {"_fds", "_locators"},
-    "_server": CORE | {"_protocol", "_fds", "_locators"},
-    "_network": CORE | {"_server", "_protocol", "_fds", "_locators"},
-    "_pipes": CORE | {"_network", "_server", "_protocol", "_fds", "_locators"},
+    "_switch": {"_commands", "_arguments", "_wire", "_errors"},
+    "_tls": {"_switch", "_commands", "_arguments", "_wire", "_errors"},
+    "_protocol": CORE | UPGRADES | {"_fds", "_locators"},
+    "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
+    "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators"},
+    "_pipes": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
     # The command-line tool sits on top: it may import any private module, and
     # nothing but __main__ imports it.
     "cli._output": {"_wire", "_errors"},

@@ -484,3 +484,31 @@ async def test_close_over_tls_keeps_to_close_timeout(
         server.close()
         async with asyncio.timeout(LONG):
             await server.wait_closed()
+
+
+async def test_close_called_twice_over_tls_still_keeps_to_close_timeout(
+    ca: trustme.CA, server_cert: trustme.LeafCert
+) -> None:
+    # asyncio's TLS transport forgets its TLS protocol when close() is called a
+    # second time; the drop after close_timeout must still happen then.
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(StopsReading, HOST, 0, ssl=server_context(server_cert))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncio.timeout(LONG):
+            proto = await amp.connect(
+                HOST, port, ssl=client_context(ca), server_hostname=HOST, close_timeout=0.3
+            )
+        started = loop.time()
+        async with asyncio.timeout(LONG):
+            proto.close()
+            proto.close()
+            await proto.wait_closed()
+        assert loop.time() - started < 0.3 + 3 * TIME
+    finally:
+        for transport in StopsReading.accepted:
+            transport.abort()
+        StopsReading.accepted.clear()
+        server.close()
+        async with asyncio.timeout(LONG):
+            await server.wait_closed()

@@ -30,6 +30,7 @@ from ._errors import (
     AmpError,
     ConnectionLostError,
     ProtocolError,
+    ProtocolSwitchedError,
     RemoteAmpError,
     TooLongError,
     UnhandledCommandError,
@@ -39,6 +40,8 @@ from ._network import connect, serve
 from ._pipes import connect_pipes, serve_stdio
 from ._protocol import AMPProtocol
 from ._server import Server
+from ._switch import ProtocolSwitchCommand
+from ._tls import StartTLS
 from ._wire import Box, BoxDecoder, encode_box, parse_boxes
 
 __version__ = "0.1.0"
@@ -65,8 +68,11 @@ __all__ = [
     "ListOf",
     "Path",
     "ProtocolError",
+    "ProtocolSwitchCommand",
+    "ProtocolSwitchedError",
     "RemoteAmpError",
     "Server",
+    "StartTLS",
     "String",
     "TooLongError",
     "UnhandledCommandError",

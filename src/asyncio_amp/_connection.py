@@ -138,6 +138,27 @@ _COMMAND_HEADER = PREFIXES[len(COMMAND)] + COMMAND
 _unpack_length = struct.Struct("!H").unpack_from
 
 
+def _box_end(data: bytes, pos: int) -> int:
+    """
+    Where the box whose pairs go on from ``data[pos]`` ends (past its end marker).
+
+    ``pos`` must be at the start of a pair. Returns -1 if the box is incomplete
+    or has a key over the limit (the decoder then reports the fault).
+    """
+    end = len(data)
+    while end - pos >= 2:
+        klen = data[pos] << 8 | data[pos + 1]
+        if not klen:
+            return pos + 2
+        if klen > MAX_KEY_LENGTH:
+            return -1
+        vpos = pos + 2 + klen
+        if end - vpos < 2:
+            return -1
+        pos = vpos + 2 + (data[vpos] << 8 | data[vpos + 1])
+    return -1
+
+
 def _classify(box: Box) -> Ask | Answer | ErrorAnswer:
     """Turn a box into an event, checking the keys its kind needs (Twisted's order)."""
     tag = box.get(ANSWER)
@@ -180,7 +201,9 @@ class AMPConnection:
         "_decoder",
         "_events",
         "_outgoing",
+        "_remainder",
         "_skipped",
+        "_stop",
         "_tag_counter",
         "_usual",
         "ask_parsers",
@@ -215,6 +238,11 @@ class AMPConnection:
         #: decodes an answer in the usual layout straight to its values, takes the
         #: call out, and emits ``(call, values)`` instead of an [`Answer`][].
         self.pending: dict[bytes, tuple[Any, ...]] = {}
+        # Where decoding stops (see stop_after_answer and stop): the tag of an
+        # answer, True for the end of the current box, or None; then the bytes
+        # received after that box, kept undecoded until resume().
+        self._stop: bytes | bool | None = None
+        self._remainder: bytearray | None = None
         #: Parsers for the peer's calls, by command name: ``(parser, handler)``.
         #: A call in the usual layout to a command here is decoded straight to its
         #: values and emitted as ``(handler, tag, values)`` instead of an
@@ -268,6 +296,9 @@ class AMPConnection:
             # The decoder counts stream offsets for its error messages.
             decoder._skip(self._skipped)
             self._skipped = 0
+        if self._stop is not None or self._remainder is not None:
+            self._receive_stopping(data, events)
+            return
         boxes, error = decoder.receive_data_partial(data)
         self._usual = decoder._at_boundary
         for box in boxes:
@@ -309,6 +340,53 @@ class AMPConnection:
             return None
         self.state = State.CLOSED
         return self._decoder.end_of_stream()
+
+    # Stopping at a box boundary (StartTLS, protocol switching)
+
+    def stop_after_answer(self, tag: bytes) -> None:
+        """
+        Stop decoding after the answer to the call ``tag``.
+
+        The bytes that follow that answer belong to another layer (TLS, or the
+        protocol the connection switches to): they are kept undecoded until
+        :meth:`resume`. An error answer to ``tag`` does not stop decoding.
+        Until then, reads are decoded box by box (the fast path is off).
+        """
+        self._stop = tag
+        self._usual = False
+
+    def stop(self) -> None:
+        """
+        Stop decoding at the end of the current box: at once if between boxes.
+
+        What is received after that is kept undecoded until :meth:`resume`.
+        """
+        self._usual = False
+        if self._remainder is not None:
+            return
+        if self._decoder._at_boundary:
+            self._stop = None
+            self._remainder = bytearray()
+        else:
+            self._stop = True
+
+    @property
+    def stopped(self) -> bool:
+        """``True`` once decoding has stopped (see :meth:`stop_after_answer`)."""
+        return self._remainder is not None
+
+    def resume(self) -> bytes:
+        """
+        Decode again, as before any stop; return the bytes kept undecoded.
+
+        Also cancels a stop that has not happened yet. The bytes returned are
+        not decoded: the caller passes them on, or back to :meth:`receive_data`.
+        """
+        remainder = self._remainder
+        self._stop = None
+        self._remainder = None
+        self._usual = self._decoder._at_boundary
+        return bytes(remainder) if remainder else b""
 
     # Sending
 
@@ -476,6 +554,48 @@ class AMPConnection:
         except (struct.error, IndexError):
             return start
         return pos
+
+    def _receive_stopping(self, data: bytes, events: list[Event]) -> None:
+        """
+        Decode ``data`` box by box until the stop, and keep the rest undecoded.
+
+        Each box is handed to the decoder alone (its end found by
+        :func:`_box_end`), so that nothing past the stop is decoded.
+        """
+        remainder = self._remainder
+        if remainder is not None:
+            remainder += data
+            return
+        decoder = self._decoder
+        pos = 0
+        end = len(data)
+        while pos < end:
+            rest = decoder._rest
+            if rest:
+                # The buffered start of a pair comes first: scan from it.
+                box_end = _box_end(bytes(rest) + data[pos:], 0)
+                if box_end >= 0:
+                    box_end += pos - len(rest)
+            else:
+                box_end = _box_end(data, pos)
+            chunk_end = end if box_end < 0 else box_end
+            boxes, error = decoder.receive_data_partial(data[pos:chunk_end])
+            pos = chunk_end
+            for box in boxes:
+                try:
+                    event = _classify(box)
+                except ProtocolError as exc:
+                    error = exc
+                    break
+                events.append(event)
+                stop = self._stop
+                if stop is True or (type(event) is Answer and event.tag == stop):
+                    self._stop = None
+                    self._remainder = bytearray(data[pos:])
+                    return
+            if error is not None:
+                self._fail(error)
+                return
 
     def _fail(self, error: ProtocolError) -> None:
         self.state = State.CLOSED

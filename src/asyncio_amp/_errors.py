@@ -9,6 +9,8 @@ The tree:
     ├── ProtocolError                           the peer sent bytes that are not valid AMP
     ├── ConnectionLostError (also ConnectionError)
     │                                           the connection closed before an answer came
+    ├── ProtocolSwitchedError                   a call on a connection that switches (or has
+    │                                           switched) to another protocol
     └── RemoteAmpError(error_code, description) the peer answered a call with an error
         ├── UnknownRemoteError                  UNKNOWN, or a code the command does not map
         └── UnhandledCommandError               UNHANDLED: the peer has no responder
@@ -25,6 +27,7 @@ __all__ = [
     "AmpError",
     "ConnectionLostError",
     "ProtocolError",
+    "ProtocolSwitchedError",
     "RemoteAmpError",
     "TooLongError",
     "UnhandledCommandError",
@@ -83,6 +86,18 @@ class ConnectionLostError(AmpError, ConnectionError):
     ``call_remote`` on a connection that is already closed. When the close was
     caused by something specific (bad input, a transport error), that exception
     is chained as ``__cause__``.
+    """
+
+
+class ProtocolSwitchedError(AmpError):
+    """
+    A call on a connection that is switching, or has switched, to another protocol.
+
+    Raised by ``call_remote`` (and ``call_remote_box``) while a
+    [`ProtocolSwitchCommand`][] of ours waits for its answer, and once the
+    connection has switched; Twisted's ``ProtocolSwitched``. It is also the
+    cause of the [`ConnectionLostError`][] that calls still pending fail with
+    when the connection switches.
     """
 
 

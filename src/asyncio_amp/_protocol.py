@@ -16,6 +16,7 @@ import functools
 import inspect
 import logging
 import socket
+import ssl
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
@@ -35,6 +36,8 @@ from ._errors import ConnectionLostError, ProtocolError, UnhandledCommandError
 from ._fds import FdChannel
 from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
+from ._switch import Upgrade
+from ._tls import StartTLS
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
 
 __all__ = ["AMPProtocol"]
@@ -252,6 +255,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_shutting_down",
         "_sweep_handle",
         "_tasks",
+        "_upgrade",
         "_waiting",
         "_waiting_nested",
         "_watching",
@@ -351,6 +355,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._read_buffer: memoryview | None = None
         # On UNIX socket connections: descriptor passing (see _fds).
         self._fds: FdChannel | None = None
+        # While StartTLS or a protocol switch changes what the connection
+        # carries (see _tls and _switch): it holds writes, and may own reading.
+        self._upgrade: Upgrade | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -485,6 +492,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """The transport's buffer is full: hold back calls, answers and new responders."""
         self._writing_paused = True
         self._flow.pause_writing()
+        if self._upgrade is not None:
+            self._upgrade.pause_writing()
         if self._debug:
             logger.debug("= writing to %s paused", self._peer)
 
@@ -493,6 +502,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._fds is not None:
             # Descriptors may have waited for the buffer to drain: back to its own limits.
             self._fds.restore_limits(self.transport)
+        if self._upgrade is not None and self._upgrade.resume_writing():
+            return  # writes are held until the upgrade is done
         self._writing_paused = False
         self._flow.resume_writing()
         if self._debug:
@@ -578,6 +589,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             ConnectionLostError: The connection is closed or shutting down (raised
                 at once), or it closes before the answer comes (raised by the
                 future).
+            ProtocolSwitchedError: The connection is switching, or has switched,
+                to another protocol (see [`ProtocolSwitchCommand`][]).
 
         The future raises the exception the command maps to the peer's error code,
         [`UnhandledCommandError`][] if the peer has no responder for it, or
@@ -605,6 +618,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 parts, slot = encoder(arguments)
             except Exception:  # anything unusual: the general path reports it
                 parts, slot = cmd._encode_ask(arguments)
+        elif (upgrade := getattr(cmd, "_upgrade_call", None)) is not None:
+            return upgrade(self, cmd, arguments)  # type: ignore[no-any-return]  # StartTLS, switch
         elif cmd._uses_descriptors and self._fds is not None:
             parts, slot = self._fds.encode(cmd._encode_ask, arguments)
         else:
@@ -820,6 +835,26 @@ class AMPProtocol(asyncio.BufferedProtocol):
         return self._lost
 
     @property
+    def tls(self) -> bool:
+        """``True`` while the connection runs over TLS (``ssl=``, or after [`StartTLS`][])."""
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("sslcontext") is not None
+
+    def start_tls_context(self) -> ssl.SSLContext | None:
+        """
+        The context to answer the peer's [`StartTLS`][] with, as the TLS server.
+
+        Override it to accept StartTLS; the default, ``None``, answers the error
+        code ``TLS_ERROR`` ("TLS not available"), as Twisted does without TLS.
+        """
+        return None
+
+    @StartTLS.responder
+    def _start_tls_responder(self) -> dict[str, Any]:
+        # The answer and the handshake are _tls.answer_start_tls's (see _answer_for).
+        return {}
+
+    @property
     def peer(self) -> str:
         """The peer's address as text, as used in log lines."""
         return self._peer
@@ -993,7 +1028,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._send(b"".join(parts), now=now)
             future.set_result(None)
             return
-        conn.send_call(parts, slot, (command._parse_response, future, command))
+        tag = conn.send_call(parts, slot, (command._parse_response, future, command))
+        if self._upgrade is not None:
+            self._upgrade.sent(self, future, tag)
         if self._watching:
             future.add_done_callback(self._pending_done)
         if self._debug:
@@ -1002,8 +1039,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._update_reading()  # its answer must be read
         self._after_send(now)
 
-    def _refusal(self, name: str) -> ConnectionLostError:
+    def _refusal(self, name: str) -> Exception:
         """The error for a call made while the connection cannot take one."""
+        if self._upgrade is not None and (switched := self._upgrade.refusal(name)) is not None:
+            return switched  # ProtocolSwitchedError
         closed = self._close_after_flush or self._lost or self._loop is None or self._close_cause
         if self._shutting_down and not closed:
             return ConnectionLostError(
@@ -1206,6 +1245,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """Pause or resume reading as the flow control says (see _flow)."""
         if self.transport is None or self._lost:
             return
+        if self._upgrade is not None and self._upgrade.owns_reading:
+            return  # TLS is starting: it is read again once the handshake is done
         if self._flow.wants_reading(bool(self._pending)):
             if self._reading_paused:
                 self._resume_reading()
@@ -1403,6 +1444,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def _answer_for(self, command: type[Command], tag: bytes | None, result: Any) -> bytes | None:
         if tag is None:
             return None
+        if command._plain_answer is None and (
+            (upgrade := getattr(command, "_upgrade_answer", None)) is not None
+        ):  # StartTLS, ProtocolSwitchCommand (which have no plain answer encoder)
+            return upgrade(self, command, tag, result)  # type: ignore[no-any-return]
         try:
             if command._uses_descriptors and self._fds is not None:
                 data: bytes = self._fds.encode(
@@ -1558,6 +1603,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._flush_handle.cancel()
             self._flush_handle = None
         self._gather = False
+        if self._upgrade is not None and self._upgrade.holds_writes(self):
+            return  # StartTLS or a switch holds what would go out now
         transport = self.transport
         if (
             self._fds is not None
@@ -1584,7 +1631,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if timeout <= 0 and transport.get_write_buffer_size():
             transport.abort()
             return
-        transport.close()
+        if not transport.is_closing():
+            # Once is enough: asyncio's TLS transport forgets its TLS protocol
+            # on a second close(), and then fails in get_write_buffer_size().
+            transport.close()
         # Even with nothing left to write, closing may wait for the peer: a TLS
         # transport sends close_notify and waits for the peer's (asyncio's own
         # timeout for that is 30 s). The connection is dropped after the timeout
@@ -1604,3 +1654,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 self.close_timeout,
             )
             transport.abort()
+
+
+# AMPProtocol's own responders (StartTLS) into its tables, as for a subclass.
+AMPProtocol.__init_subclass__()

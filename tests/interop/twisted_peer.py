@@ -27,7 +27,10 @@ from ``ARGUMENT_TYPES`` (``"Integer"``, ``"Decimal"``, ``"BigString"``, ...),
 ``{"ListOf": <type>}`` or ``{"AmpList": [["<name>", <type>, <optional>], ...]}``.
 
 Operations: listen, connect, call, call_raw, send_raw, close, serialize,
-received, encode, decode, to_box, from_box, encode_box, quit.  Over TLS:
+received, encode, decode, to_box, from_box, encode_box, quit.  StartTLS:
+tls_identity (what the StartTLS responder answers with) and start_tls.  Protocol
+switching (``SwitchToRaw``, wire name ``Switch``): switch, raw_send,
+raw_received and raw_close.  Over TLS:
 listen_tls and connect_tls (certificates and keys are PEM file paths).  Over UNIX
 sockets, where ``Descriptor`` passes file descriptors: listen_unix, connect_unix
 and fd_calls.  Stdin reaching EOF also stops the program.
@@ -52,7 +55,7 @@ from twisted.internet.endpoints import (
     connectProtocol,
 )
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -444,6 +447,52 @@ def describe_exception(
 # ---------------------------------------------------------------------------
 
 
+class SwitchToRaw(amp.ProtocolSwitchCommand):
+    """Switch the connection to a raw byte stream (``RawEcho``)."""
+
+    commandName = b"Switch"
+    arguments = [(b"name", amp.Unicode())]
+
+
+class RawEcho(Protocol):
+    """A raw byte-stream protocol: greets, records what it gets, and may echo it upper-cased."""
+
+    def __init__(self, greeting: bytes = b"", echo: bool = False) -> None:
+        self.greeting = greeting
+        self.echo = echo
+        self.received = bytearray()
+        self.made = False
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.made = True
+        if self.greeting:
+            assert self.transport is not None
+            self.transport.write(self.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.echo:
+            assert self.transport is not None
+            self.transport.write(data.upper())
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+
+
+class RawFactory(ClientFactory):
+    """Builds the RawEcho a Twisted caller of SwitchToRaw switches to."""
+
+    def __init__(self, controller: Controller, conn_id: int) -> None:
+        self.controller = controller
+        self.conn_id = conn_id
+
+    def buildProtocol(self, addr: Any) -> RawEcho:
+        raw = RawEcho()
+        self.controller.raws[self.conn_id] = raw
+        return raw
+
+
 class PeerAMP(amp.AMP):
     """AMP with the test responders; reports its life cycle to the controller."""
 
@@ -469,6 +518,18 @@ class PeerAMP(amp.AMP):
         self.controller.record(
             self.conn_id, {"command": command.commandName.decode(), "args": args}
         )
+
+    @amp.StartTLS.responder
+    def start_tls(self) -> dict[str, Any]:
+        """Answer StartTLS with the identity set by ``tls_identity`` (Twisted's default without)."""
+        identity = self.controller.tls_identity
+        return {} if identity is None else {"tls_localCertificate": identity}
+
+    @SwitchToRaw.responder
+    def switch(self, name: str) -> RawEcho:
+        raw = RawEcho(greeting=b"hi " + name.encode("utf-8"), echo=True)
+        self.controller.raws[self.conn_id] = raw
+        return raw
 
     @Sum.responder
     def sum(self, a: int, b: int) -> dict[str, Any]:
@@ -596,6 +657,9 @@ class Controller(LineReceiver):
         self.received: dict[int, list[dict[str, Any]]] = {}
         self.ports: list[IListeningPort] = []
         self.stopping = False
+        # StartTLS and protocol switching.
+        self.tls_identity: Any = None
+        self.raws: dict[int, RawEcho] = {}
 
     # -- output ------------------------------------------------------------
 
@@ -885,6 +949,65 @@ class Controller(LineReceiver):
             box = command.makeResponse(objects, None)
             box[amp.ANSWER] = tag
         return {"hex": box.serialize().hex()}
+
+    def op_tls_identity(self, request: dict[str, Any]) -> None:
+        """Answer StartTLS with the certificate ``cert`` and key ``key`` (PEM file paths)."""
+        self.tls_identity = _tls_identity(request["cert"], request["key"])
+
+    def op_start_tls(self, request: dict[str, Any]) -> Deferred[Any]:
+        """Call StartTLS on ``conn``, trusting the CA ``ca`` (a PEM file path).
+
+        Replies once the TLS handshake is done (the peer's certificate verified),
+        with the subject of the peer's certificate.
+        """
+        from twisted.internet.ssl import Certificate
+
+        proto = self.conn(request)
+        ca = Certificate.loadPEM(FilePath(str(request["ca"])).getContent())
+        d = proto.callRemote(amp.StartTLS, tls_verifyAuthorities=[ca])
+        assert d is not None
+
+        def handshake(_: object) -> Deferred[Any]:
+            # A call made now is held until the handshake is done, and goes over TLS.
+            return proto.callRemote(Sum, a=0, b=0)  # type: ignore[return-value]
+
+        def peer_certificate(_: object) -> dict[str, Any]:
+            assert proto.transport is not None
+            cert = Certificate.peerFromTransport(proto.transport)
+            return {"subject": str(cert.getSubject())}
+
+        return d.addCallback(handshake).addCallback(peer_certificate)
+
+    def op_switch(self, request: dict[str, Any]) -> Deferred[Any]:
+        """Call SwitchToRaw with ``name`` on ``conn``; the connection then carries RawEcho."""
+        proto = self.conn(request)
+        conn_id = proto.conn_id
+        d = proto.callRemote(SwitchToRaw, RawFactory(self, conn_id), name=str(request["name"]))
+        assert d is not None
+        return d.addCallback(lambda _: {})
+
+    def op_raw_send(self, request: dict[str, Any]) -> None:
+        """Write ``hex`` on the switched connection ``conn``."""
+        raw = self._raw(request)
+        assert raw.transport is not None
+        raw.transport.write(bytes.fromhex(str(request["hex"])))
+
+    def op_raw_received(self, request: dict[str, Any]) -> dict[str, Any]:
+        """What the switched connection ``conn`` received, and whether it is made and lost."""
+        raw = self._raw(request)
+        return {"hex": bytes(raw.received).hex(), "made": raw.made, "lost": raw.lost}
+
+    def op_raw_close(self, request: dict[str, Any]) -> None:
+        """Close the switched connection ``conn``."""
+        raw = self._raw(request)
+        assert raw.transport is not None
+        raw.transport.loseConnection()
+
+    def _raw(self, request: dict[str, Any]) -> RawEcho:
+        try:
+            return self.raws[int(request["conn"])]
+        except KeyError:
+            raise PeerRequestError(f"conn {request.get('conn')!r} did not switch") from None
 
     def op_quit(self, request: dict[str, Any]) -> None:
         # Reply first; closing stdio flushes pending output and then
