@@ -168,8 +168,9 @@ class Server(Generic[P]):
         await self._all_closed.wait()
         if self._shutdowns:
             await asyncio.wait(self._shutdowns)
-        if self._server is not None:
-            await self._server.wait_closed()
+        # Not asyncio.Server.wait_closed(): on Python 3.12 and later it also waits
+        # for every transport the server accepted, including those handed to
+        # another protocol by a switch, which this server no longer owns.
 
     def is_serving(self) -> bool:
         """``True`` while the server accepts new connections."""
