@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import pathlib
 import socket
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from helpers import (
     accepted,
     accepting_server,
     client,
+    eventually,
     raw_connection,
     running_server,
 )
@@ -580,3 +583,60 @@ async def test_waiting_for_a_place_again_and_again_watches_each_call_once() -> N
         Server.release.set()
         async with asyncio.timeout(LONG):
             assert await slow == {"n": -1}
+
+
+class SlowNested(NestedServer):
+    """NestedServer whose deepest level waits long enough for the peer to be killed."""
+
+    @Nested.responder
+    async def nested(self, depth: int) -> dict[str, int]:
+        if depth == 0:
+            await asyncio.sleep(LONG)
+            return {"depth": 0}
+        answer = await self.call_remote(Nested, depth=depth - 1)
+        return {"depth": answer["depth"] + 1}
+
+
+async def test_a_peer_killed_with_calls_nested_both_ways_at_the_limits() -> None:
+    # The peer is a real process with one responder and one pending call; we have
+    # the same limits. Calls nest both ways, some wait for a place or to be sent,
+    # and the peer is killed: every call ends, and every responder of ours ends.
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(pathlib.Path(__file__).with_name("nested_child.py")),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=pathlib.Path(__file__).parent,
+    )
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(LONG):
+            word, port = (await child.stdout.readline()).decode().split()
+        assert word == "port"
+        async with asyncio.timeout(LONG):
+            proto = await amp.connect(
+                HOST,
+                int(port),
+                protocol_factory=SlowNested,
+                max_responders=1,
+                max_pending_calls=1,
+            )
+        calls = [proto.call_remote(Nested, depth=d) for d in (3, 2, 4, 1)]
+        # Wait until the chains are deep in both directions: our responders run,
+        # and calls of ours wait for a place.
+        await eventually(lambda: bool(proto._tasks) and bool(proto._waiting), "nested calls")
+        await asyncio.sleep(0.1 * TIME)
+        child.kill()
+        async with asyncio.timeout(LONG):
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            await proto.wait_closed()
+            await eventually(lambda: not proto._tasks, "our responders ended")
+        assert all(isinstance(r, amp.ConnectionLostError) for r in results), results
+        assert not proto._pending
+        assert not proto._waiting
+        assert not proto._waiting_nested
+        assert not proto._flow.deferred
+    finally:
+        if child.returncode is None:
+            child.kill()
+        async with asyncio.timeout(LONG):
+            await child.wait()
