@@ -1567,3 +1567,19 @@ def test_parse_of_the_encoding_is_the_decode_of_the_box(
     data = Mixed._encode_answer(tag, response)
     [box] = BoxDecoder(max_box_size=len(data)).receive_data(data)
     assert parsed(Mixed._parse_response, data, 4 + 7 + len(tag)) == Mixed._decode_response(box)
+
+
+def test_idempotent_is_false_unless_set_and_is_checked_at_class_creation() -> None:
+    class Lookup(Command):
+        idempotent = True
+
+    class Charge(Command):
+        pass
+
+    assert Command.idempotent is False
+    assert Lookup.idempotent is True
+    assert Charge.idempotent is False
+    with pytest.raises(TypeError, match="idempotent must be True or False"):
+
+        class Wrong(Command):
+            idempotent = "yes"  # type: ignore[assignment]

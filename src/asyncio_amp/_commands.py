@@ -562,6 +562,9 @@ class Command:
             and its other pending calls fail with [`ConnectionLostError`][].
             An error answer leaves the connection open (unless the error is
             fatal), and so does a call sent without ``_ask``.
+        idempotent: If true, running the command twice does no harm, so a call
+            lost with its connection or its worker may be sent again on
+            another one. Nothing changes on the wire.
         command_name: The name on the wire; the class name by default.
 
     An instance carries the arguments of one call: ``call_remote(Sum(a=1, b=2))``
@@ -574,6 +577,7 @@ class Command:
     fatal_errors: ClassVar[ErrorMap] = {}
     requires_answer: ClassVar[bool] = True
     close_after_answer: ClassVar[bool] = False
+    idempotent: ClassVar[bool] = False
     command_name: ClassVar[str | bytes] = "Command"
 
     # Computed once per class by __init_subclass__.
@@ -627,6 +631,8 @@ class Command:
             raise TypeError(f"{owner}.requires_answer must be True or False")
         if not isinstance(cls.close_after_answer, bool):
             raise TypeError(f"{owner}.close_after_answer must be True or False")
+        if not isinstance(cls.idempotent, bool):
+            raise TypeError(f"{owner}.idempotent must be True or False")
         try:
             if cls.requires_answer:
                 cls._fast_ask = _compile_encoder(owner, cls._ask_steps, (None, cls.wire_name))
