@@ -48,8 +48,17 @@ ALLOWED = {
     "cli.serve": CLI_BELOW | {"cli._common", "cli._output"},
     "cli.decode": CLI_BELOW | {"cli._common", "cli._output"},
     "cli.proxy": CLI_BELOW | {"cli._common", "cli._output"},
+    "cli.ping": CLI_BELOW | {"cli._common", "cli._output"},
     "cli": CLI_BELOW
-    | {"cli._common", "cli._output", "cli.call", "cli.serve", "cli.decode", "cli.proxy"},
+    | {
+        "cli._common",
+        "cli._output",
+        "cli.call",
+        "cli.serve",
+        "cli.decode",
+        "cli.proxy",
+        "cli.ping",
+    },
     "__main__": {"cli"},
 }
 
