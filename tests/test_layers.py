@@ -15,7 +15,11 @@ CORE = {"_commands", "_arguments", "_connection", "_flow", "_wire", "_errors"}
 # StartTLS and protocol switching, which the protocol delegates to.
 UPGRADES = {"_tls", "_switch"}
 # The private modules below the command-line tool.
-CLI_BELOW = CORE | UPGRADES | {"_pipes", "_network", "_server", "_protocol", "_fds", "_locators"}
+CLI_BELOW = (
+    CORE
+    | UPGRADES
+    | {"_pipes", "_network", "_server", "_protocol", "_fds", "_locators", "_keepalive"}
+)
 # Who may import whom, inside the package (STYLE.md). Modules of a subpackage are
 # named with a dot: "cli.call".
 ALLOWED = {
@@ -31,7 +35,8 @@ ALLOWED = {
     "_fds": {"_arguments", "_connection", "_wire", "_errors"},
     "_switch": {"_commands", "_arguments", "_wire", "_errors"},
     "_tls": {"_switch", "_commands", "_arguments", "_wire", "_errors"},
-    "_protocol": CORE | UPGRADES | {"_fds", "_locators"},
+    "_keepalive": {"_commands", "_arguments", "_wire", "_errors"},
+    "_protocol": CORE | UPGRADES | {"_fds", "_locators", "_keepalive"},
     "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
     "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators"},
     "_pipes": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
@@ -43,8 +48,17 @@ ALLOWED = {
     "cli.serve": CLI_BELOW | {"cli._common", "cli._output"},
     "cli.decode": CLI_BELOW | {"cli._common", "cli._output"},
     "cli.proxy": CLI_BELOW | {"cli._common", "cli._output"},
+    "cli.ping": CLI_BELOW | {"cli._common", "cli._output"},
     "cli": CLI_BELOW
-    | {"cli._common", "cli._output", "cli.call", "cli.serve", "cli.decode", "cli.proxy"},
+    | {
+        "cli._common",
+        "cli._output",
+        "cli.call",
+        "cli.serve",
+        "cli.decode",
+        "cli.proxy",
+        "cli.ping",
+    },
     "__main__": {"cli"},
 }
 

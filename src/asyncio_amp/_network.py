@@ -33,6 +33,8 @@ LIMITS = (
     "max_queued_calls",
     "close_timeout",
     "locators",
+    "keepalive",
+    "keepalive_timeout",
 )
 
 # How long serve(path=...) waits for a connection to a UNIX socket that is already
@@ -111,8 +113,9 @@ async def serve(
         ssl: A server-side ``ssl.SSLContext`` to accept TLS connections.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``max_queued_calls``, ``close_timeout``) and its ``locators``,
-            set on each protocol the factory builds; the rest is passed on to
+            ``max_queued_calls``, ``close_timeout``), its ``locators``, and
+            ``keepalive`` / ``keepalive_timeout``, set on each protocol the
+            factory builds; the rest is passed on to
             ``loop.create_server`` (or ``create_unix_server``).
 
     Returns:
@@ -189,9 +192,10 @@ async def connect(
             speak TLS.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``max_queued_calls``, ``close_timeout``) and its
-            ``locators``; the rest is passed on to ``loop.create_connection`` (or
-            ``create_unix_connection``), e.g. ``server_hostname``.
+            ``max_queued_calls``, ``close_timeout``), its ``locators``, and
+            ``keepalive`` / ``keepalive_timeout``; the rest is passed on to
+            ``loop.create_connection`` (or ``create_unix_connection``), e.g.
+            ``server_hostname``.
 
     Use the protocol as an async context manager to close it at the end:
 

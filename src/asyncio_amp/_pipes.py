@@ -355,7 +355,8 @@ async def connect_pipes(
         protocol_factory: Builds the protocol; [`AMPProtocol`][] by default.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``max_queued_calls``, ``close_timeout``).
+            ``max_queued_calls``, ``close_timeout``, ``keepalive``,
+            ``keepalive_timeout``).
 
     Returns:
         The protocol, connected. Use it as an async context manager to close

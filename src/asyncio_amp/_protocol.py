@@ -35,6 +35,15 @@ from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failur
 from ._errors import ConnectionLostError, ProtocolError, UnhandledCommandError
 from ._fds import FdChannel
 from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
+from ._keepalive import (
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    HEARTBEAT_NAME,
+    Keepalive,
+    answer_heartbeat,
+    for_protocol,
+    interval_value,
+    seconds_value,
+)
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
 from ._switch import Upgrade
 from ._tls import StartTLS
@@ -215,6 +224,13 @@ class AMPProtocol(asyncio.BufferedProtocol):
         locators: Objects whose ``@Command.responder`` methods answer the
             commands this protocol has no responder of its own for, tried in
             order (see [`locators`][asyncio_amp.AMPProtocol.locators]).
+        keepalive: Seconds of silence from the peer after which a heartbeat
+            call is sent (``None``, the default: no keepalive). A whole period
+            with nothing received sends one.
+        keepalive_timeout: Seconds to wait for any byte from the peer after
+            a heartbeat (20). Then the connection is aborted and its pending
+            calls fail with [`ConnectionLostError`][] ("keepalive timeout").
+            Any answer counts, an error too, so Twisted peers need no change.
 
     While the transport's write buffer is over its high-water mark
     (``pause_writing``), new calls wait as their encoded parts, answers stay
@@ -242,6 +258,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_flow",
         "_flush_handle",
         "_gather",
+        "_keepalive",
+        "_keepalive_interval",
+        "_keepalive_timeout",
         "_locators",
         "_loop",
         "_lost",
@@ -249,6 +268,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_pending",
         "_read_buffer",
         "_reading_paused",
+        "_received",
         "_receiving",
         "_release_handle",
         "_shutdown_handle",
@@ -300,6 +320,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         locators: Iterable[object] = (),
+        keepalive: float | None = None,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     ) -> None:
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
@@ -358,6 +380,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # While StartTLS or a protocol switch changes what the connection
         # carries (see _tls and _switch): it holds writes, and may own reading.
         self._upgrade: Upgrade | None = None
+        # Keepalive (see _keepalive): set by each read, cleared by its timer.
+        self._received = False
+        self._keepalive: Keepalive | None = None
+        self._keepalive_interval = interval_value("keepalive", keepalive)
+        self._keepalive_timeout = seconds_value("keepalive_timeout", keepalive_timeout)
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -391,6 +418,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             and transport.get_extra_info("sslcontext") is None
         ):
             self._fds = FdChannel(self, loop, sock.fileno())
+        if self._keepalive_interval is not None:
+            for_protocol(self).start()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Return the buffer for the transport to read into."""
@@ -406,6 +435,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Decode ``data``, resolve the calls it answers and run the calls it makes."""
+        self._received = True  # the peer is alive (see _keepalive)
         conn = self._conn
         conn.receive_data(data)
         events = conn.events_received()
@@ -455,7 +485,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
                         else:
                             sent[1].set_result(result)
                 elif kind is Ask:
-                    self._arrive(event)  # type: ignore[arg-type]
+                    if event.command == HEARTBEAT_NAME:  # type: ignore[union-attr]
+                        answer_heartbeat(self, event.tag)  # type: ignore[union-attr]
+                    else:
+                        self._arrive(event)  # type: ignore[arg-type]
                 elif kind is ErrorAnswer:
                     self._error_received(event)  # type: ignore[arg-type]
                 else:
@@ -506,6 +539,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             return  # writes are held until the upgrade is done
         self._writing_paused = False
         self._flow.resume_writing()
+        if self._keepalive is not None:
+            self._keepalive.resumed()
         if self._debug:
             logger.debug("= writing to %s resumed", self._peer)
         if self._lost:
@@ -552,6 +587,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
+        if self._keepalive is not None:
+            self._keepalive.stop()
         self._conn.data_to_send()
         if self._fds is not None:
             self._fds.close()
@@ -880,11 +917,42 @@ class AMPProtocol(asyncio.BufferedProtocol):
     @property
     def max_pending_calls(self) -> int:
         """The most calls of ours that may wait for an answer at once."""
-        return self._flow.max_pending_calls
+        # Not counting the place added for a heartbeat while it is out (see _keepalive).
+        return self._flow.max_pending_calls - self._heartbeat_out()
 
     @max_pending_calls.setter
     def max_pending_calls(self, value: int) -> None:
-        self._flow.max_pending_calls = _positive("max_pending_calls", value)
+        self._flow.max_pending_calls = _positive("max_pending_calls", value) + self._heartbeat_out()
+
+    def _heartbeat_out(self) -> int:
+        return int(self._keepalive is not None and self._keepalive.heartbeat is not None)
+
+    @property
+    def keepalive(self) -> float | None:
+        """
+        Seconds of silence from the peer after which a heartbeat is sent; ``None``: off.
+
+        Setting it on a live connection starts, restarts or stops the keepalive.
+        """
+        return self._keepalive_interval
+
+    @keepalive.setter
+    def keepalive(self, value: float | None) -> None:
+        self._keepalive_interval = interval_value("keepalive", value)
+        if self._loop is not None and not self._lost:
+            if self._keepalive_interval is not None:
+                for_protocol(self).start()
+            elif self._keepalive is not None:
+                self._keepalive.stop()
+
+    @property
+    def keepalive_timeout(self) -> float:
+        """Seconds to wait for any byte after a heartbeat before dropping the connection."""
+        return self._keepalive_timeout
+
+    @keepalive_timeout.setter
+    def keepalive_timeout(self, value: float) -> None:
+        self._keepalive_timeout = seconds_value("keepalive_timeout", value)
 
     @property
     def close_timeout(self) -> float:

@@ -1,9 +1,10 @@
 """
-The ``asyncio-amp`` command: call, serve, decode and proxy AMP from a shell.
+The ``asyncio-amp`` command: call, serve, decode, proxy and ping AMP from a shell.
 
 ``call`` sends one command and prints the answer; ``serve`` runs a user's
 `AMPProtocol` subclass as a server; ``decode`` prints the boxes of a raw
-AMP byte stream; ``proxy`` forwards a connection and prints every box on it.
+AMP byte stream; ``proxy`` forwards a connection and prints every box on it;
+``ping`` sends heartbeats and prints their round-trip times.
 Each subcommand is a module of this package that adds its own options to the
 parser built here. Standard library only, like the rest of the package.
 """
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import call, decode, proxy, serve
+from . import call, decode, ping, proxy, serve
 from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, Formatter, UsageError, fail
 
 __all__ = ["main"]
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
-    for subcommand in (call, serve, decode, proxy):
+    for subcommand in (call, serve, decode, proxy, ping):
         subcommand.add_parser(subparsers)
     return parser
 
@@ -106,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(serve.run(args), uvloop=args.uvloop)
         if args.subcommand == "decode":
             return decode.run(args, sys.stdin.buffer, sys.stdout)
+        if args.subcommand == "ping":
+            _configure_logging(logging.ERROR)
+            return asyncio.run(ping.run(args))
         _configure_logging(logging.WARNING)
         return _run(proxy.run(args), uvloop=args.uvloop)
     except UsageError as exc:

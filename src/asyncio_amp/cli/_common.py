@@ -269,3 +269,37 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=30)
+
+
+# Client TLS, for the subcommands that connect (call, ping)
+
+
+def add_client_tls_options(parser: argparse.ArgumentParser) -> None:
+    """Add the client's TLS options: --tls, --cafile, --cert, --key, --server-hostname..."""
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true", help="connect with TLS")
+    tls.add_argument("--cafile", metavar="FILE", help="trust this CA bundle (implies --tls)")
+    tls.add_argument("--cert", metavar="FILE", help="client certificate (PEM, implies --tls)")
+    tls.add_argument("--key", metavar="FILE", help="the client certificate's key, if separate")
+    tls.add_argument(
+        "--server-hostname", metavar="NAME", help="the name to check in the server's certificate"
+    )
+    tls.add_argument(
+        "--insecure", action="store_true", help="do not check the server's certificate"
+    )
+
+
+def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client's TLS context from --tls, --cafile, --cert/--key and --insecure."""
+    if not (args.tls or args.cafile or args.cert or args.insecure):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=args.cafile)
+        if args.cert:
+            context.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS files: {exc}") from None
+    if args.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

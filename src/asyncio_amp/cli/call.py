@@ -43,6 +43,8 @@ from ._common import (
     SHOW_LIMIT,
     Formatter,
     UsageError,
+    add_client_tls_options,
+    client_tls,
     fail,
     import_user_module,
     json_bytes,
@@ -115,17 +117,7 @@ def add_parser(
     )
     parser.add_argument("--full", action="store_true", help="show long values whole")
     parser.add_argument("--unix", metavar="PATH", help="connect to a UNIX socket instead of TCP")
-    tls = parser.add_argument_group("TLS")
-    tls.add_argument("--tls", action="store_true", help="connect with TLS")
-    tls.add_argument("--cafile", metavar="FILE", help="trust this CA bundle (implies --tls)")
-    tls.add_argument("--cert", metavar="FILE", help="client certificate (PEM, implies --tls)")
-    tls.add_argument("--key", metavar="FILE", help="the client certificate's key, if separate")
-    tls.add_argument(
-        "--server-hostname", metavar="NAME", help="the name to check in the server's certificate"
-    )
-    tls.add_argument(
-        "--insecure", action="store_true", help="do not check the server's certificate"
-    )
+    add_client_tls_options(parser)
     return parser
 
 
@@ -267,25 +259,6 @@ def load_commands(spec: str) -> dict[str, type[Command]]:
         commands.setdefault(command.__name__, command)
         commands[command.wire_name.decode("utf-8", "backslashreplace")] = command
     return commands
-
-
-# TLS
-
-
-def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """The client's TLS context from --tls, --cafile, --cert/--key and --insecure."""
-    if not (args.tls or args.cafile or args.cert or args.insecure):
-        return None
-    try:
-        context = ssl.create_default_context(cafile=args.cafile)
-        if args.cert:
-            context.load_cert_chain(args.cert, args.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS files: {exc}") from None
-    if args.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 # Calling

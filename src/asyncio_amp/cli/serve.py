@@ -59,6 +59,8 @@ LIMIT_OPTIONS = (
     ("max_pending_calls", int, "N", "1000"),
     ("max_queued_calls", int, "N", "10000"),
     ("close_timeout", float, "SECONDS", "10"),
+    ("keepalive", float, "SECONDS", "off; a heartbeat after this long without a byte"),
+    ("keepalive_timeout", float, "SECONDS", "20; then the connection is dropped"),
 )
 
 
