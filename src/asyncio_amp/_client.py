@@ -559,8 +559,8 @@ class Client:
             else:
                 self._calls += 1
                 slot.pending += 1
+                future.add_done_callback(slot.done)
                 if not idempotent:
-                    future.add_done_callback(slot.done)
                     return future
         assert self._loop is not None
         if future is None:
@@ -595,7 +595,7 @@ class Client:
                     await asyncio.sleep(0)
                     continue
                 slot.pending += 1
-            current = slot
+                future.add_done_callback(slot.done)
             try:
                 return await future
             except ConnectionLostError as error:
@@ -607,12 +607,10 @@ class Client:
                 logger.info(
                     "sending %s again: the connection to %s was lost (retry %d of %d)",
                     label,
-                    current.label,
+                    slot.label,
                     retries,
                     self._max_retries,
                 )
-            finally:
-                current.pending -= 1
             slot = future = None
 
     async def _route(self, label: str, lost: ConnectionLostError | None) -> _Slot:

@@ -1,0 +1,531 @@
+"""Client: endpoints, resolution, backoff, routing, retries and shutdown, against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import pytest
+
+import asyncio_amp as amp
+from asyncio_amp._client import _Endpoint
+from cli_app import Calculator, Sum
+from client_server import Named, Record, Where
+from helpers import LONG, SHORT, TIME, eventually
+
+HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+
+@contextlib.asynccontextmanager
+async def servers_on(
+    hosts: Iterable[str], factory: Callable[[], amp.AMPProtocol] = Named
+) -> AsyncIterator[tuple[int, dict[str, amp.Server[amp.AMPProtocol]]]]:
+    """Serve ``factory`` on each of ``hosts``, all on one port; yield the port and servers."""
+    servers: dict[str, amp.Server[amp.AMPProtocol]] = {}
+    port = 0
+    try:
+        for host in hosts:
+            server = await amp.serve(factory, host, port)
+            port = server.sockets[0].getsockname()[1]
+            servers[host] = server
+        yield port, servers
+    finally:
+        for server in servers.values():
+            server.close()
+        async with asyncio.timeout(LONG):
+            for server in servers.values():
+                await server.wait_closed()
+
+
+def fixed(*addresses: str) -> Callable[[str], asyncio.Future[list[str]]]:
+    """A resolver that gives ``addresses`` for any name."""
+
+    async def resolve(host: str) -> list[str]:
+        return list(addresses)
+
+    return resolve  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def closed(client: amp.Client) -> None:
+    async with asyncio.timeout(LONG):
+        await client.close()
+
+
+# Endpoints and arguments
+
+
+@pytest.mark.parametrize(
+    ("spec", "host", "port", "path"),
+    [
+        ("amp-a:7000", "amp-a", 7000, None),
+        ("127.0.0.1:1", "127.0.0.1", 1, None),
+        ("[::1]:7000", "::1", 7000, None),
+        (("amp-b", 7001), "amp-b", 7001, None),
+        (("::1", 7002), "::1", 7002, None),
+        ("unix:/run/app.sock", None, 0, "/run/app.sock"),
+    ],
+)
+def test_endpoint_forms(spec: str | tuple[str, int], host: str, port: int, path: str) -> None:
+    endpoint = _Endpoint(spec)
+    assert (endpoint.host, endpoint.port, endpoint.path) == (host, port, path)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        *["amp-a", "amp-a:", ":7000", "amp-a:0", "amp-a:65536", "amp-a:x", "::1:7000", "[::1]"],
+        *["[]:1", "unix:", ("amp-a",), ("amp-a", "x"), ("", 1), ("amp-a", True)],
+    ],
+)
+def test_bad_endpoints(spec: object) -> None:
+    with pytest.raises(ValueError, match="endpoint"):
+        _Endpoint(spec)  # type: ignore[arg-type]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="endpoint"):
+        amp.Client([7000])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="at least one endpoint"):
+        amp.Client([])
+    for keyword, value in [
+        ("connect_timeout", 0),
+        ("backoff_initial", -1.0),
+        ("backoff_max", 0),
+        ("resolve_interval", 0),
+        ("backoff_multiplier", 0.5),
+        ("healthy_after", -1),
+        ("grace", -1),
+        ("connections_per_address", 0),
+        ("connections_per_address", 1.5),
+        ("max_retries", -1),
+    ]:
+        with pytest.raises(ValueError, match=keyword):
+            amp.Client("amp-a:7000", **{keyword: value})
+
+
+# Calls
+
+
+async def test_calls_like_a_protocol() -> None:
+    async with servers_on(["127.0.0.1"], Calculator) as (port, _):
+        async with amp.Client(f"127.0.0.1:{port}") as client:
+            assert await client.call_remote(Sum, a=1, b=2) == {"total": 3}
+            assert await client.call_remote(Sum(a=2, b=3)) == {"total": 5}
+            assert await client.call_remote_box("Sum", {"a": "4", "b": "5"}) == {b"total": b"9"}
+            with pytest.raises(TypeError, match="not both"):
+                client.call_remote(Sum(a=2, b=3), a=1)
+            with pytest.raises(TypeError, match="expected an int"):
+                client.call_remote(Sum, a="x", b=1)
+            with pytest.raises(amp.TooLongError):
+                client.call_remote_box("Sum", {"a": "x" * 70_000})
+            with pytest.raises(TypeError, match="cannot send StartTLS"):
+                client.call_remote(amp.StartTLS)
+            assert len(client.connections) == 1
+            stats = client.stats()
+            assert (stats["connected"], stats["calls"], stats["pending"]) == (1, 3, 0)
+            assert "open" in repr(client)
+        with pytest.raises(amp.NoConnectionError, match="closed"):
+            client.call_remote(Sum, a=1, b=2)
+        assert client.stats()["connected"] == 0
+        assert client.connections == ()
+        await client.close()  # again: nothing to do
+
+
+async def test_unix_and_ipv6_endpoints(tmp_path: object) -> None:
+    path = f"{tmp_path}/amp.sock"
+    unix = await amp.serve(Named, path=path)
+    try:
+        async with (
+            servers_on(["::1"]) as (port, _),
+            amp.Client([f"unix:{path}", f"[::1]:{port}"]) as client,
+        ):
+            await eventually(lambda: len(client.connections) == 2, "both connected")
+            answers = await asyncio.gather(
+                *(client.call_remote(Where, n=n, delay=0.01) for n in range(10))
+            )
+        assert {answer["server"] for answer in answers} == {f"[::1]:{port}", path}
+    finally:
+        unix.close()
+        async with asyncio.timeout(LONG):
+            await unix.wait_closed()
+
+
+async def test_errors_in_arguments_are_raised_at_once_without_a_connection() -> None:
+    client = amp.Client(f"127.0.0.1:{free_port()}", connect_timeout=0.2 * TIME)
+    try:
+        with pytest.raises(TypeError, match="expected an int"):
+            client.call_remote(Sum, a="x", b=1)
+        with pytest.raises(ValueError, match="reserved"):
+            client.call_remote_box("Sum", {"_ask": "1"})
+        with pytest.raises(amp.NoConnectionError, match="cannot connect") as failed:
+            await client.call_remote(Sum, a=1, b=2)
+        assert isinstance(failed.value, ConnectionError)
+        assert not isinstance(failed.value, amp.ConnectionLostError)
+        stats = client.stats()
+        assert stats["failures"] >= 1
+        assert (stats["calls"], stats["waiting"], stats["connected"]) == (1, 0, 0)
+    finally:
+        await closed(client)
+
+
+async def test_calls_spread_over_every_address_a_resolver_gives() -> None:
+    async with (
+        servers_on(HOSTS) as (port, _),
+        amp.Client(f"amp.test:{port}", resolver=fixed(*HOSTS)) as client,
+    ):
+        await eventually(lambda: len(client.connections) == 3, "three connections")
+        one_by_one: collections.Counter[str] = collections.Counter()
+        for n in range(30):
+            one_by_one[(await client.call_remote(Where, n=n, delay=0))["server"]] += 1
+        together = collections.Counter(
+            answer["server"]
+            for answer in await asyncio.gather(
+                *(client.call_remote(Record, n=n, delay=0.05) for n in range(30))
+            )
+        )
+    names = {f"{host}:{port}" for host in HOSTS}
+    # Ties go round-robin, and concurrent calls to the least busy connection.
+    assert one_by_one == {name: 10 for name in names}
+    assert together == {name: 10 for name in names}
+
+
+async def test_a_name_spreads_over_every_address_it_resolves_to() -> None:
+    infos = await asyncio.get_running_loop().getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    async with servers_on(addresses) as (port, _), amp.Client(("localhost", port)) as client:
+        await eventually(lambda: len(client.connections) == len(addresses), "connected")
+        answers = await asyncio.gather(
+            *(client.call_remote(Where, n=n, delay=0.02) for n in range(12 * len(addresses)))
+        )
+    served = collections.Counter(answer["server"] for answer in answers)
+    assert served == {
+        (f"[{address}]:{port}" if ":" in address else f"{address}:{port}"): 12
+        for address in addresses
+    }
+
+
+async def test_connections_per_address() -> None:
+    async with servers_on(HOSTS[:2]) as (port, servers):
+        client = amp.Client(
+            f"amp.test:{port}", resolver=fixed(*HOSTS[:2]), connections_per_address=3
+        )
+        async with client:
+            await eventually(lambda: len(client.connections) == 6, "six connections")
+            await eventually(
+                lambda: [len(server.connections) for server in servers.values()] == [3, 3],
+                "three connections to each server",
+            )
+            assert client.stats()["addresses"] == 2
+
+
+# Resolution
+
+
+async def test_addresses_that_leave_the_resolution_are_drained() -> None:
+    addresses = HOSTS[:2]
+
+    async def resolve(host: str) -> list[str]:
+        return list(addresses)
+
+    async with servers_on(HOSTS) as (port, servers):
+        client = amp.Client(f"amp.test:{port}", resolver=resolve, resolve_interval=SHORT)
+        async with client:
+            await eventually(lambda: len(client.connections) == 2, "two connections")
+            # A long call on each connection, then 127.0.0.1 leaves the resolution.
+            slow = [client.call_remote(Record, n=n, delay=0.3) for n in range(2)]
+            addresses = HOSTS[1:]
+            await eventually(
+                lambda: {p.peer for p in client.connections} == {f"{h}:{port}" for h in HOSTS[1:]},
+                "127.0.0.3 connected, 127.0.0.1 gone",
+            )
+            # The call in flight on the drained connection still gets its answer.
+            async with asyncio.timeout(LONG):
+                answers = await asyncio.gather(*slow)
+            assert {answer["server"] for answer in answers} == {f"{h}:{port}" for h in HOSTS[:2]}
+            await eventually(lambda: not servers["127.0.0.1"].connections, "drained and closed")
+            assert client.stats()["losses"] == 0  # drained on purpose, not lost
+
+
+async def test_resolution_that_fails_or_finds_nothing() -> None:
+    outcome: list[str] | Exception = OSError("no such name")
+
+    async def resolve(host: str) -> list[str]:
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async with servers_on(HOSTS[:1]) as (port, _):
+        client = amp.Client(
+            f"amp.test:{port}",
+            resolver=resolve,
+            resolve_interval=SHORT,
+            backoff_initial=SHORT,
+            backoff_max=SHORT,
+            connect_timeout=0.3 * TIME,
+        )
+        async with client:
+            with pytest.raises(amp.NoConnectionError, match=r"cannot resolve amp\.test.*no such"):
+                await client.call_remote(Sum, a=1, b=2)
+            outcome = []
+            with pytest.raises(amp.NoConnectionError, match="resolved to no address"):
+                await client.call_remote(Sum, a=1, b=2)
+            outcome = HOSTS[:1]
+            assert (await client.call_remote(Where, n=1, delay=0))["n"] == 1
+            # Once connected, a failing or empty resolution keeps what the client has.
+            failures: list[list[str] | Exception] = [OSError("gone"), [], ["not-an-address", 7]]  # type: ignore[list-item]
+            for failure in failures:
+                outcome = failure
+                for _ in range(3):
+                    await asyncio.sleep(2 * SHORT)
+                    assert (await client.call_remote(Where, n=2, delay=0))["n"] == 2
+                assert client.stats()["connected"] == 1
+
+
+# Reconnection
+
+
+async def test_a_server_that_closes_at_once_is_retried_with_backoff() -> None:
+    accepted = 0
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = amp.Client(
+            f"127.0.0.1:{port}", backoff_initial=0.02, backoff_max=0.3, healthy_after=1.0
+        )
+        async with client:
+            await asyncio.sleep(1.0)
+            stats = client.stats()
+    finally:
+        server.close()
+        await server.wait_closed()
+    # Without a backoff that grows, a loop would connect thousands of times a
+    # second. With it: delays of at most 0.02, 0.04, ... 0.3 s, so about a dozen.
+    assert 3 <= accepted <= 25
+    assert stats["losses"] + stats["failures"] >= accepted - 1
+
+
+async def test_a_healthy_connection_resets_the_backoff() -> None:
+    made: list[float] = []
+    lost: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    class ClosesSoon(amp.AMPProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            made.append(loop.time())
+            loop.call_later(0.1, self.close)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            lost.append(loop.time())
+
+    async with servers_on(["127.0.0.1"], ClosesSoon) as (port, _):
+        # Each connection lives 0.1 s, over healthy_after: the backoff never
+        # grows past its first step, 0.05 s.
+        client = amp.Client(
+            f"127.0.0.1:{port}", backoff_initial=0.05, backoff_max=30.0, healthy_after=0.05
+        )
+        async with client:
+            await eventually(lambda: len(made) >= 8, "eight connections")
+    gaps = [later - earlier for earlier, later in zip(lost, made[1:], strict=False)]
+    assert max(gaps) < 0.05 + 0.2 * TIME
+
+
+async def test_the_client_reconnects_when_the_server_comes_back() -> None:
+    async with servers_on(["127.0.0.1"]) as (port, servers):
+        client = amp.Client(f"127.0.0.1:{port}", backoff_initial=0.02, backoff_max=0.2)
+        async with client:
+            await eventually(lambda: len(client.connections) == 1, "connected")
+            servers["127.0.0.1"].close()
+            async with asyncio.timeout(LONG):
+                await servers["127.0.0.1"].wait_closed()
+            await eventually(lambda: client.stats()["failures"] >= 2, "attempts refused")
+            assert client.stats()["losses"] == 1
+            again = await amp.serve(Named, "127.0.0.1", port)
+            try:
+                answer = await client.call_remote(Where, n=1, delay=0)
+                assert answer["server"] == f"127.0.0.1:{port}"
+            finally:
+                again.close()
+                async with asyncio.timeout(LONG):
+                    await again.wait_closed()
+
+
+# Lost calls and retries
+
+
+async def test_lost_calls_fail_unless_idempotent() -> None:
+    async with servers_on(HOSTS[:2]) as (port, servers):
+        client = amp.Client(
+            f"amp.test:{port}", resolver=fixed(*HOSTS[:2]), backoff_initial=0.01, backoff_max=0.1
+        )
+        async with client:
+            await eventually(lambda: len(client.connections) == 2, "two connections")
+            where = [client.call_remote(Where, n=n, delay=0.3) for n in range(10)]
+            record = [client.call_remote(Record, n=n, delay=0.3) for n in range(10)]
+            await eventually(
+                lambda: sum(len(p._pending) for p in client.connections) == 20, "all sent"
+            )
+            servers["127.0.0.1"].abort_clients()
+            async with asyncio.timeout(LONG):
+                wheres = await asyncio.gather(*where)
+                records = await asyncio.gather(*record, return_exceptions=True)
+            stats = client.stats()
+    # Every idempotent call was answered; 5 of them by 127.0.0.2 after a retry.
+    assert sorted(answer["n"] for answer in wheres) == list(range(10))
+    assert stats["retries"] == 5
+    # The other calls on the lost connection failed, and only those.
+    failed = [result for result in records if isinstance(result, BaseException)]
+    assert len(failed) == 5
+    assert all(isinstance(error, amp.ConnectionLostError) for error in failed)
+    assert all(f"127.0.0.1:{port}" in str(error) for error in failed)
+    assert stats["losses"] == 1
+
+
+async def test_every_connection_lost_at_once() -> None:
+    async with servers_on(HOSTS) as (port, servers):
+        client = amp.Client(
+            f"amp.test:{port}", resolver=fixed(*HOSTS), backoff_initial=0.05, backoff_max=0.2
+        )
+        async with client:
+            await eventually(lambda: len(client.connections) == 3, "three connections")
+            calls = [client.call_remote(Where, n=n, delay=0.2) for n in range(30)]
+            await eventually(
+                lambda: sum(len(p._pending) for p in client.connections) == 30, "all sent"
+            )
+            for server in servers.values():
+                server.abort_clients()
+            # Each call is routed again while the client learns of the other
+            # losses: none goes to a connection already lost.
+            async with asyncio.timeout(LONG):
+                answers = await asyncio.gather(*calls)
+            stats = client.stats()
+    assert sorted(answer["n"] for answer in answers) == list(range(30))
+    assert stats["retries"] == 30
+    assert stats["losses"] == 3
+
+
+async def test_an_idempotent_call_fails_after_max_retries() -> None:
+    class Aborts(Named):
+        @Where.responder
+        async def where(self, n: int, delay: float) -> dict[str, object]:
+            assert self.transport is not None
+            self.transport.abort()
+            return {}
+
+    async with servers_on(HOSTS[:2], Aborts) as (port, _):
+        client = amp.Client(
+            f"amp.test:{port}",
+            resolver=fixed(*HOSTS[:2]),
+            max_retries=4,
+            backoff_initial=0.01,
+            backoff_max=0.05,
+        )
+        async with client:
+            with pytest.raises(amp.ConnectionLostError):
+                async with asyncio.timeout(LONG):
+                    await client.call_remote(Where, n=1, delay=0)
+            stats = client.stats()
+            assert stats["retries"] == 4
+            assert stats["pending"] == 0
+            # Raw calls retry when told to.
+            with pytest.raises(amp.ConnectionLostError):
+                async with asyncio.timeout(LONG):
+                    await client.call_remote_box("Where", {"n": "1", "delay": "0"}, idempotent=True)
+            assert client.stats()["retries"] == 8
+
+
+# Waiting, cancelling and closing
+
+
+async def test_close_while_calls_wait_for_a_connection() -> None:
+    client = amp.Client(f"127.0.0.1:{free_port()}", connect_timeout=LONG)
+    async with client:
+        waiting = [client.call_remote(Sum, a=n, b=1) for n in range(3)]
+        await eventually(lambda: client.stats()["waiting"] == 3, "three calls waiting")
+        async with asyncio.timeout(LONG):
+            await client.close()
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(result, amp.NoConnectionError) for result in results)
+    assert "closed" in str(results[0])
+    assert client.stats()["waiting"] == 0
+
+
+async def test_close_drains_the_calls_in_flight() -> None:
+    async with servers_on(HOSTS[:2]) as (port, servers):
+        client = amp.Client(f"amp.test:{port}", resolver=fixed(*HOSTS[:2]), grace=LONG)
+        async with client:
+            await eventually(lambda: len(client.connections) == 2, "two connections")
+            calls = [client.call_remote(Record, n=n, delay=0.2) for n in range(4)]
+            await asyncio.sleep(SHORT)
+        # __aexit__ returned: every call was answered, every connection closed.
+        assert [call.result()["n"] for call in calls] == list(range(4))
+        await eventually(
+            lambda: not any(server.connections for server in servers.values()), "closed"
+        )
+
+
+async def test_close_ends_the_calls_in_flight_after_grace() -> None:
+    async with servers_on(HOSTS[:1]) as (port, _):
+        client = amp.Client(f"127.0.0.1:{port}", grace=0.1)
+        async with client:
+            await eventually(lambda: len(client.connections) == 1, "connected")
+            call = client.call_remote(Where, n=1, delay=LONG)
+            await asyncio.sleep(SHORT)
+            async with asyncio.timeout(LONG):
+                await client.close()
+        with pytest.raises(amp.ConnectionLostError):
+            call.result()  # idempotent, but not sent again: the client closed
+        assert client.stats()["retries"] == 0
+
+
+async def test_cancelling_a_call() -> None:
+    async with servers_on(HOSTS[:1]) as (port, servers):
+        client = amp.Client([f"127.0.0.1:{free_port()}"], connect_timeout=LONG)
+        async with client:
+            waiting = client.call_remote(Sum, a=1, b=2)
+            await eventually(lambda: client.stats()["waiting"] == 1, "waiting")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert client.stats()["waiting"] == 0
+        client = amp.Client(f"127.0.0.1:{port}")
+        async with client:
+            await eventually(lambda: len(client.connections) == 1, "connected")
+            for command in (Where, Record):
+                sent = client.call_remote(command, n=1, delay=LONG)
+                await eventually(lambda: client.stats()["pending"] == 1, "sent")
+                await asyncio.sleep(SHORT)
+                sent.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await sent
+                # (counted down by the future's done callback, a step later)
+                await eventually(lambda: client.stats()["pending"] == 0, "not pending")
+                assert all(sent[1].cancelled() for sent in client.connections[0]._pending.values())
+            # Cancelled before its task ever ran: the call is forgotten too.
+            sent = client.call_remote(Where, n=1, delay=LONG)
+            sent.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sent
+            await asyncio.sleep(SHORT)
+            assert all(sent[1].cancelled() for sent in client.connections[0]._pending.values())
+            assert client.stats()["pending"] == 0
+            assert (await client.call_remote(Where, n=2, delay=0))["n"] == 2
+        assert [len(server.connections) for server in servers.values()] == [0]
