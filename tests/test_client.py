@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
+import pathlib
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable
+import sys
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 
@@ -529,3 +534,159 @@ async def test_cancelling_a_call() -> None:
             assert client.stats()["pending"] == 0
             assert (await client.call_remote(Where, n=2, delay=0))["n"] == 2
         assert [len(server.connections) for server in servers.values()] == [0]
+
+
+# Real server processes, killed and stopped under load
+
+SERVER = pathlib.Path(__file__).parent / "client_server.py"
+
+
+class ServerProcess:
+    """A client_server.py process, stopped by its pid."""
+
+    def __init__(self, process: asyncio.subprocess.Process, host: str, port: int) -> None:
+        self.process = process
+        self.host = host
+        self.port = port
+        self.name = f"{host}:{port}"
+
+    def signal(self, number: int) -> None:
+        if self.process.returncode is None:
+            os.kill(self.process.pid, number)
+
+    async def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        async with asyncio.timeout(LONG):
+            await self.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def server_processes(
+    tmp_path: pathlib.Path,
+) -> AsyncIterator[Callable[[str, int], Awaitable[ServerProcess]]]:
+    """Yield a function that starts a server process on (host, port); kill them all at the end."""
+    started: list[ServerProcess] = []
+
+    async def start(host: str, port: int) -> ServerProcess:
+        # (a local file, opened at once)
+        with open(tmp_path / f"server-{len(started)}.err", "wb") as errors:  # noqa: ASYNC230
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, str(SERVER), host, str(port), stdout=PIPE, stderr=errors
+            )
+        server = ServerProcess(process, host, port)
+        started.append(server)
+        assert process.stdout is not None
+        async with asyncio.timeout(LONG):
+            line = await process.stdout.readline()
+        assert line.split()[0] == b"listening", line
+        server.port = int(line.split()[2])
+        server.name = f"{host}:{server.port}"
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.signal(signal.SIGCONT)
+            await server.kill()
+
+
+async def test_servers_killed_and_stopped_under_load(tmp_path: pathlib.Path) -> None:
+    loop = asyncio.get_running_loop()
+    backoff_max = 0.5
+    # (command, when it ended, the server that answered or the exception)
+    results: list[tuple[type[amp.Command], float, str | BaseException]] = []
+    stop = asyncio.Event()
+
+    async def load(client: amp.Client, command: type[amp.Command], delay: float) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                answer = await client.call_remote(command, n=n, delay=delay)
+            except Exception as error:
+                results.append((command, loop.time(), error))
+            else:
+                assert answer["n"] == n
+                results.append((command, loop.time(), answer["server"]))
+            n += 1
+
+    def answered_by(name: str, since: float) -> int:
+        return sum(1 for _, when, outcome in results if outcome == name and when > since)
+
+    async with server_processes(tmp_path) as start:
+        a = await start(HOSTS[0], 0)
+        b = await start(HOSTS[1], a.port)
+        c = await start(HOSTS[2], a.port)
+        client = amp.Client(
+            f"amp.test:{a.port}",
+            resolver=fixed(*HOSTS),
+            backoff_initial=0.05,
+            backoff_max=backoff_max,
+            healthy_after=0.3,
+            max_retries=10,
+            connect_timeout=LONG,
+            grace=2 * TIME,
+        )
+        async with client:
+            await eventually(lambda: len(client.connections) == 3, "three connections")
+            workers = [
+                # Delays of 0.05 to 0.15 s: the calls of the workers never keep in step.
+                asyncio.create_task(load(client, command, 0.05 + 0.1 * worker / 30))
+                for command in (Where, Record)
+                for worker in range(30)
+            ]
+            try:
+                await asyncio.sleep(0.5)
+                killed_at = loop.time()
+                await a.kill()
+                await asyncio.sleep(0.5)
+                assert answered_by(b.name, killed_at + 0.1) and answered_by(c.name, killed_at + 0.1)
+                a = await start(HOSTS[0], a.port)
+                restarted_at = loop.time()
+                await eventually(lambda: answered_by(a.name, restarted_at) > 0, "A answers again")
+                back_at = min(
+                    when
+                    for _, when, outcome in results
+                    if when > restarted_at and outcome == a.name
+                )
+                b.signal(signal.SIGSTOP)
+                stopped_at = loop.time()
+                await asyncio.sleep(0.5)
+                during_stop = answered_by(a.name, stopped_at + 0.1) + answered_by(
+                    c.name, stopped_at + 0.1
+                )
+                b.signal(signal.SIGCONT)
+                continued_at = loop.time()
+                await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                async with asyncio.timeout(LONG):
+                    await asyncio.gather(*workers)
+            stats = client.stats()
+
+    wheres = [outcome for command, _, outcome in results if command is Where]
+    records = [outcome for command, _, outcome in results if command is Record]
+    failed = [outcome for outcome in records if isinstance(outcome, BaseException)]
+    # Every idempotent call succeeded, some after a retry.
+    assert all(isinstance(outcome, str) for outcome in wheres)
+    assert stats["retries"] >= 1
+    # Only calls of the other kind in flight on the killed server failed, each
+    # with ConnectionLostError, when it was killed.
+    assert failed
+    assert all(isinstance(error, amp.ConnectionLostError) for error in failed)
+    assert all(a.name in str(error) for error in failed)
+    assert all(
+        killed_at <= when < restarted_at
+        for _, when, outcome in results
+        if isinstance(outcome, BaseException)
+    )
+    assert len(failed) + stats["retries"] <= 30 + 30  # at most one call a worker was in flight
+    # The restarted server took calls within one backoff of being back.
+    assert back_at - restarted_at < backoff_max + 1.0 * TIME
+    # While one server was stopped the others answered; its calls finished after it went on.
+    assert during_stop > 0
+    assert answered_by(b.name, continued_at) > 0
+    # One connection was lost (the killed server's); the stopped one held.
+    assert stats["losses"] == 1
+    assert stats["calls"] == len(results)
+    assert len(wheres) > 100 and len(records) > 100
