@@ -690,3 +690,26 @@ async def test_servers_killed_and_stopped_under_load(tmp_path: pathlib.Path) -> 
     assert stats["losses"] == 1
     assert stats["calls"] == len(results)
     assert len(wheres) > 100 and len(records) > 100
+
+
+async def test_calls_refused_by_a_server_shutting_down_go_elsewhere() -> None:
+    async with servers_on(HOSTS[:2]) as (port, servers):
+        client = amp.Client(f"amp.test:{port}", resolver=fixed(*HOSTS[:2]), backoff_initial=0.05)
+        async with client:
+            await eventually(lambda: len(client.connections) == 2, "two connections")
+            slow = [client.call_remote(Record, n=n, delay=0.3) for n in range(4)]
+            await asyncio.sleep(SHORT)
+            # 127.0.0.1 shuts down gracefully: it answers new calls with SHUTDOWN.
+            servers["127.0.0.1"].close(grace=LONG)
+            answers = []
+            for n in range(10):
+                answers.append(await client.call_remote(Record, n=n, delay=0))
+            async with asyncio.timeout(LONG):
+                drained = await asyncio.gather(*slow)
+            stats = client.stats()
+    # Not idempotent, but refused without running: sent again, to 127.0.0.2.
+    assert [answer["n"] for answer in answers] == list(range(10))
+    assert {answer["server"] for answer in answers} == {f"127.0.0.2:{port}"}
+    assert stats["retries"] == 1  # then the client used that connection no more
+    # The calls in flight on the server shutting down were answered there.
+    assert {answer["server"] for answer in drained} == {f"{host}:{port}" for host in HOSTS[:2]}

@@ -30,7 +30,10 @@ calls made one at a time spread too. With no ready slot, the call waits for one
 for up to ``connect_timeout`` seconds and then fails with
 [`NoConnectionError`][]: it was never sent. A call whose connection is lost
 fails with [`ConnectionLostError`][], unless its command is ``idempotent``:
-then it is sent again, on another connection, up to ``max_retries`` times.
+then it is sent again, on another connection, up to ``max_retries`` times. A
+call that a server refuses with ``SHUTDOWN`` (it is shutting down, and did not
+run the call) is sent again whatever its command, and that connection is
+drained: it takes no more calls, and closes once its calls in flight end.
 
 Every call therefore ends: answered, failed by its connection, or refused after
 a bounded wait; ``close()`` refuses the calls that wait for a connection and
@@ -50,7 +53,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, overload
 
 from ._commands import Command, RawArguments, RawCommand
-from ._errors import ConnectionLostError, NoConnectionError
+from ._errors import ConnectionLostError, NoConnectionError, RemoteAmpError
 from ._network import connect
 from ._protocol import AMPProtocol
 from ._wire import Box
@@ -61,6 +64,10 @@ logger = logging.getLogger("asyncio_amp.client")
 
 #: An async callable from a host name to its addresses, for ``Client(resolver=...)``.
 Resolver = Callable[[str], Awaitable[Iterable[str]]]
+
+# The error code of a server that refuses a call because it is shutting down
+# (AMPProtocol.shutdown): the call did not run.
+SHUTDOWN_CODE = "SHUTDOWN"
 
 # The states of a slot, as stats() counts them.
 CONNECTING = "connecting"  # connecting, or waiting its backoff to connect again
@@ -179,7 +186,9 @@ class Client:
     jitter; a connection that stayed open for ``healthy_after`` seconds was
     healthy, and resets the backoff. Calls lost with their connection fail with
     [`ConnectionLostError`][], except those of commands marked
-    ``idempotent = True``, which are sent again on another connection. Each
+    ``idempotent = True``, which are sent again on another connection; calls
+    a server refuses because it is shutting down (error code ``SHUTDOWN``) did
+    not run, and are sent again on another connection whatever their command. Each
     connection made, lost or failed to make, and each call sent again, is
     logged to the ``asyncio_amp.client`` logger.
 
@@ -335,7 +344,10 @@ class Client:
           ``connect_timeout`` seconds, then fails with [`NoConnectionError`][];
         * a call of a command with ``idempotent = True`` whose connection is lost
           is sent again on another connection, up to ``max_retries`` times,
-          before it fails with [`ConnectionLostError`][].
+          before it fails with [`ConnectionLostError`][];
+        * a call that a server refuses with ``SHUTDOWN`` (it is shutting down)
+          is sent again on another connection, whatever its command, up to
+          ``max_retries`` times, before it fails with that error.
 
         Cancelling the future forgets the call, wherever it is.
 
@@ -549,6 +561,7 @@ class Client:
         if self._closing:
             raise NoConnectionError(f"cannot call {label}: the client is closed")
         self._start()
+        assert self._loop is not None
         slot = self._pick()
         future: asyncio.Future[Any] | None = None
         if slot is not None:
@@ -556,17 +569,14 @@ class Client:
                 future = send(slot.protocol)  # type: ignore[arg-type]  # ready slots have one
             except ConnectionLostError:
                 future = None  # refused: the connection is closing; nothing was sent
-            else:
-                self._calls += 1
-                slot.pending += 1
-                future.add_done_callback(slot.done)
-                if not idempotent:
-                    return future
-        assert self._loop is not None
         if future is None:
             check()  # the errors in the arguments are raised now, not by the future
             self._calls += 1
             return self._loop.create_task(self._follow(send, idempotent, label, None, None))
+        assert slot is not None
+        self._calls += 1
+        slot.pending += 1
+        future.add_done_callback(slot.done)
         task = self._loop.create_task(self._follow(send, idempotent, label, slot, future))
         sent = future
         # A task cancelled before it first runs never awaits the call: forget it here.
@@ -581,9 +591,9 @@ class Client:
         slot: _Slot | None,
         future: asyncio.Future[Any] | None,
     ) -> Any:
-        """Wait for a connection if needed, then the answer; send an idempotent call again."""
+        """Wait for a connection if needed, then the answer; send the call again if it may be."""
         retries = 0
-        lost: ConnectionLostError | None = None
+        lost: BaseException | None = None
         while True:
             if slot is None or future is None:
                 slot = await self._route(label, lost)
@@ -601,19 +611,31 @@ class Client:
             except ConnectionLostError as error:
                 if not idempotent or retries >= self._max_retries or self._closing:
                     raise
-                retries += 1
-                self._retries += 1
                 lost = error
-                logger.info(
-                    "sending %s again: the connection to %s was lost (retry %d of %d)",
-                    label,
-                    slot.label,
-                    retries,
-                    self._max_retries,
-                )
+                why = f"the connection to {slot.label} was lost"
+            except RemoteAmpError as error:
+                # The server is shutting down: it did not run the call, so the
+                # call goes elsewhere whatever its command, and the connection
+                # takes no more calls.
+                if error.error_code != SHUTDOWN_CODE:
+                    raise
+                self._drain(slot, "it is shutting down")
+                if retries >= self._max_retries or self._closing:
+                    raise
+                lost = error
+                why = f"{slot.label} is shutting down"
+            retries += 1
+            self._retries += 1
+            logger.info(
+                "sending %s again: %s (retry %d of %d)",
+                label,
+                why,
+                retries,
+                self._max_retries,
+            )
             slot = future = None
 
-    async def _route(self, label: str, lost: ConnectionLostError | None) -> _Slot:
+    async def _route(self, label: str, lost: BaseException | None) -> _Slot:
         """The ready slot to send a call on, waiting up to connect_timeout for one."""
         assert self._loop is not None and self._ready_event is not None
         deadline = self._loop.time() + self._connect_timeout
@@ -665,7 +687,7 @@ class Client:
 
     def _start(self) -> None:
         """Start resolving and connecting (once), on the running loop."""
-        if self._loop is not None:
+        if self._loop is not None or self._closing:
             return
         self._loop = asyncio.get_running_loop()
         self._ready_event = asyncio.Event()
@@ -777,6 +799,18 @@ class Client:
                 slot = _Slot(endpoint, address)
                 slot.task = self._loop.create_task(self._run_slot(slot))
                 slots.append(slot)
+
+    def _drain(self, slot: _Slot, why: str) -> None:
+        """Take no more calls on a slot's connection, and close it once its calls end."""
+        protocol = slot.protocol
+        if slot not in self._ready or protocol is None:
+            return  # already done
+        assert self._loop is not None
+        self._ready.remove(slot)
+        logger.info("draining the connection to %s: %s", slot.label, why)
+        drain = self._loop.create_task(protocol.shutdown(self._grace))
+        self._drains.add(drain)
+        drain.add_done_callback(self._drains.discard)
 
     def _retire(self, slot: _Slot) -> AMPProtocol | None:
         """Stop a slot: no more calls, no reconnection. Return its open protocol, to drain."""
