@@ -713,3 +713,22 @@ async def test_calls_refused_by_a_server_shutting_down_go_elsewhere() -> None:
     assert stats["retries"] == 1  # then the client used that connection no more
     # The calls in flight on the server shutting down were answered there.
     assert {answer["server"] for answer in drained} == {f"{host}:{port}" for host in HOSTS[:2]}
+
+
+async def test_entering_waits_for_the_first_attempt_to_every_address() -> None:
+    loop = asyncio.get_running_loop()
+    async with servers_on(HOSTS[:2]) as (port, _):
+        down = f"127.0.0.3:{free_port()}"
+        client = amp.Client([f"amp.test:{port}", down], resolver=fixed(*HOSTS[:2]))
+        began = loop.time()
+        async with client:
+            # Up: connected. Down: refused once, without waiting connect_timeout.
+            assert len(client.connections) == 2
+            assert client.stats()["failures"] == 1
+            assert loop.time() - began < 5 * TIME
+            answers = await asyncio.gather(
+                *(client.call_remote(Where, n=n, delay=0.05) for n in range(10))
+            )
+    assert collections.Counter(answer["server"] for answer in answers) == {
+        f"{host}:{port}": 5 for host in HOSTS[:2]
+    }

@@ -104,7 +104,7 @@ def _port(text: object, spec: object) -> int:
 class _Endpoint:
     """One endpoint: what it resolves to, and the slots of its addresses."""
 
-    __slots__ = ("host", "label", "path", "port", "resolving", "slots", "static", "task")
+    __slots__ = ("first", "host", "label", "path", "port", "resolving", "slots", "static", "task")
 
     def __init__(self, spec: str | tuple[str, int]) -> None:
         self.host: str | None = None
@@ -141,12 +141,24 @@ class _Endpoint:
         self.slots: dict[str, list[_Slot]] = {}
         self.resolving: asyncio.Task[bool] | None = None
         self.task: asyncio.Task[None] | None = None
+        # Done when the first resolution has ended, whatever its outcome.
+        self.first: asyncio.Future[None] | None = None
 
 
 class _Slot:
     """One connection the client keeps to one address, and its reconnecting task."""
 
-    __slots__ = ("address", "endpoint", "failures", "label", "pending", "protocol", "state", "task")
+    __slots__ = (
+        "address",
+        "endpoint",
+        "failures",
+        "first",
+        "label",
+        "pending",
+        "protocol",
+        "state",
+        "task",
+    )
 
     def __init__(self, endpoint: _Endpoint, address: str) -> None:
         self.endpoint = endpoint
@@ -164,9 +176,15 @@ class _Slot:
         # Connection attempts that failed since the last healthy connection.
         self.failures = 0
         self.task: asyncio.Task[None] | None = None
+        # Done when the first connection attempt has ended, whatever its outcome.
+        self.first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def done(self, future: asyncio.Future[Any]) -> None:
         self.pending -= 1
+
+    def tried(self) -> None:
+        if not self.first.done():
+            self.first.set_result(None)
 
 
 class Client:
@@ -320,7 +338,25 @@ class Client:
     # Public methods
 
     async def __aenter__(self) -> Self:
+        """
+        Start connecting, and wait for the first attempt to every address to end.
+
+        It returns once each endpoint has been resolved and each of its
+        addresses connected or failed to (within ``connect_timeout`` in all),
+        so that the first calls spread over every server that is up. It never
+        raises for a server that is down: calls wait for it, or fail.
+        """
         self._start()
+        assert self._loop is not None
+        deadline = self._loop.time() + self._connect_timeout
+        for endpoint in self._endpoints:
+            assert endpoint.first is not None
+            await asyncio.wait([endpoint.first], timeout=max(0, deadline - self._loop.time()))
+        slots = [slot for e in self._endpoints for s in e.slots.values() for slot in s]
+        if slots:
+            await asyncio.wait(
+                [slot.first for slot in slots], timeout=max(0, deadline - self._loop.time())
+            )
         return self
 
     async def __aexit__(
@@ -692,6 +728,7 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._ready_event = asyncio.Event()
         for endpoint in self._endpoints:
+            endpoint.first = self._loop.create_future()
             endpoint.task = self._loop.create_task(self._run_endpoint(endpoint))
 
     def _describe(self) -> str:
@@ -749,6 +786,8 @@ class Client:
             return True
         finally:
             endpoint.resolving = None
+            if endpoint.first is not None and not endpoint.first.done():
+                endpoint.first.set_result(None)
 
     async def _addresses(self, endpoint: _Endpoint) -> list[str]:
         """The addresses of an endpoint, each once, in the resolver's order."""
@@ -815,6 +854,7 @@ class Client:
     def _retire(self, slot: _Slot) -> AMPProtocol | None:
         """Stop a slot: no more calls, no reconnection. Return its open protocol, to drain."""
         slot.state = RETIRED
+        slot.tried()
         if slot in self._ready:
             self._ready.remove(slot)
         if slot.task is not None:
@@ -874,6 +914,7 @@ class Client:
                 async with asyncio.timeout(self._connect_timeout):
                     protocol = await self._open(slot)
             except Exception as error:
+                slot.tried()
                 slot.failures += 1
                 self._failures += 1
                 self._last_error = f"cannot connect to {slot.label}: {_reason(error)}"
@@ -887,6 +928,7 @@ class Client:
             made = loop.time()
             self._ready.append(slot)
             self._ready_event.set()
+            slot.tried()
             logger.info("connected to %s", slot.label)
             try:
                 await protocol.wait_closed()
