@@ -87,6 +87,11 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _takes_calls(protocol: AMPProtocol | None) -> bool:
+    """Whether a connection takes calls: connected, and not closing or shutting down."""
+    return protocol is not None and protocol._accepting
+
+
 def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
@@ -554,7 +559,7 @@ class Client:
     @property
     def connections(self) -> tuple[AMPProtocol, ...]:
         """The protocols of the connections ready to take calls now."""
-        return tuple(slot.protocol for slot in self._ready if slot.protocol is not None)
+        return tuple(slot.protocol for slot in self._ready if _takes_calls(slot.protocol))
 
     def stats(self) -> dict[str, int]:
         """
@@ -573,7 +578,7 @@ class Client:
             slot for endpoint in self._endpoints for s in endpoint.slots.values() for slot in s
         ]
         return {
-            "connected": sum(1 for slot in self._ready if slot.protocol is not None),
+            "connected": sum(1 for slot in self._ready if _takes_calls(slot.protocol)),
             "connecting": sum(1 for slot in slots if slot.state == CONNECTING),
             "addresses": sum(len(endpoint.slots) for endpoint in self._endpoints),
             "pending": sum(slot.pending for slot in slots),
@@ -706,14 +711,8 @@ class Client:
         best: _Slot | None = None
         for index in range(count):
             slot = ready[(start + index) % count]
-            protocol = slot.protocol
-            # _accepting: connected, and not closing or shutting down. The slot
-            # leaves the list a step after its connection is lost.
-            if (
-                protocol is not None
-                and protocol._accepting
-                and (best is None or slot.pending < best.pending)
-            ):
+            # The slot leaves the list a step after its connection is lost.
+            if _takes_calls(slot.protocol) and (best is None or slot.pending < best.pending):
                 best = slot
                 if not slot.pending:
                     break
