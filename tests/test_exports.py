@@ -19,6 +19,7 @@ MODULES = [
     "_server",
     "_network",
     "_pipes",
+    "_client",
 ]
 
 

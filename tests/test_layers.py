@@ -40,6 +40,7 @@ ALLOWED = {
     "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
     "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators"},
     "_pipes": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
+    "_client": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
     # The command-line tool sits on top: it may import any private module, and
     # nothing but __main__ imports it.
     "cli._output": {"_wire", "_errors"},

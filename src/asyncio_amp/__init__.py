@@ -25,10 +25,12 @@ from ._arguments import (
     String,
     Unicode,
 )
+from ._client import Client
 from ._commands import Command
 from ._errors import (
     AmpError,
     ConnectionLostError,
+    NoConnectionError,
     ProtocolError,
     ProtocolSwitchedError,
     RemoteAmpError,
@@ -58,6 +60,7 @@ __all__ = [
     "Box",
     "BoxDecoder",
     "Bytes",
+    "Client",
     "Command",
     "ConnectionLostError",
     "DateTime",
@@ -66,6 +69,7 @@ __all__ = [
     "Float",
     "Integer",
     "ListOf",
+    "NoConnectionError",
     "Path",
     "ProtocolError",
     "ProtocolSwitchCommand",

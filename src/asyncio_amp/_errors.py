@@ -9,6 +9,8 @@ The tree:
     ├── ProtocolError                           the peer sent bytes that are not valid AMP
     ├── ConnectionLostError (also ConnectionError)
     │                                           the connection closed before an answer came
+    ├── NoConnectionError (also ConnectionError)
+    │                                           a Client had no connection ready to send a call on
     ├── ProtocolSwitchedError                   a call on a connection that switches (or has
     │                                           switched) to another protocol
     └── RemoteAmpError(error_code, description) the peer answered a call with an error
@@ -26,6 +28,7 @@ from __future__ import annotations
 __all__ = [
     "AmpError",
     "ConnectionLostError",
+    "NoConnectionError",
     "ProtocolError",
     "ProtocolSwitchedError",
     "RemoteAmpError",
@@ -86,6 +89,20 @@ class ConnectionLostError(AmpError, ConnectionError):
     ``call_remote`` on a connection that is already closed. When the close was
     caused by something specific (bad input, a transport error), that exception
     is chained as ``__cause__``.
+    """
+
+
+class NoConnectionError(AmpError, ConnectionError):
+    """
+    A [`Client`][asyncio_amp.Client] had no connection ready to send a call on.
+
+    Raised when no connection became ready within the client's
+    ``connect_timeout`` (the message says why the last attempt failed), and for
+    calls made or still waiting once the client is closing. The call was never
+    sent, so it is safe to make again. Like [`ConnectionLostError`][], it is a
+    ``ConnectionError``, but not a subclass of it: a call that fails with
+    ``NoConnectionError`` was never sent, one that fails with
+    ``ConnectionLostError`` may have run.
     """
 
 
