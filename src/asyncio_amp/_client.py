@@ -50,7 +50,7 @@ import socket
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, Self, TypeGuard, overload
 
 from ._commands import Command, RawArguments, RawCommand
 from ._errors import ConnectionLostError, NoConnectionError, RemoteAmpError
@@ -87,7 +87,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _takes_calls(protocol: AMPProtocol | None) -> bool:
+def _takes_calls(protocol: AMPProtocol | None) -> TypeGuard[AMPProtocol]:
     """Whether a connection takes calls: connected, and not closing or shutting down."""
     return protocol is not None and protocol._accepting
 
