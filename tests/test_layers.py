@@ -15,7 +15,19 @@ CORE = {"_commands", "_arguments", "_connection", "_flow", "_wire", "_errors"}
 # StartTLS and protocol switching, which the protocol delegates to.
 UPGRADES = {"_tls", "_switch"}
 # The private modules below the command-line tool.
-CLI_BELOW = CORE | UPGRADES | {"_pipes", "_network", "_server", "_protocol", "_fds", "_locators"}
+CLI_BELOW = (
+    CORE
+    | UPGRADES
+    | {
+        "_pipes",
+        "_network",
+        "_server",
+        "_protocol",
+        "_fds",
+        "_locators",
+        "_middleware",
+    }
+)
 # Who may import whom, inside the package (STYLE.md). Modules of a subpackage are
 # named with a dot: "cli.call".
 ALLOWED = {
@@ -31,10 +43,14 @@ ALLOWED = {
     "_fds": {"_arguments", "_connection", "_wire", "_errors"},
     "_switch": {"_commands", "_arguments", "_wire", "_errors"},
     "_tls": {"_switch", "_commands", "_arguments", "_wire", "_errors"},
-    "_protocol": CORE | UPGRADES | {"_fds", "_locators"},
-    "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
-    "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators"},
-    "_pipes": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
+    # Middleware and the chain that runs it, which the protocol delegates to.
+    "_middleware": CORE | {"_locators"},
+    "_protocol": CORE | UPGRADES | {"_fds", "_locators", "_middleware"},
+    "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators", "_middleware"},
+    "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators", "_middleware"},
+    "_pipes": CORE
+    | UPGRADES
+    | {"_network", "_server", "_protocol", "_fds", "_locators", "_middleware"},
     # The command-line tool sits on top: it may import any private module, and
     # nothing but __main__ imports it.
     "cli._output": {"_wire", "_errors"},

@@ -36,6 +36,7 @@ from ._errors import (
     UnhandledCommandError,
     UnknownRemoteError,
 )
+from ._middleware import Call, CallNext, Middleware
 from ._network import connect, serve
 from ._pipes import connect_pipes, serve_stdio
 from ._protocol import AMPProtocol
@@ -58,6 +59,8 @@ __all__ = [
     "Box",
     "BoxDecoder",
     "Bytes",
+    "Call",
+    "CallNext",
     "Command",
     "ConnectionLostError",
     "DateTime",
@@ -66,6 +69,7 @@ __all__ = [
     "Float",
     "Integer",
     "ListOf",
+    "Middleware",
     "Path",
     "ProtocolError",
     "ProtocolSwitchCommand",

@@ -36,6 +36,7 @@ from ._errors import ConnectionLostError, ProtocolError, UnhandledCommandError
 from ._fds import FdChannel
 from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
+from ._middleware import Chain, Middleware, build
 from ._switch import Upgrade
 from ._tls import StartTLS
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
@@ -215,6 +216,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         locators: Objects whose ``@Command.responder`` methods answer the
             commands this protocol has no responder of its own for, tried in
             order (see [`locators`][asyncio_amp.AMPProtocol.locators]).
+        middleware: [`Middleware`][asyncio_amp.Middleware] that runs around
+            the responders of the peer's calls and around our calls, in list
+            order, the first outermost (see
+            [`middleware`][asyncio_amp.AMPProtocol.middleware]).
 
     While the transport's write buffer is over its high-water mark
     (``pause_writing``), new calls wait as their encoded parts, answers stay
@@ -242,9 +247,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_flow",
         "_flush_handle",
         "_gather",
+        "_incoming",
         "_locators",
         "_loop",
         "_lost",
+        "_middleware",
+        "_outgoing",
         "_peer",
         "_pending",
         "_read_buffer",
@@ -300,6 +308,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         locators: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
@@ -334,6 +343,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._pending: dict[bytes, _Sent] = self._conn.pending
         self._conn.ask_parsers = self._ask_parsers
         self._locators: Located | None = None
+        # The middleware, and its chains for each direction (see _middleware):
+        # None where no middleware runs, which is all the hot paths test.
+        self._middleware: tuple[Middleware, ...] = ()
+        self._incoming: Chain | None = None
+        self._outgoing: Chain | None = None
         if locators:
             self.locators = locators
         # Tags of cancelled calls taken out of pending, with their commands.
@@ -358,6 +372,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # While StartTLS or a protocol switch changes what the connection
         # carries (see _tls and _switch): it holds writes, and may own reading.
         self._upgrade: Upgrade | None = None
+        if middleware:
+            self.middleware = middleware
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -612,6 +628,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             raise TypeError(f"call_remote() needs a Command class or instance, not {command!r}")
         if not self._accepting:
             raise self._refusal(cmd.__qualname__)
+        if self._outgoing is not None:
+            return self._outgoing.call(self, cmd, cmd.wire_name, arguments)
         encoder = cmd._plain_ask
         if encoder is not None:
             try:
@@ -726,22 +744,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         raw = RawCommand(command, arguments, requires_answer)
         if not self._accepting:
             raise self._refusal(raw.label)
+        if self._outgoing is not None:
+            return self._outgoing.call(self, None, raw.wire_name, arguments, raw)
         parts, slot = raw._encode_ask({})
         future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
-        responding = _responding.get()
-        if responding is not None and responding.protocol is self and slot >= 0:
-            self._lend(responding, future)
-            if self._writing_paused:
-                self._hold_nested((future, raw, parts, slot))
-                return future
-        elif (  # not FlowControl.may_send(nested=False), inline
-            self._waiting
-            or self._writing_paused
-            or (slot >= 0 and len(self._pending) >= self._flow.max_pending_calls)
-        ):
-            self._hold((future, raw, parts, slot))
-            return future
-        self._send_call(future, raw, parts, slot, now=not self._pending)
+        self._submit(future, raw, parts, slot)
         return future
 
     def close(self) -> None:
@@ -937,15 +944,47 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if isinstance(value, str | bytes) or not isinstance(value, Iterable):
             raise TypeError(f"locators must be an iterable of objects, not {value!r}")
         located = Located(value, self._responder_table, self._ask_parsers)
-        if not located.locators:
-            self._locators = None
-            self._conn.ask_parsers = self._ask_parsers
-            return
-        self._locators = located
-        # The connection decodes the locators' calls straight from the bytes too,
-        # unless locate_responder() is overridden and must see every miss.
-        if is_default_hook(type(self).locate_responder):
+        self._locators = located if located.locators else None
+        self._set_parsers()
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """
+        The [`Middleware`][asyncio_amp.Middleware] that runs around calls, outermost first.
+
+        Each call from the peer goes through the ``incoming`` methods, in this
+        order, on its way to its responder; each of our calls
+        ([`call_remote`][asyncio_amp.AMPProtocol.call_remote] and
+        [`call_remote_box`][asyncio_amp.AMPProtocol.call_remote_box]) goes
+        through the ``outgoing`` methods on its way to the peer. Set it (to any
+        iterable of Middleware) before the connection is made; ``serve`` and
+        ``connect`` take it as the ``middleware`` keyword.
+
+        Raises:
+            TypeError: An item is not a Middleware instance.
+            RuntimeError: The connection is already made.
+        """
+        return self._middleware
+
+    @middleware.setter
+    def middleware(self, value: Iterable[Middleware]) -> None:
+        if self.transport is not None or self._lost:
+            raise RuntimeError("middleware is set before the connection is made")
+        self._middleware, self._incoming, self._outgoing = build(value)
+        self._set_parsers()
+
+    def _set_parsers(self) -> None:
+        """Say which calls the connection decodes straight from the bytes."""
+        located = self._locators
+        if self._incoming is not None:
+            # Incoming middleware sees every call's box (its extra keys).
+            self._conn.ask_parsers = {}
+        elif located is not None and is_default_hook(type(self).locate_responder):
+            # The locators' calls too, unless locate_responder() is overridden
+            # and must see every miss.
             self._conn.ask_parsers = located.ask_parsers
+        else:
+            self._conn.ask_parsers = self._ask_parsers
 
     @default_hook
     def locate_responder(self, name: bytes) -> Callable[..., Any] | None:
@@ -1012,6 +1051,29 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     # Private methods: our calls
 
+    def _submit(
+        self,
+        future: asyncio.Future[Any],
+        command: type[Command] | RawCommand,
+        parts: list[bytes],
+        slot: int,
+    ) -> None:
+        """Send an encoded call, or hold it until the limits let it go (call_remote_box's way)."""
+        responding = _responding.get()
+        if responding is not None and responding.protocol is self and slot >= 0:
+            self._lend(responding, future)
+            if self._writing_paused:
+                self._hold_nested((future, command, parts, slot))
+                return
+        elif (  # not FlowControl.may_send(nested=False), inline
+            self._waiting
+            or self._writing_paused
+            or (slot >= 0 and len(self._pending) >= self._flow.max_pending_calls)
+        ):
+            self._hold((future, command, parts, slot))
+            return
+        self._send_call(future, command, parts, slot, now=not self._pending)
+
     def _send_call(
         self,
         future: asyncio.Future[Any],
@@ -1031,6 +1093,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         tag = conn.send_call(parts, slot, (command._parse_response, future, command))
         if self._upgrade is not None:
             self._upgrade.sent(self, future, tag)
+        if self._outgoing is not None:
+            self._outgoing.sent(future, tag)
         if self._watching:
             future.add_done_callback(self._pending_done)
         if self._debug:
@@ -1326,6 +1390,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
                     "; answering UNKNOWN" if tag is not None else "",
                 )
                 self._responded(None if tag is None else encode_unknown_error(tag))
+                return
+            if self._incoming is not None:
+                # With incoming middleware every call comes this way: the
+                # connection does not decode them (see the middleware setter).
+                box = event.box  # type: ignore[union-attr]
+                self._incoming.dispatch(self, command, attribute, tag, arguments, box)
                 return
         try:
             # A name for the protocol's own responders, the responder itself for
