@@ -36,7 +36,7 @@ from ._errors import (
     UnhandledCommandError,
     UnknownRemoteError,
 )
-from ._middleware import Call, CallNext, Middleware
+from ._middleware import AccessLog, Call, CallNext, Middleware
 from ._network import connect, serve
 from ._pipes import connect_pipes, serve_stdio
 from ._protocol import AMPProtocol
@@ -50,6 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AMPProtocol",
+    "AccessLog",
     "AmpError",
     "AmpList",
     "Argument",

@@ -28,8 +28,11 @@ How a call goes through the chain:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -42,7 +45,7 @@ from ._wire import ASK, BOX_END, COMMAND, RESERVED_KEYS, encode_items
 # (a Call's ``protocol`` is the AMPProtocol of the connection).
 AMPProtocol = Any
 
-__all__ = ["Call", "CallNext", "Middleware"]
+__all__ = ["AccessLog", "Call", "CallNext", "Middleware"]
 
 logger = logging.getLogger("asyncio_amp")
 
@@ -420,11 +423,19 @@ async def _send(call: Call) -> dict[Any, Any]:
     return {} if answer is None else answer
 
 
+_argument_keys_cache: dict[type[Command], tuple[frozenset[bytes], tuple[bytes, ...]]] = {}
+
+
 def _argument_keys(command: type[Command]) -> tuple[frozenset[bytes], tuple[bytes, ...]]:
     """The wire keys of ``command``'s arguments, and the prefixes of its chunked ones."""
+    try:
+        return _argument_keys_cache[command]
+    except KeyError:
+        pass
     fields = command._arguments_schema.fields
     keys = frozenset(field.key for field in fields)
     chunked = tuple(field.key + b"." for field in fields if field.argument.multi_key)
+    _argument_keys_cache[command] = keys, chunked
     return keys, chunked
 
 
@@ -460,3 +471,100 @@ def _with_extra(
     last = parts[-1]
     assert last.endswith(BOX_END)
     return [*parts[:-1], last[: -len(BOX_END)], *added, BOX_END]
+
+
+class AccessLog(Middleware):
+    """
+    Log one line per call: time, peer, direction, command, tag, outcome, duration.
+
+    Each line is one INFO record on ``logger`` (``asyncio_amp.access`` by
+    default), logged when the call ends, so that the application decides where
+    it goes with the usual logging handlers. ``asyncio-amp serve --access-log``
+    installs it and writes the lines to standard output.
+
+    The text format reads::
+
+        2026-12-06T10:08:46.123Z 127.0.0.1:50432 < Sum 1 ok 0.412ms
+
+    with ``<`` for a call from the peer and ``>`` for a call of ours, ``-`` for
+    the tag of a command that requires no answer, and the outcome of
+    [`Call.outcome`][asyncio_amp.Call.outcome]. The JSON format gives one object
+    per line, for log shippers: ``{"time": ..., "peer": ..., "direction":
+    "incoming", "command": "Sum", "tag": "1", "outcome": "ok", "duration_ms":
+    0.412}``.
+
+    Args:
+        format: ``"text"`` (the default) or ``"json"``.
+        logger: Where the records go; ``logging.getLogger("asyncio_amp.access")``
+            by default.
+        incoming: Log the peer's calls to our responders.
+        outgoing: Log our calls to the peer.
+    """
+
+    def __init__(
+        self,
+        format: Literal["text", "json"] = "text",
+        *,
+        logger: logging.Logger | None = None,
+        incoming: bool = True,
+        outgoing: bool = True,
+    ) -> None:
+        if format not in ("text", "json"):
+            raise ValueError(f"format is 'text' or 'json', not {format!r}")
+        self.format = format
+        self.logger = logging.getLogger("asyncio_amp.access") if logger is None else logger
+        self._incoming = incoming
+        self._outgoing = outgoing
+
+    async def incoming(self, call: Call, call_next: CallNext) -> dict[Any, Any]:
+        """Time the call and log its line when it ends."""
+        if not self._incoming:
+            return await call_next(call)
+        return await self._timed(call, call_next)
+
+    async def outgoing(self, call: Call, call_next: CallNext) -> dict[Any, Any]:
+        """Time the call and log its line when it ends."""
+        if not self._outgoing:
+            return await call_next(call)
+        return await self._timed(call, call_next)
+
+    async def _timed(self, call: Call, call_next: CallNext) -> dict[Any, Any]:
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await call_next(call)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if self.logger.isEnabledFor(logging.INFO):
+                duration = time.perf_counter() - start
+                self.logger.info("%s", self.line(call, call.outcome(error), duration))
+
+    def line(self, call: Call, outcome: str, duration: float) -> str:
+        """
+        The log line of a call that ended with ``outcome`` after ``duration`` seconds.
+
+        Override it for another format.
+        """
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        now = now.replace("+00:00", "Z")
+        tag = "-" if call.tag is None else call.tag.decode("utf-8", "backslashreplace")
+        if self.format == "json":
+            return json.dumps(
+                {
+                    "time": now,
+                    "peer": call.protocol.peer,
+                    "direction": call.direction,
+                    "command": call.name,
+                    "tag": None if call.tag is None else tag,
+                    "outcome": outcome,
+                    "duration_ms": round(duration * 1000, 3),
+                },
+                ensure_ascii=False,
+            )
+        arrow = "<" if call.direction == "incoming" else ">"
+        return (
+            f"{now} {call.protocol.peer} {arrow} {call.name} {tag} {outcome} "
+            f"{duration * 1000:.3f}ms"
+        )
