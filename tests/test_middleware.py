@@ -556,4 +556,3 @@ async def test_an_outgoing_only_middleware_keeps_the_incoming_fast_path() -> Non
     assert proto._conn.ask_parsers is proto._ask_parsers
     proto = amp.AMPProtocol(middleware=[Hold()])
     assert proto._incoming is not None and proto._outgoing is None
-    assert not proto._conn.ask_parsers

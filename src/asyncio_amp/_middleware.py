@@ -16,9 +16,10 @@ How a call goes through the chain:
   responder's place under ``max_responders``, lends it while it calls the peer
   back, runs in a fresh copy of the connection's context, and is cancelled (and
   answers ``UNKNOWN``) like any responder: the flow control guarantees of
-  ``_flow`` hold unchanged. With incoming middleware the connection does not
-  decode calls straight from the bytes (the middleware may read the box's extra
-  keys), and plain responders run in a task too.
+  ``_flow`` hold unchanged. Plain responders run in that task too. The
+  connection still decodes calls straight from the bytes: it does so only for
+  boxes without extra keys, and gives the others as boxes, whose extra keys the
+  chain reads.
 * **Outgoing.** ``call_remote`` (and ``call_remote_box``) start the chain as a
   task in the caller's context and return it; the innermost step encodes the
   call (with the extra keys the middleware added) and hands it to the protocol,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import inspect
 import json
 import logging
@@ -285,9 +287,16 @@ class Chain:
         attribute: Any,
         tag: bytes | None,
         arguments: dict[str, Any],
-        box: Mapping[bytes, bytes],
+        event: Any,
     ) -> None:
-        """Run a call from the peer through the chain, as its responder's task."""
+        """
+        Run a call from the peer through the chain, as its responder's task.
+
+        ``event`` is the call as the connection gave it: decoded straight to
+        its arguments (a tuple, which it does only for boxes without extra keys),
+        or an ``Ask`` with its box.
+        """
+        box: Mapping[bytes, bytes] = {} if type(event) is tuple else event.box
         if isinstance(command, type) and issubclass(command, Command):
             responder = getattr(protocol, attribute) if type(attribute) is str else attribute
             call = Call(
@@ -298,9 +307,11 @@ class Chain:
                 tag,
                 "incoming",
                 tag is not None,
-                _extra_keys(command, box),
+                _extra_keys(command, box) if box else None,
             )
             call._responder = responder
+            protocol._run_task(command, tag, functools.partial(self.run, call), None)
+            return
         else:
             # unhandled_command answers it (see _locators): the raw box goes through.
             call = Call(
@@ -313,9 +324,9 @@ class Chain:
                 tag is not None,
             )
             call._stand_in = command
-        protocol._run_task(command, tag, lambda: self._incoming(call), None)
+        protocol._run_task(command, tag, functools.partial(self._incoming_raw, call), None)
 
-    async def _incoming(self, call: Call) -> Any:
+    async def _incoming_raw(self, call: Call) -> Any:
         try:
             return await self.run(call)
         except RemoteAmpError as exc:
@@ -348,11 +359,12 @@ class Chain:
             raw.requires_answer if raw is not None else command.requires_answer,  # type: ignore[union-attr]
         )
         loop: asyncio.AbstractEventLoop = protocol._loop
-        return loop.create_task(self._outgoing(call))
+        if call.requires_answer:
+            return loop.create_task(self.run(call))  # type: ignore[arg-type]
+        return loop.create_task(self._outgoing_unanswered(call))
 
-    async def _outgoing(self, call: Call) -> Any:
-        result = await self.run(call)
-        return result if call.requires_answer else None
+    async def _outgoing_unanswered(self, call: Call) -> None:
+        await self.run(call)
 
     def sent(self, future: asyncio.Future[Any], tag: bytes) -> None:
         """The protocol sent the call of ``future`` with ``tag``."""
@@ -362,8 +374,9 @@ class Chain:
 
 
 def _link(step: Step, after: CallNext) -> CallNext:
-    async def run(call: Call) -> dict[Any, Any]:
-        return await step(call, after)
+    # A plain function that returns the step's coroutine: no frame of its own.
+    def run(call: Call) -> Awaitable[dict[Any, Any]]:
+        return step(call, after)
 
     return run
 

@@ -971,15 +971,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self.transport is not None or self._lost:
             raise RuntimeError("middleware is set before the connection is made")
         self._middleware, self._incoming, self._outgoing = build(value)
-        self._set_parsers()
 
     def _set_parsers(self) -> None:
         """Say which calls the connection decodes straight from the bytes."""
         located = self._locators
-        if self._incoming is not None:
-            # Incoming middleware sees every call's box (its extra keys).
-            self._conn.ask_parsers = {}
-        elif located is not None and is_default_hook(type(self).locate_responder):
+        if located is not None and is_default_hook(type(self).locate_responder):
             # The locators' calls too, unless locate_responder() is overridden
             # and must see every miss.
             self._conn.ask_parsers = located.ask_parsers
@@ -1391,12 +1387,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 )
                 self._responded(None if tag is None else encode_unknown_error(tag))
                 return
-            if self._incoming is not None:
-                # With incoming middleware every call comes this way: the
-                # connection does not decode them (see the middleware setter).
-                box = event.box  # type: ignore[union-attr]
-                self._incoming.dispatch(self, command, attribute, tag, arguments, box)
-                return
+        if self._incoming is not None:
+            self._incoming.dispatch(self, command, attribute, tag, arguments, event)
+            return
         try:
             # A name for the protocol's own responders, the responder itself for
             # those found elsewhere (see _locators).
