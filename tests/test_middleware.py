@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
+import ssl
 import weakref
 from typing import Any
 
 import pytest
+import trustme
 
 import asyncio_amp as amp
 from helpers import HOST, LONG, SHORT, client, raw_connection, running_server
@@ -556,3 +559,58 @@ async def test_an_outgoing_only_middleware_keeps_the_incoming_fast_path() -> Non
     assert proto._conn.ask_parsers is proto._ask_parsers
     proto = amp.AMPProtocol(middleware=[Hold()])
     assert proto._incoming is not None and proto._outgoing is None
+
+
+async def test_access_log_as_a_library_feature(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="asyncio_amp.access")
+    async with (
+        running_server(Server, middleware=[amp.AccessLog()]) as (_, port, _),
+        client(port, lambda: Caller(middleware=[amp.AccessLog("json")])) as proto,
+    ):
+        assert await proto.call_remote(Relay, n=1) == {"n": 21}
+        with pytest.raises(amp.UnhandledCommandError):
+            await proto.call_remote_box("Nope")
+    lines = [r.getMessage() for r in caplog.records if r.name == "asyncio_amp.access"]
+    text = [line for line in lines if not line.startswith("{")]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    # The server: the peer's Relay, its own call back, and the unhandled call.
+    assert [line.split(" ", 2)[2].rsplit(" ", 1)[0] for line in text] == [
+        "> Back 1 ok",
+        "< Relay 1 ok",
+        "< Nope 2 UNHANDLED",
+    ]
+    assert [(r["direction"], r["command"], r["tag"], r["outcome"]) for r in records] == [
+        ("incoming", "Back", "1", "ok"),
+        ("outgoing", "Relay", "1", "ok"),
+        ("outgoing", "Nope", "2", "UNHANDLED"),
+    ]
+    with pytest.raises(ValueError):
+        amp.AccessLog("xml")  # type: ignore[arg-type]
+
+
+async def test_starttls_goes_through_middleware_both_ways() -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST, "localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    class TLSServer(Server):
+        def start_tls_context(self) -> ssl.SSLContext | None:
+            return server_ctx
+
+    log: list[str] = []
+    async with (
+        running_server(TLSServer, middleware=[Record("s", log), Trace()]) as (_, port, _),
+        client(port, lambda: amp.AMPProtocol(middleware=[Record("c", log), Trace()])) as proto,
+        asyncio.timeout(LONG),
+    ):
+        answer = await proto.call_remote(amp.StartTLS, ssl=client_ctx, server_hostname="localhost")
+        assert answer == {}
+        assert proto.tls
+        assert await proto.call_remote(Sum, a=40, b=2) == {"total": 42}
+    # (Going out, an upgrade call's tag is not told to the middleware.)
+    assert "c out StartTLS None ok" in log
+    assert "s in StartTLS b'1'" in log
+    assert "s in StartTLS ok" in log
+    assert "s in Sum ok" in log

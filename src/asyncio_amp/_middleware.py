@@ -77,7 +77,8 @@ class Call:
         protocol: The [`AMPProtocol`][asyncio_amp.AMPProtocol] of the connection.
         tag: The call's ``_ask`` tag; ``None`` for a command that requires no
             answer. Going out, the tag is taken when the call is sent: it is
-            ``None`` until the innermost ``call_next`` has sent it.
+            ``None`` until the innermost ``call_next`` has sent it (and stays
+            ``None`` for StartTLS and protocol switch calls).
         direction: ``"incoming"`` (the peer calls a responder of ours) or
             ``"outgoing"`` (we call the peer).
         requires_answer: Whether the caller waits for an answer (``False`` for
