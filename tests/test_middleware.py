@@ -553,12 +553,37 @@ async def test_one_instance_serves_every_connection() -> None:
         assert await two.call_remote(Sum, a=1, b=0) == {"total": 1001}
 
 
-async def test_an_outgoing_only_middleware_keeps_the_incoming_fast_path() -> None:
+async def test_a_direction_without_middleware_takes_no_chain() -> None:
     proto = amp.AMPProtocol(middleware=[BadExtra(b"z")])
     assert proto._incoming is None and proto._outgoing is not None
-    assert proto._conn.ask_parsers is proto._ask_parsers
     proto = amp.AMPProtocol(middleware=[Hold()])
     assert proto._incoming is not None and proto._outgoing is None
+
+
+class Adder:
+    @Sum.responder
+    def sum(self, a: int, b: int) -> dict[str, int]:
+        return {"total": a + b}
+
+
+async def test_a_locators_responder_goes_through_middleware_with_its_command() -> None:
+    log: list[str] = []
+    seen: list[Any] = []
+
+    class Look(amp.Middleware):
+        async def incoming(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, Any]:
+            seen.append(call.command)
+            return await call_next(call)
+
+    async with (
+        running_server(
+            amp.AMPProtocol, locators=[Adder()], middleware=[Record("s", log), Look(), AddOne()]
+        ) as (_, port, _),
+        client(port) as proto,
+    ):
+        assert await proto.call_remote(Sum, a=1, b=2) == {"total": 400}
+    assert seen == [Sum]
+    assert log == ["s in Sum b'1'", "s in Sum ok"]
 
 
 async def test_access_log_as_a_library_feature(caplog: pytest.LogCaptureFixture) -> None:

@@ -944,8 +944,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if isinstance(value, str | bytes) or not isinstance(value, Iterable):
             raise TypeError(f"locators must be an iterable of objects, not {value!r}")
         located = Located(value, self._responder_table, self._ask_parsers)
-        self._locators = located if located.locators else None
-        self._set_parsers()
+        if not located.locators:
+            self._locators = None
+            self._conn.ask_parsers = self._ask_parsers
+            return
+        self._locators = located
+        # The connection decodes the locators' calls straight from the bytes too,
+        # unless locate_responder() is overridden and must see every miss.
+        if is_default_hook(type(self).locate_responder):
+            self._conn.ask_parsers = located.ask_parsers
 
     @property
     def middleware(self) -> tuple[Middleware, ...]:
@@ -971,16 +978,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self.transport is not None or self._lost:
             raise RuntimeError("middleware is set before the connection is made")
         self._middleware, self._incoming, self._outgoing = build(value)
-
-    def _set_parsers(self) -> None:
-        """Say which calls the connection decodes straight from the bytes."""
-        located = self._locators
-        if located is not None and is_default_hook(type(self).locate_responder):
-            # The locators' calls too, unless locate_responder() is overridden
-            # and must see every miss.
-            self._conn.ask_parsers = located.ask_parsers
-        else:
-            self._conn.ask_parsers = self._ask_parsers
 
     @default_hook
     def locate_responder(self, name: bytes) -> Callable[..., Any] | None:
