@@ -313,18 +313,17 @@ class Chain:
             call._responder = responder
             protocol._run_task(command, tag, functools.partial(self.run, call), None)
             return
-        else:
-            # unhandled_command answers it (see _locators): the raw box goes through.
-            call = Call(
-                None,
-                command.name.decode("utf-8", "backslashreplace"),
-                {key: value for key, value in box.items() if key not in (ASK, COMMAND)},
-                protocol,
-                tag,
-                "incoming",
-                tag is not None,
-            )
-            call._stand_in = command
+        # unhandled_command answers it (see _locators): the raw box goes through.
+        call = Call(
+            None,
+            command.name.decode("utf-8", "backslashreplace"),
+            {key: value for key, value in box.items() if key not in (ASK, COMMAND)},
+            protocol,
+            tag,
+            "incoming",
+            tag is not None,
+        )
+        call._stand_in = command
         protocol._run_task(command, tag, functools.partial(self._incoming_raw, call), None)
 
     async def _incoming_raw(self, call: Call) -> Any:
