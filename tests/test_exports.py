@@ -15,6 +15,7 @@ MODULES = [
     "_connection",
     "_switch",
     "_tls",
+    "_middleware",
     "_protocol",
     "_server",
     "_network",

@@ -18,7 +18,16 @@ UPGRADES = {"_tls", "_switch"}
 CLI_BELOW = (
     CORE
     | UPGRADES
-    | {"_pipes", "_network", "_server", "_protocol", "_fds", "_locators", "_keepalive"}
+    | {
+        "_pipes",
+        "_network",
+        "_server",
+        "_protocol",
+        "_fds",
+        "_locators",
+        "_keepalive",
+        "_middleware",
+    }
 )
 # Who may import whom, inside the package (STYLE.md). Modules of a subpackage are
 # named with a dot: "cli.call".
@@ -36,11 +45,17 @@ ALLOWED = {
     "_switch": {"_commands", "_arguments", "_wire", "_errors"},
     "_tls": {"_switch", "_commands", "_arguments", "_wire", "_errors"},
     "_keepalive": {"_commands", "_arguments", "_wire", "_errors"},
-    "_protocol": CORE | UPGRADES | {"_fds", "_locators", "_keepalive"},
-    "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
-    "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators"},
-    "_pipes": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
-    "_client": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
+    # Middleware and the chain that runs it, which the protocol delegates to.
+    "_middleware": CORE | {"_locators"},
+    "_protocol": CORE | UPGRADES | {"_fds", "_locators", "_keepalive", "_middleware"},
+    "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators", "_middleware"},
+    "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators", "_middleware"},
+    "_pipes": CORE
+    | UPGRADES
+    | {"_network", "_server", "_protocol", "_fds", "_locators", "_middleware"},
+    "_client": CORE
+    | UPGRADES
+    | {"_network", "_server", "_protocol", "_fds", "_locators", "_middleware"},
     # The command-line tool sits on top: it may import any private module, and
     # nothing but __main__ imports it.
     "cli._output": {"_wire", "_errors"},

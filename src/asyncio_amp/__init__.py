@@ -38,6 +38,7 @@ from ._errors import (
     UnhandledCommandError,
     UnknownRemoteError,
 )
+from ._middleware import AccessLog, Call, CallNext, Middleware
 from ._network import connect, serve
 from ._pipes import connect_pipes, serve_stdio
 from ._protocol import AMPProtocol
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AMPProtocol",
+    "AccessLog",
     "AmpError",
     "AmpList",
     "Argument",
@@ -60,6 +62,8 @@ __all__ = [
     "Box",
     "BoxDecoder",
     "Bytes",
+    "Call",
+    "CallNext",
     "Client",
     "Command",
     "ConnectionLostError",
@@ -69,6 +73,7 @@ __all__ = [
     "Float",
     "Integer",
     "ListOf",
+    "Middleware",
     "NoConnectionError",
     "Path",
     "ProtocolError",

@@ -181,7 +181,9 @@ def locate(protocol: AMPProtocol, event: Ask) -> Entry | None:
             return None
         if entry is not None:
             return entry
-    if is_default_hook(cls.unhandled_command):
+    if is_default_hook(cls.unhandled_command) and protocol._incoming is None:
+        # (With incoming middleware, the default unhandled_command answers
+        # UNHANDLED below, at the end of the middleware chain.)
         logger.warning(
             "%s called %r, which has no responder%s",
             protocol._peer,

@@ -24,7 +24,7 @@ __all__ = ["connect", "serve"]
 P = TypeVar("P", bound=AMPProtocol)
 
 # The limits of AMPProtocol that serve() and connect() take as keywords (and its
-# locators, set the same way).
+# locators and middleware, set the same way).
 LIMITS = (
     "max_box_size",
     "max_keys",
@@ -35,6 +35,7 @@ LIMITS = (
     "locators",
     "keepalive",
     "keepalive_timeout",
+    "middleware",
 )
 
 # How long serve(path=...) waits for a connection to a UNIX socket that is already
@@ -113,8 +114,9 @@ async def serve(
         ssl: A server-side ``ssl.SSLContext`` to accept TLS connections.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``max_queued_calls``, ``close_timeout``), its ``locators``, and
-            ``keepalive`` / ``keepalive_timeout``, set on each protocol the
+            ``max_queued_calls``, ``close_timeout``), its ``locators``,
+            ``keepalive`` / ``keepalive_timeout`` and its ``middleware`` (the
+            same instances for every connection), set on each protocol the
             factory builds; the rest is passed on to
             ``loop.create_server`` (or ``create_unix_server``).
 
@@ -192,10 +194,10 @@ async def connect(
             speak TLS.
         **kwargs: The limits of [`AMPProtocol`][] (``max_box_size``,
             ``max_keys``, ``max_responders``, ``max_pending_calls``,
-            ``max_queued_calls``, ``close_timeout``), its ``locators``, and
-            ``keepalive`` / ``keepalive_timeout``; the rest is passed on to
-            ``loop.create_connection`` (or ``create_unix_connection``), e.g.
-            ``server_hostname``.
+            ``max_queued_calls``, ``close_timeout``), its ``locators``,
+            ``keepalive`` / ``keepalive_timeout`` and its ``middleware``; the
+            rest is passed on to ``loop.create_connection`` (or
+            ``create_unix_connection``), e.g. ``server_hostname``.
 
     Use the protocol as an async context manager to close it at the end:
 

@@ -45,6 +45,7 @@ from ._keepalive import (
     seconds_value,
 )
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
+from ._middleware import Chain, Middleware, build
 from ._switch import Upgrade
 from ._tls import StartTLS
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
@@ -231,6 +232,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
             a heartbeat (20). Then the connection is aborted and its pending
             calls fail with [`ConnectionLostError`][] ("keepalive timeout").
             Any answer counts, an error too, so Twisted peers need no change.
+        middleware: [`Middleware`][asyncio_amp.Middleware] that runs around
+            the responders of the peer's calls and around our calls, in list
+            order, the first outermost (see
+            [`middleware`][asyncio_amp.AMPProtocol.middleware]).
 
     While the transport's write buffer is over its high-water mark
     (``pause_writing``), new calls wait as their encoded parts, answers stay
@@ -258,12 +263,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_flow",
         "_flush_handle",
         "_gather",
+        "_incoming",
         "_keepalive",
         "_keepalive_interval",
         "_keepalive_timeout",
         "_locators",
         "_loop",
         "_lost",
+        "_middleware",
+        "_outgoing",
         "_peer",
         "_pending",
         "_read_buffer",
@@ -322,6 +330,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         locators: Iterable[object] = (),
         keepalive: float | None = None,
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
@@ -356,6 +365,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._pending: dict[bytes, _Sent] = self._conn.pending
         self._conn.ask_parsers = self._ask_parsers
         self._locators: Located | None = None
+        # The middleware, and its chains for each direction (see _middleware):
+        # None where no middleware runs, which is all the hot paths test.
+        self._middleware: tuple[Middleware, ...] = ()
+        self._incoming: Chain | None = None
+        self._outgoing: Chain | None = None
         if locators:
             self.locators = locators
         # Tags of cancelled calls taken out of pending, with their commands.
@@ -385,6 +399,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._keepalive: Keepalive | None = None
         self._keepalive_interval = interval_value("keepalive", keepalive)
         self._keepalive_timeout = seconds_value("keepalive_timeout", keepalive_timeout)
+        if middleware:
+            self.middleware = middleware
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "open" if self.transport else "unconnected"
@@ -649,6 +665,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             raise TypeError(f"call_remote() needs a Command class or instance, not {command!r}")
         if not self._accepting:
             raise self._refusal(cmd.__qualname__)
+        if self._outgoing is not None:
+            return self._outgoing.call(self, cmd, cmd.wire_name, arguments)
         encoder = cmd._plain_ask
         if encoder is not None:
             try:
@@ -763,22 +781,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         raw = RawCommand(command, arguments, requires_answer)
         if not self._accepting:
             raise self._refusal(raw.label)
+        if self._outgoing is not None:
+            return self._outgoing.call(self, None, raw.wire_name, arguments, raw)
         parts, slot = raw._encode_ask({})
         future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
-        responding = _responding.get()
-        if responding is not None and responding.protocol is self and slot >= 0:
-            self._lend(responding, future)
-            if self._writing_paused:
-                self._hold_nested((future, raw, parts, slot))
-                return future
-        elif (  # not FlowControl.may_send(nested=False), inline
-            self._waiting
-            or self._writing_paused
-            or (slot >= 0 and len(self._pending) >= self._flow.max_pending_calls)
-        ):
-            self._hold((future, raw, parts, slot))
-            return future
-        self._send_call(future, raw, parts, slot, now=not self._pending)
+        self._submit(future, raw, parts, slot)
         return future
 
     def close(self) -> None:
@@ -1015,6 +1022,31 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if is_default_hook(type(self).locate_responder):
             self._conn.ask_parsers = located.ask_parsers
 
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """
+        The [`Middleware`][asyncio_amp.Middleware] that runs around calls, outermost first.
+
+        Each call from the peer goes through the ``incoming`` methods, in this
+        order, on its way to its responder; each of our calls
+        ([`call_remote`][asyncio_amp.AMPProtocol.call_remote] and
+        [`call_remote_box`][asyncio_amp.AMPProtocol.call_remote_box]) goes
+        through the ``outgoing`` methods on its way to the peer. Set it (to any
+        iterable of Middleware) before the connection is made; ``serve`` and
+        ``connect`` take it as the ``middleware`` keyword.
+
+        Raises:
+            TypeError: An item is not a Middleware instance.
+            RuntimeError: The connection is already made.
+        """
+        return self._middleware
+
+    @middleware.setter
+    def middleware(self, value: Iterable[Middleware]) -> None:
+        if self.transport is not None or self._lost:
+            raise RuntimeError("middleware is set before the connection is made")
+        self._middleware, self._incoming, self._outgoing = build(value)
+
     @default_hook
     def locate_responder(self, name: bytes) -> Callable[..., Any] | None:
         """
@@ -1080,6 +1112,29 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     # Private methods: our calls
 
+    def _submit(
+        self,
+        future: asyncio.Future[Any],
+        command: type[Command] | RawCommand,
+        parts: list[bytes],
+        slot: int,
+    ) -> None:
+        """Send an encoded call, or hold it until the limits let it go (call_remote_box's way)."""
+        responding = _responding.get()
+        if responding is not None and responding.protocol is self and slot >= 0:
+            self._lend(responding, future)
+            if self._writing_paused:
+                self._hold_nested((future, command, parts, slot))
+                return
+        elif (  # not FlowControl.may_send(nested=False), inline
+            self._waiting
+            or self._writing_paused
+            or (slot >= 0 and len(self._pending) >= self._flow.max_pending_calls)
+        ):
+            self._hold((future, command, parts, slot))
+            return
+        self._send_call(future, command, parts, slot, now=not self._pending)
+
     def _send_call(
         self,
         future: asyncio.Future[Any],
@@ -1099,6 +1154,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         tag = conn.send_call(parts, slot, (command._parse_response, future, command))
         if self._upgrade is not None:
             self._upgrade.sent(self, future, tag)
+        if self._outgoing is not None:
+            self._outgoing.sent(future, tag)
         if self._watching:
             future.add_done_callback(self._pending_done)
         if self._debug:
@@ -1395,6 +1452,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
                 )
                 self._responded(None if tag is None else encode_unknown_error(tag))
                 return
+        if self._incoming is not None:
+            self._incoming.dispatch(self, command, attribute, tag, arguments, event)
+            return
         try:
             # A name for the protocol's own responders, the responder itself for
             # those found elsewhere (see _locators).

@@ -14,8 +14,10 @@ import logging
 import os
 import signal
 import ssl
+import sys
 from typing import Any
 
+from .._middleware import AccessLog, Middleware
 from .._network import serve
 from .._pipes import serve_stdio
 from .._protocol import AMPProtocol
@@ -44,11 +46,14 @@ examples:
   asyncio-amp serve myapp.server:Calculator --unix /run/app.sock
   asyncio-amp serve myapp.server:Calculator --stdio     # one connection on stdin/stdout
   asyncio-amp serve myapp.server:Calculator --port 7443 --certfile cert.pem --keyfile key.pem
+  asyncio-amp serve myapp.server:Calculator --access-log --access-log-format json
+  asyncio-amp serve myapp.server:Calculator --middleware myapp.auth:LoginRequired
 
 The current directory is on the import path. Each connection is logged at INFO,
 every box at DEBUG (-v). SIGINT (Ctrl-C) or SIGTERM stops accepting, refuses new
 calls with SHUTDOWN, and lets running responders finish for --grace seconds;
-a second Ctrl-C stops at once.
+a second Ctrl-C stops at once. --access-log writes one line per call to standard
+output (to standard error with --stdio), apart from the log on standard error.
 """
 
 # serve's options for the limits of AMPProtocol: (name, type, metavar, default shown).
@@ -109,6 +114,25 @@ def add_parser(
     parser.add_argument(
         "--uvloop", action="store_true", help="run on uvloop (pip install 'asyncio-amp[uvloop]')"
     )
+    parser.add_argument(
+        "--middleware",
+        action="append",
+        default=[],
+        metavar="MODULE:OBJECT",
+        help="run this Middleware (an instance, or a class called with no arguments) around "
+        "every call; repeat for more, outermost first",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="write one line per call (peer, command, tag, outcome, duration) to standard output",
+    )
+    parser.add_argument(
+        "--access-log-format",
+        choices=("text", "json"),
+        default="text",
+        help="the access log's lines: readable text (default) or one JSON object per line",
+    )
     limits = parser.add_argument_group("limits (per connection; see AMPProtocol)")
     for name, kind, metavar, default in LIMIT_OPTIONS:
         limits.add_argument(
@@ -168,6 +192,39 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+def load_middleware(spec: str) -> Middleware:
+    """Import ``MODULE:OBJECT``: a Middleware instance, or a class to call with no arguments."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise UsageError(f"--middleware takes MODULE:OBJECT, not {spec!r}")
+    target = user_attribute(import_user_module(module_name), name, spec)
+    if isinstance(target, type) and issubclass(target, Middleware):
+        try:
+            target = target()
+        except Exception as exc:
+            raise UsageError(f"--middleware {spec}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(target, Middleware):
+        raise UsageError(f"--middleware {spec} is {target!r}, not a Middleware")
+    return target
+
+
+def _middleware(args: argparse.Namespace) -> list[Middleware]:
+    """The access log (outermost, so it sees refusals too) and the --middleware ones."""
+    middleware: list[Middleware] = []
+    if args.access_log:
+        access = logging.getLogger("asyncio_amp.access")
+        # Its own stream, apart from the log: standard output, unless that is
+        # the connection itself (--stdio).
+        handler = logging.StreamHandler(sys.stderr if args.stdio else sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
+        middleware.append(AccessLog(args.access_log_format))
+    middleware.extend(load_middleware(spec) for spec in args.middleware)
+    return middleware
+
+
 def _logged(cls: type[AMPProtocol], live: set[AMPProtocol]) -> type[AMPProtocol]:
     """
     The user's protocol class, logging each connection at INFO.
@@ -205,6 +262,9 @@ async def run(args: argparse.Namespace) -> int:
     cls = load_protocol(args.app)
     tls = server_tls(args)
     limits = _limits(args)
+    middleware = _middleware(args)
+    if middleware:
+        limits["middleware"] = middleware
     live: set[AMPProtocol] = set()
     factory = _logged(cls, live)
     if args.stdio:
