@@ -35,6 +35,18 @@ ALLOWED = {
     "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
     "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators"},
     "_pipes": CORE | UPGRADES | {"_network", "_server", "_protocol", "_fds", "_locators"},
+    # The process pool uses the protocol through its public API.
+    "pool._errors": {"_errors"},
+    "pool._child": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
+    # (pool._worker names pool._pool's types for the type checker only.)
+    "pool._worker": CORE
+    | UPGRADES
+    | {"_protocol", "_fds", "_locators", "pool._child", "pool._pool"},
+    "pool._pool": CORE
+    | UPGRADES
+    | {"_protocol", "_fds", "_locators", "pool._errors", "pool._worker", "pool._child"},
+    "pool": {"pool._errors", "pool._pool"},
+    "pool.__main__": {"pool._child"},
     # The command-line tool sits on top: it may import any private module, and
     # nothing but __main__ imports it.
     "cli._output": {"_wire", "_errors"},
