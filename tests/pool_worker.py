@@ -102,7 +102,7 @@ class Worker(amp.AMPProtocol):
         if marker:
             self.marker = pathlib.Path(marker)
 
-    async def worker_stopping(self) -> None:
+    def worker_stopping(self) -> None:  # a plain function works too
         marker = getattr(self, "marker", None)
         if marker is not None:
             with open(marker, "a") as file:
@@ -200,7 +200,7 @@ class BrokenAtStart(Worker):
 class FailsOnce(Worker):
     """Fails at its first start (os._exit), as long as $POOL_TEST_MARKER does not exist."""
 
-    async def worker_started(self) -> None:
+    def worker_started(self) -> None:
         marker = pathlib.Path(os.environ["POOL_TEST_MARKER"])
         if not marker.exists():
             marker.write_text("failed once")

@@ -63,7 +63,7 @@ logger = logging.getLogger("asyncio_amp.pool")
 output_logger = logging.getLogger("asyncio_amp.pool.worker")
 
 # How many lines of a worker's output are kept for its crash report.
-TAIL_LINES = 20
+TAIL_LINES = 50
 # A line of output longer than this is cut there, so one endless line cannot
 # take the parent's memory.
 MAX_LINE = 8192
