@@ -301,7 +301,15 @@ class ProcessPool:
         assert loop is not None
         call = _Call(command, arguments, loop.create_future())
         if self.timeout is None:
-            return await self._run(call)
+            # _run, inline: one coroutine less for each call.
+            try:
+                if self._room or self._queued >= self.max_queue:
+                    await self._wait_room(call)
+                self._submit(call)
+                return await call.future
+            except asyncio.CancelledError:
+                self._abandon(call)
+                raise
         scope = asyncio.timeout(self.timeout)
         try:
             async with scope:
@@ -448,7 +456,8 @@ class ProcessPool:
         call.phase = _Phase.QUEUED
         self._queue.append(call)
         self._queued += 1
-        self._ensure_workers()
+        if len(self._ready) < self.max_workers:  # else no worker can be added
+            self._ensure_workers()
 
     def _free_worker(self) -> Worker | None:
         """The ready worker with the fewest calls in flight, if it has a free place."""
