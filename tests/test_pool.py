@@ -11,6 +11,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -638,6 +639,19 @@ async def test_close_while_a_worker_starts(log: Recorder) -> None:
     assert pool.stats()["workers"] == 0
 
 
+async def test_close_right_after_a_kill_starts_a_replacement(log: Recorder) -> None:
+    # The replacement's task has not run yet when close() kills it: it must not
+    # spawn a worker that nobody stops.
+    pool = ProcessPool(Worker, min_workers=1, max_workers=1, output="log")
+    await pool.start()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3 * TIME):
+            await pool.call_remote(Spin, seconds=60.0)
+    async with asyncio.timeout(LONG):
+        await pool.close(grace=0)
+    assert pool.stats()["workers"] == 0
+
+
 async def test_close_twice_and_concurrently(log: Recorder) -> None:
     pool = ProcessPool(Worker, min_workers=1, output="log")
     await pool.start()
@@ -651,3 +665,59 @@ def test_public_names_are_documented() -> None:
     for name in amp_pool.__all__:
         assert getattr(amp_pool, name).__doc__, name
     assert set(amp_pool.__all__) == {"PoolClosedError", "ProcessPool", "WorkerCrashedError"}
+
+
+def resources() -> dict[str, int]:
+    """What a pool could leak: open descriptors, tasks, threads, child processes (zombies too)."""
+    parent = str(os.getpid())
+    children = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    fields = file.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            children += fields[1] == parent
+    return {
+        "fds": len(os.listdir("/proc/self/fd")),
+        "tasks": len(asyncio.all_tasks()),
+        "threads": threading.active_count(),
+        "children": children,
+    }
+
+
+async def test_no_leak_across_real_worker_cycles(log: Recorder) -> None:
+    # Spawning an interpreter takes about half a second on a loaded 2-core
+    # machine, so 1,000 real cycles would take minutes: a dozen real ones, with
+    # calls, kills and crashes, must leave exactly what was there before.
+    async with running(min_workers=1):
+        pass  # the first cycle loads what stays loaded (modules, the loop's own fds)
+    before = resources()
+    for cycle in range(12):
+        async with running(min_workers=1, max_workers=2, timeout=0.3 * TIME) as pool:
+            assert await pool.call_remote(Sum, a=cycle, b=1) == {"total": cycle + 1}
+            if cycle % 3 == 1:
+                with pytest.raises(TimeoutError):
+                    await pool.call_remote(Spin, seconds=60.0)
+            elif cycle % 3 == 2:
+                with pytest.raises(WorkerCrashedError):
+                    await pool.call_remote(Die, how="exit")
+        assert resources() == before, f"cycle {cycle}"
+    assert len(log.started) >= 13
+
+
+async def test_a_thousand_start_close_cycles_leave_nothing(log: Recorder) -> None:
+    # The pool's own machinery (its futures, handles, tasks) across 1,000
+    # cycles; real workers are counted by the test above.
+    pool = ProcessPool(Worker, min_workers=0, output="log")
+    async with pool:
+        pass
+    before = resources()
+    for _ in range(1000):
+        pool = ProcessPool(Worker, min_workers=0, output="log")
+        async with pool:
+            assert pool.stats()["workers"] == 0
+        with pytest.raises(PoolClosedError):
+            await pool.call_remote(Sum, a=1, b=1)
+    assert resources() == before

@@ -298,14 +298,17 @@ class Worker:
         pool = self.pool
         returncode: int | None = None
         try:
-            try:
-                await self.spawn()
-            except Exception as exc:  # the interpreter cannot be started or connected
-                self.error = f"{type(exc).__name__}: {exc}"
-                logger.error("cannot start a worker: %s", self.error)
-                self.kill("it could not be connected", expected=False)
+            if self.state is not State.STARTING:
+                pass  # killed before it was spawned: nothing to start
             else:
-                await self.wait_ready()
+                try:
+                    await self.spawn()
+                except Exception as exc:  # the interpreter cannot be started or connected
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    logger.error("cannot start a worker: %s", self.error)
+                    self.kill("it could not be connected", expected=False)
+                else:
+                    await self.wait_ready()
             if self.process is not None:
                 returncode = await asyncio.shield(self.exited)
                 with contextlib.suppress(TimeoutError):
@@ -373,6 +376,9 @@ class Worker:
             os.close(write_end)
         self.pid = self.process.pid
         logger.info("started worker %s", self.pid)
+        if self.state is State.KILLING:  # killed while it was being spawned
+            logger.warning("killing worker %s: %s", self.pid, self.reason)
+            self.send_signal(signal.SIGTERM)
         return parent_sock, read_end
 
     async def wait_ready(self) -> None:
