@@ -210,3 +210,10 @@ class FailsOnce(Worker):
 class SlowStart(Worker):
     async def worker_started(self) -> None:
         await asyncio.sleep(float(os.environ.get("POOL_TEST_START_DELAY", "60")))
+
+
+class DiesAfterReady(Worker):
+    """Ready, then dead 50 ms later, before any call: a crash loop all the same."""
+
+    async def worker_started(self) -> None:
+        asyncio.get_running_loop().call_later(0.05, os._exit, 5)

@@ -26,6 +26,7 @@ from pool_worker import (
     AskParent,
     BrokenAtStart,
     Die,
+    DiesAfterReady,
     Echo,
     Env,
     Fail,
@@ -314,6 +315,37 @@ async def test_max_queue_makes_callers_wait(log: Recorder) -> None:
         assert pool.stats()["completed"] == 6
 
 
+async def test_a_waiter_cancelled_as_it_gets_room_passes_its_turn(log: Recorder) -> None:
+    tasks: dict[str, asyncio.Task[Any]] = {}
+
+    class Canceller(amp.AMPProtocol):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if "c" in tasks:
+                # Runs after the pool woke "c" for the room that this answer made.
+                asyncio.get_running_loop().call_soon(tasks.pop("c").cancel)
+
+    async with running(
+        min_workers=1, max_workers=1, max_queue=1, parent_protocol=Canceller
+    ) as pool:
+        a = asyncio.ensure_future(pool.call_remote(Sleep, seconds=0.3))
+        await eventually(lambda: pool.stats()["busy"] == 1, "a runs")
+        b = asyncio.ensure_future(pool.call_remote(Sleep, seconds=30.0))
+        await eventually(lambda: pool.stats()["queued"] == 1, "b is queued")
+        tasks["c"] = c = asyncio.ensure_future(pool.call_remote(Sum, a=1, b=1))
+        d = asyncio.ensure_future(pool.call_remote(Sum, a=2, b=2))
+        await asyncio.sleep(SHORT)
+        await a
+        with pytest.raises(asyncio.CancelledError):
+            await c
+        # d takes the room c had, at once (not when b ends, 30 s later).
+        await eventually(lambda: pool.stats()["queued"] == 1, "d is queued")
+        b.cancel()
+        assert await d == {"total": 4}
+        with contextlib.suppress(asyncio.CancelledError):
+            await b
+
+
 # Cancellation and timeouts
 
 
@@ -500,6 +532,17 @@ async def test_a_crash_loop_fails_the_waiting_calls_and_does_not_spin(log: Recor
             await pool.call_remote(Sum, a=1, b=2)
         assert len(log.started) == 6
         assert time.monotonic() - started < LONG
+
+
+async def test_workers_dying_just_after_ready_are_a_crash_loop_too(log: Recorder) -> None:
+    async with running(DiesAfterReady, min_workers=1, max_workers=1) as pool:
+        await eventually(lambda: len(log.started) == 5 and not pool.pids, "five tries")
+        await asyncio.sleep(0.5 * TIME)
+        assert len(log.started) == 5  # then it stopped trying
+        # A new call tries one more (which may well answer it before dying).
+        with contextlib.suppress(WorkerCrashedError):
+            await pool.call_remote(Sum, a=1, b=2)
+        assert len(log.started) == 6
 
 
 async def test_start_raises_when_workers_cannot_start(log: Recorder) -> None:

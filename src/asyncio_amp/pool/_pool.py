@@ -63,6 +63,10 @@ MAX_START_FAILURES = 5
 # BACKOFF_FIRST up to BACKOFF_MAX, so a crash loop never spins.
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
+# A worker that dies within this many seconds of being ready, before it was given
+# any call, failed to start too; and failed starts are forgotten once a worker
+# has been ready this long (or got calls).
+HEALTHY = 1.0
 
 
 class _Phase(enum.Enum):
@@ -425,9 +429,13 @@ class ProcessPool:
             self._room.append(waiter)
             try:
                 await waiter
-            finally:
+            except asyncio.CancelledError:
                 with contextlib.suppress(ValueError):
                     self._room.remove(waiter)
+                self._wake_room()  # it may have been woken: the next one takes its turn
+                raise
+            with contextlib.suppress(ValueError):
+                self._room.remove(waiter)
             if self._phase != "running":
                 raise self._refusal(call.command)
         # Let the next one check too: there may be room for more than one.
@@ -633,11 +641,13 @@ class ProcessPool:
         self._unready(worker)
         if worker.state in (State.READY, State.RETIRING):
             worker.state = State.KILLING  # its death is a crash: expected stays False
-        self._ensure_workers()
+        # Its replacement starts once it is dead, when the pool knows whether it
+        # failed to start (and so whether to wait before the next start).
 
     def _worker_ready(self, worker: Worker) -> None:
         worker.state = State.READY
-        self._start_failures = 0
+        assert self._loop is not None
+        worker.ready_at = self._loop.time()
         self._gave_up = False
         if self._phase != "running":
             self._retire(worker, "the pool is closing")
@@ -672,9 +682,11 @@ class ProcessPool:
                     )
                 )
                 self._counts["failed"] += 1
+        assert self._loop is not None
+        lived = self._loop.time() - worker.ready_at
         if worker.expected:
             logger.info("worker %s %s (%s)", worker.pid, status, worker.reason)
-        elif not worker.was_ready:
+        elif not worker.was_ready or (not worker.assigned and lived < HEALTHY):
             self._start_failed(worker, status, returncode, tail)
         else:
             self._counts["crashed"] += 1
@@ -710,7 +722,8 @@ class ProcessPool:
         )
         self._last_failure = error
         self._gave_up = True
-        self._fail_queue(error)
+        if not self._ready:  # else the workers still running take the queued calls
+            self._fail_queue(error)
 
     def _fail_queue(self, error: Exception) -> None:
         queue, self._queue = self._queue, collections.deque()
@@ -754,7 +767,12 @@ class ProcessPool:
         if wanted <= 0:
             return
         assert self._loop is not None
-        delay = self._spawn_after - self._loop.time()
+        now = self._loop.time()
+        if self._start_failures and any(
+            worker.assigned or now - worker.ready_at >= HEALTHY for worker in self._ready
+        ):
+            self._start_failures = 0  # workers start fine again
+        delay = self._spawn_after - now
         if self._start_failures and delay > 0:
             if self._spawn_handle is None:
                 self._spawn_handle = self._loop.call_later(delay, self._spawn_later)

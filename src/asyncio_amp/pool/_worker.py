@@ -214,6 +214,7 @@ class Worker:
         # How many calls it was given in all (recycle_after).
         self.assigned = 0
         self.idle_since = 0.0
+        self.ready_at = 0.0
         self.was_ready = False
         # Set when the pool ends it on purpose: its death is then no crash.
         self.expected = False
