@@ -133,8 +133,8 @@ class ProcessPool:
     ``async def worker_started(self)`` and ``async def worker_stopping(self)``:
     they run in the worker, after it connects and before it exits.
 
-    Use it as an async context manager, or call [`start`][..start] and
-    [`close`][..close]:
+    Use it as an async context manager, or call [`start`][asyncio_amp.pool.ProcessPool.start] and
+    [`close`][asyncio_amp.pool.ProcessPool.close]:
 
         async with ProcessPool(MathWorker, max_workers=4) as pool:
             answer = await pool.call_remote(Fib, n=30)
@@ -143,7 +143,8 @@ class ProcessPool:
         worker: The worker class, or its ``"module:Class"`` name. It must be
             importable in a new interpreter; a class of the main script is found
             by running that script as ``__mp_main__``, as ``multiprocessing`` does.
-        min_workers: Workers started by [`start`][..start] and kept running.
+        min_workers: Workers started by
+            [`start`][asyncio_amp.pool.ProcessPool.start] and kept running.
         max_workers: The most workers running at once (default: the CPU count,
             at least ``min_workers``). More start as calls queue up. Workers that
             are being stopped or killed do not count.
@@ -151,15 +152,16 @@ class ProcessPool:
             connection). With more than 1, a worker's responders run concurrently
             (async responders interleave; plain ones run one after the other).
         max_queue: The most calls that may wait for a worker; past it,
-            [`call_remote`][..call_remote] waits for room, so memory stays
-            bounded.
+            [`call_remote`][asyncio_amp.pool.ProcessPool.call_remote] waits for
+            room, so memory stays bounded.
         max_idle: Seconds a worker may stay idle before it is stopped, down to
             ``min_workers``; ``None``: never.
         recycle_after: Replace a worker after it was given this many calls (it
             never gets more); ``None``: never.
         timeout: The default limit, in seconds, on each call, from
-            [`call_remote`][..call_remote] to its answer (queue time included).
-            It raises ``TimeoutError``, and the worker running the call is killed.
+            [`call_remote`][asyncio_amp.pool.ProcessPool.call_remote] to its
+            answer (queue time included). It raises ``TimeoutError``, and the
+            worker running the call is killed.
         kill_grace: Seconds between SIGTERM and SIGKILL when a worker is killed,
             and how long a stopping worker may take to exit.
         start_timeout: Seconds a worker may take to start (import, connect, run
@@ -176,7 +178,7 @@ class ProcessPool:
 
     Workers that keep dying at start (an import error, a failing
     ``worker_started``) are retried with a growing delay; after five in a row,
-    the calls that wait fail with [`WorkerCrashedError`][..WorkerCrashedError],
+    the calls that wait fail with [`WorkerCrashedError`][asyncio_amp.pool.WorkerCrashedError],
     which carries the last worker's output, and the next start is tried only when
     a new call comes.
 
@@ -328,9 +330,9 @@ class ProcessPool:
         Close the pool: refuse new calls, let running ones finish, stop every worker.
 
         Calls still waiting in the queue fail at once with
-        [`PoolClosedError`][..PoolClosedError]. Running calls may finish for
+        [`PoolClosedError`][asyncio_amp.pool.PoolClosedError]. Running calls may finish for
         ``grace`` seconds (``None``: no limit); then their workers are killed and
-        they fail with [`PoolClosedError`][..PoolClosedError]. It returns once
+        they fail with [`PoolClosedError`][asyncio_amp.pool.PoolClosedError]. It returns once
         every worker process has exited and been reaped; calling it again waits
         for the same.
         """
@@ -386,7 +388,7 @@ class ProcessPool:
 
     @property
     def closed(self) -> bool:
-        """``True`` once [`close`][..close] was called."""
+        """``True`` once [`close`][asyncio_amp.pool.ProcessPool.close] was called."""
         return self._phase in ("closing", "closed")
 
     async def __aenter__(self) -> Self:
