@@ -695,6 +695,16 @@ async def test_close_right_after_a_kill_starts_a_replacement(log: Recorder) -> N
     assert pool.stats()["workers"] == 0
 
 
+async def test_close_while_start_waits_for_workers(log: Recorder) -> None:
+    pool = ProcessPool(SlowStart, min_workers=1, output="log")
+    starting = asyncio.ensure_future(pool.start())
+    await eventually(lambda: bool(log.started), "a worker started")
+    async with asyncio.timeout(LONG):
+        await pool.close()
+        with pytest.raises(PoolClosedError):
+            await starting
+
+
 async def test_close_twice_and_concurrently(log: Recorder) -> None:
     pool = ProcessPool(Worker, min_workers=1, output="log")
     await pool.start()

@@ -41,6 +41,7 @@ import enum
 import logging
 import os
 import pathlib
+import signal
 import sys
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -262,6 +263,8 @@ class ProcessPool:
             RuntimeError: The pool was started already.
             WorkerCrashedError: The workers keep dying at start (the pool is
                 then closed); its ``output`` holds the last one's output.
+            PoolClosedError: [`close`][asyncio_amp.pool.ProcessPool.close] was
+                called meanwhile.
         """
         if self._phase != "new":
             raise RuntimeError(f"the pool was started already ({self._phase})")
@@ -270,6 +273,8 @@ class ProcessPool:
         self._ensure_workers()
         try:
             while len(self._ready) < self.min_workers:
+                if self._phase != "running":
+                    raise PoolClosedError("the pool was closed while it started")
                 if self._gave_up:
                     assert self._last_failure is not None
                     raise self._last_failure
@@ -345,18 +350,20 @@ class ProcessPool:
         assert self._loop is not None
         self._closed = self._loop.create_future()
         self._phase = "closing"
+        self._notify()
         try:
             await self._close(grace)
         except BaseException:
             # Cancelled: leave no process behind anyway.
             for worker in list(self._workers):
                 worker.kill("the pool's close() was cancelled")
-                worker.send_signal(_SIGKILL)
+                worker.send_signal(signal.SIGKILL)
             raise
         finally:
             self._phase = "closed"
             if not self._closed.done():
                 self._closed.set_result(None)
+            self._notify()  # start() may wait for workers
 
     def stats(self) -> dict[str, int]:
         """
@@ -894,9 +901,6 @@ class ProcessPool:
                     self._counts["failed"] += 1
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-
-
-_SIGKILL = __import__("signal").SIGKILL
 
 
 def _drop(call: _Call) -> None:
