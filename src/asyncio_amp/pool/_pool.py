@@ -4,7 +4,7 @@ ProcessPool: calls to AMP workers in child processes, queued, timed and supervis
 Theory of operation
 -------------------
 
-A call (``_Call``) goes through these states:
+A call (``Call``) goes through these states:
 
     NEW ──> QUEUED ──> RUNNING ──> DONE
      │        │           │
@@ -37,12 +37,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import os
-import pathlib
 import signal
-import sys
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -50,7 +47,9 @@ from typing import Any, Literal, Self
 from .._commands import Command
 from .._errors import ConnectionLostError
 from .._protocol import AMPProtocol
+from ._calls import Call, Phase, drop
 from ._errors import PoolClosedError, WorkerCrashedError
+from ._options import argv, environment, positive, seconds, worker_target
 from ._worker import Link, State, Worker, describe, link_class
 
 __all__ = ["ProcessPool"]
@@ -68,58 +67,6 @@ BACKOFF_MAX = 2.0
 # any call, failed to start too; and failed starts are forgotten once a worker
 # has been ready this long (or got calls).
 HEALTHY = 1.0
-
-
-class _Phase(enum.Enum):
-    NEW = "new"
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    CANCELLED = "cancelled"
-
-
-class _Call:
-    """One call through the pool (see the theory of operation)."""
-
-    __slots__ = ("arguments", "command", "future", "idempotent", "inner", "phase", "worker")
-
-    def __init__(
-        self, command: type[Command] | Command, arguments: dict[str, Any], future: Any
-    ) -> None:
-        self.command = command
-        self.arguments = arguments
-        self.future: asyncio.Future[Any] = future
-        self.phase = _Phase.NEW
-        self.worker: Worker | None = None
-        self.inner: asyncio.Future[Any] | None = None
-        kind = command if isinstance(command, type) else type(command)
-        self.idempotent = kind.idempotent
-
-    @property
-    def label(self) -> str:
-        kind = self.command if isinstance(self.command, type) else type(self.command)
-        return kind.__qualname__
-
-
-def _load_class(worker: type[AMPProtocol] | str) -> tuple[str, str | None]:
-    """The ``module:Class`` a worker runs, and the parent's script if it lives there."""
-    if isinstance(worker, str):
-        module, colon, qualname = worker.partition(":")
-        if not colon or not module or not qualname:
-            raise ValueError(f"worker must be 'module:Class', not {worker!r}")
-        target = worker
-    elif isinstance(worker, type) and issubclass(worker, AMPProtocol):
-        module, qualname = worker.__module__, worker.__qualname__
-        if "<locals>" in qualname:
-            raise ValueError(f"{qualname} is defined in a function: a worker must be importable")
-        target = f"{module}:{qualname}"
-    else:
-        raise TypeError(f"worker must be an AMPProtocol subclass or 'module:Class', not {worker!r}")
-    main = None
-    if module in ("__main__", "__mp_main__"):
-        main = getattr(sys.modules.get("__main__"), "__file__", None)
-        target = f"__main__:{qualname}"
-    return target, main
 
 
 class ProcessPool:
@@ -206,38 +153,38 @@ class ProcessPool:
         sys_path: Iterable[str | os.PathLike[str]] = (),
         output: Literal["stderr", "log"] = "stderr",
     ) -> None:
-        self._target, self._main = _load_class(worker)
+        self._target, self._main = worker_target(worker)
         if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 0:
             raise ValueError(f"min_workers must be an int >= 0, not {min_workers!r}")
         if max_workers is None:
             max_workers = max(min_workers, os.cpu_count() or 1, 1)
-        _positive("max_workers", max_workers)
+        positive("max_workers", max_workers)
         if max_workers < min_workers:
             raise ValueError(f"max_workers ({max_workers}) is below min_workers ({min_workers})")
         self.min_workers = min_workers
         self.max_workers = max_workers
-        self.concurrency = _positive("concurrency", concurrency)
-        self.max_queue = _positive("max_queue", max_queue)
+        self.concurrency = positive("concurrency", concurrency)
+        self.max_queue = positive("max_queue", max_queue)
         self.recycle_after = (
-            None if recycle_after is None else _positive("recycle_after", recycle_after)
+            None if recycle_after is None else positive("recycle_after", recycle_after)
         )
-        self.max_idle = _seconds("max_idle", max_idle)
-        self.timeout = _seconds("timeout", timeout)
-        self.kill_grace = _seconds("kill_grace", kill_grace) or 0.0
-        self.start_timeout = _seconds("start_timeout", start_timeout) or 0.0
+        self.max_idle = seconds("max_idle", max_idle)
+        self.timeout = seconds("timeout", timeout)
+        self.kill_grace = seconds("kill_grace", kill_grace) or 0.0
+        self.start_timeout = seconds("start_timeout", start_timeout) or 0.0
         self._link_class: type[Link] = link_class(parent_protocol)
         if output not in ("stderr", "log"):
             raise ValueError(f"output must be 'stderr' or 'log', not {output!r}")
         self._output = output
         self._cwd = None if cwd is None else os.fspath(cwd)
-        self._env = self._environment(env)
+        self._env = environment(env)
         self._sys_path = [os.path.abspath(os.fspath(entry)) for entry in sys_path]
         self._phase = "new"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workers: list[Worker] = []  # every worker not DEAD
         self._ready: list[Worker] = []  # READY workers: the only ones given calls
         self._tasks: set[asyncio.Task[None]] = set()
-        self._queue: collections.deque[_Call] = collections.deque()
+        self._queue: collections.deque[Call] = collections.deque()
         self._queued = 0  # live calls in the queue (cancelled ones are skipped)
         self._room: collections.deque[asyncio.Future[None]] = collections.deque()
         self._changed: asyncio.Future[None] | None = None
@@ -310,7 +257,7 @@ class ProcessPool:
             raise self._refusal(command)
         loop = self._loop
         assert loop is not None
-        call = _Call(command, arguments, loop.create_future())
+        call = Call(command, arguments, loop.create_future())
         if self.timeout is None:
             # _run, inline: one coroutine less for each call.
             try:
@@ -419,7 +366,7 @@ class ProcessPool:
             return RuntimeError(f"cannot call {name}: the pool is not started (use start())")
         return PoolClosedError(f"cannot call {name}: the pool is {self._phase}")
 
-    async def _run(self, call: _Call) -> Any:
+    async def _run(self, call: Call) -> Any:
         try:
             if self._room or self._queued >= self.max_queue:
                 await self._wait_room(call)
@@ -429,7 +376,7 @@ class ProcessPool:
             self._abandon(call)
             raise
 
-    async def _wait_room(self, call: _Call) -> None:
+    async def _wait_room(self, call: Call) -> None:
         """Wait, in order, for room in the queue; a free worker needs none."""
         loop = self._loop
         assert loop is not None
@@ -461,7 +408,7 @@ class ProcessPool:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _submit(self, call: _Call) -> None:
+    def _submit(self, call: Call) -> None:
         """Send a new call to a worker with a free place, or queue it."""
         if self._gave_up:
             self._gave_up = False  # a new call: one more start is tried
@@ -470,7 +417,7 @@ class ProcessPool:
             if worker is not None:
                 self._send(worker, call)
                 return
-        call.phase = _Phase.QUEUED
+        call.phase = Phase.QUEUED
         self._queue.append(call)
         self._queued += 1
         if len(self._ready) < self.max_workers:  # else no worker can be added
@@ -488,14 +435,14 @@ class ProcessPool:
                 best, limit = worker, n
         return best
 
-    def _send(self, worker: Worker, call: _Call) -> None:
+    def _send(self, worker: Worker, call: Call) -> None:
         link = worker.link
         assert link is not None
         try:
             inner = link.call_remote(call.command, **call.arguments)
         except ConnectionLostError:
             # The link broke before the pool heard of it: the call never went.
-            call.phase = _Phase.QUEUED
+            call.phase = Phase.QUEUED
             self._queue.appendleft(call)
             self._queued += 1
             worker.kill("its connection broke", expected=False)
@@ -503,11 +450,11 @@ class ProcessPool:
             self._ensure_workers()
             return
         except Exception as exc:  # bad arguments: nothing was sent
-            call.phase = _Phase.DONE
+            call.phase = Phase.DONE
             call.future.set_exception(exc)
             self._counts["failed"] += 1
             return
-        call.phase = _Phase.RUNNING
+        call.phase = Phase.RUNNING
         call.worker = worker
         call.inner = inner
         worker.inflight.append(call)
@@ -527,7 +474,7 @@ class ProcessPool:
         Called from the link's data_received, in the same callback as the read.
         """
         counts = self._counts
-        still: list[_Call] = []
+        still: list[Call] = []
         for call in worker.inflight:
             inner = call.inner
             assert inner is not None
@@ -542,7 +489,7 @@ class ProcessPool:
                 # The link broke: the worker's death (and its status) will say why.
                 still.append(call)
                 continue
-            call.phase = _Phase.DONE
+            call.phase = Phase.DONE
             call.worker = None
             future = call.future
             if future.done():
@@ -559,7 +506,7 @@ class ProcessPool:
             queue = self._queue
             while self._queued and len(still) < self.concurrency:
                 call = queue.popleft()
-                if call.phase is _Phase.QUEUED:
+                if call.phase is Phase.QUEUED:
                     self._queued -= 1
                     self._send(worker, call)
                     if worker.state is not State.READY:
@@ -573,22 +520,22 @@ class ProcessPool:
         if self._phase == "closing":
             self._notify()
 
-    def _abandon(self, call: _Call) -> None:
+    def _abandon(self, call: Call) -> None:
         """The caller of ``call`` was cancelled (or its timeout expired)."""
         phase = call.phase
-        call.phase = _Phase.CANCELLED
-        if phase is _Phase.DONE:
+        call.phase = Phase.CANCELLED
+        if phase is Phase.DONE:
             if not call.future.cancelled():
                 return  # answered before the cancellation: counted already
-        elif phase is _Phase.QUEUED:
+        elif phase is Phase.QUEUED:
             self._queued -= 1
             self._compact()
             self._wake_room()
-        elif phase is _Phase.RUNNING:
+        elif phase is Phase.RUNNING:
             worker = call.worker
             assert worker is not None
             call.worker = None
-            _drop(call)
+            drop(call)
             with contextlib.suppress(ValueError):
                 worker.inflight.remove(call)
             self._kill(worker, f"its call {call.label} was cancelled or timed out")
@@ -598,7 +545,7 @@ class ProcessPool:
         """Drop the cancelled calls from the queue once they are most of it."""
         queue = self._queue
         if len(queue) > 64 and len(queue) > 2 * self._queued:
-            self._queue = collections.deque(c for c in queue if c.phase is _Phase.QUEUED)
+            self._queue = collections.deque(c for c in queue if c.phase is Phase.QUEUED)
 
     def _queue_live(self) -> bool:
         return self._queued > 0
@@ -612,13 +559,13 @@ class ProcessPool:
         others, worker.inflight = worker.inflight, []
         for call in reversed(others):
             call.worker = None
-            _drop(call)
+            drop(call)
             if call.idempotent:
-                call.phase = _Phase.QUEUED
+                call.phase = Phase.QUEUED
                 self._queue.appendleft(call)
                 self._queued += 1
             else:
-                call.phase = _Phase.DONE
+                call.phase = Phase.DONE
                 if not call.future.done():
                     call.future.set_exception(
                         WorkerCrashedError(
@@ -678,9 +625,9 @@ class ProcessPool:
         shown = f"; its last output:\n{tail}" if tail else ""
         calls, worker.inflight = worker.inflight, []
         for call in calls:
-            call.phase = _Phase.DONE
+            call.phase = Phase.DONE
             call.worker = None
-            _drop(call)
+            drop(call)
             if not call.future.done():
                 call.future.set_exception(
                     WorkerCrashedError(
@@ -738,8 +685,8 @@ class ProcessPool:
         queue, self._queue = self._queue, collections.deque()
         self._queued = 0
         for call in queue:
-            if call.phase is _Phase.QUEUED:
-                call.phase = _Phase.DONE
+            if call.phase is Phase.QUEUED:
+                call.phase = Phase.DONE
                 if not call.future.done():
                     call.future.set_exception(error)
                     self._counts["failed"] += 1
@@ -755,7 +702,7 @@ class ProcessPool:
             if worker is None:
                 break
             call = queue.popleft()
-            if call.phase is _Phase.QUEUED:
+            if call.phase is Phase.QUEUED:
                 self._queued -= 1
                 self._send(worker, call)
         if self._room:
@@ -830,28 +777,8 @@ class ProcessPool:
     # Private methods: starting and closing
 
     def _argv(self, fd: int) -> list[str]:
-        argv = [sys.executable, "-m", "asyncio_amp.pool", self._target]
-        argv += ["--fd", str(fd), "--parent", str(os.getpid())]
-        for entry in self._sys_path:
-            argv += ["--path", entry]
-        for entry in sys.path:
-            if entry:
-                argv += ["--parent-path", os.path.abspath(entry)]
-        if self._main is not None:
-            argv += ["--main", os.path.abspath(self._main)]
-        return argv
-
-    @staticmethod
-    def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
-        env = dict(os.environ)
-        if extra:
-            env.update(extra)
-        # This package must be importable by `python -m asyncio_amp.pool`, even
-        # when the parent found it through its own sys.path.
-        root = str(pathlib.Path(__file__).resolve().parent.parent.parent)
-        paths = env.get("PYTHONPATH", "")
-        env["PYTHONPATH"] = root + (os.pathsep + paths if paths else "")
-        return env
+        """The command line of a worker whose end of the socketpair is ``fd``."""
+        return argv(self._target, self._main, self._sys_path, fd)
 
     def _notify(self) -> None:
         changed = self._changed
@@ -890,8 +817,8 @@ class ProcessPool:
             if calls:
                 worker.kill(f"the pool's close() grace ({grace} s) is over")
             for call in calls:
-                call.phase = _Phase.DONE
-                _drop(call)
+                call.phase = Phase.DONE
+                drop(call)
                 if not call.future.done():
                     call.future.set_exception(
                         PoolClosedError(
@@ -901,29 +828,3 @@ class ProcessPool:
                     self._counts["failed"] += 1
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-
-
-def _drop(call: _Call) -> None:
-    """Forget the link's future of a call that will not be answered through it."""
-    inner = call.inner
-    if inner is None:
-        return
-    if inner.done():
-        if not inner.cancelled():
-            inner.exception()  # retrieved: its error was reported another way
-    else:
-        inner.cancel()  # its late answer, if any, is dropped
-
-
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, not {value!r}")
-    return value
-
-
-def _seconds(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
-    return float(value)

@@ -55,7 +55,8 @@ from .._protocol import AMPProtocol
 from ._child import Ready
 
 if TYPE_CHECKING:
-    from ._pool import ProcessPool, _Call
+    from ._calls import Call
+    from ._pool import ProcessPool
 
 __all__: list[str] = []
 
@@ -210,7 +211,7 @@ class Worker:
         self.output = Output(self)
         self.output_transport: asyncio.BaseTransport | None = None
         # The calls sent to it and not answered yet, in the order they were sent.
-        self.inflight: list[_Call] = []
+        self.inflight: list[Call] = []
         # How many calls it was given in all (recycle_after).
         self.assigned = 0
         self.idle_since = 0.0
