@@ -56,6 +56,30 @@ ALLOWED = {
     "_client": CORE
     | UPGRADES
     | {"_network", "_server", "_protocol", "_fds", "_locators", "_middleware"},
+    # The process pool uses the protocol through its public API.
+    "pool._errors": {"_errors"},
+    "pool._options": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
+    "pool._child": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},
+    # (pool._calls and pool._worker name each other's and pool._pool's types
+    # for the type checker only.)
+    "pool._calls": CORE | {"pool._worker"},
+    "pool._worker": CORE
+    | UPGRADES
+    | {"_protocol", "_fds", "_locators", "pool._child", "pool._calls", "pool._pool"},
+    "pool._pool": CORE
+    | UPGRADES
+    | {
+        "_protocol",
+        "_fds",
+        "_locators",
+        "pool._errors",
+        "pool._worker",
+        "pool._child",
+        "pool._calls",
+        "pool._options",
+    },
+    "pool": {"pool._errors", "pool._pool"},
+    "pool.__main__": {"pool._child"},
     # The command-line tool sits on top: it may import any private module, and
     # nothing but __main__ imports it.
     "cli._output": {"_wire", "_errors"},
