@@ -40,11 +40,14 @@ ALLOWED = {
     "cli._output": {"_wire", "_errors"},
     "cli._common": {"_wire", "_errors"},
     "cli.call": CLI_BELOW | {"cli._common", "cli._output"},
-    "cli.serve": CLI_BELOW | {"cli._common", "cli._output"},
+    "cli._worker": CLI_BELOW,
+    "cli.serve": CLI_BELOW | {"cli._common", "cli._output", "cli._worker"},
+    "cli._supervisor": CLI_BELOW | {"cli._common", "cli._output", "cli._worker", "cli.serve"},
     "cli.decode": CLI_BELOW | {"cli._common", "cli._output"},
     "cli.proxy": CLI_BELOW | {"cli._common", "cli._output"},
     "cli": CLI_BELOW
-    | {"cli._common", "cli._output", "cli.call", "cli.serve", "cli.decode", "cli.proxy"},
+    | {"cli._common", "cli._output", "cli.call", "cli.serve", "cli.decode", "cli.proxy"}
+    | {"cli._worker", "cli._supervisor"},
     "__main__": {"cli"},
 }
 
