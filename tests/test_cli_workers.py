@@ -29,7 +29,7 @@ from asyncio_amp.cli._supervisor import (
 )
 from cli_helpers import Background, background, run_cli
 from helpers import HOST, LONG, TIME, eventually
-from workers_app import Hold, Pid, Started
+from workers_app import Block, Hold, Pid, Started
 
 APP = "workers_app:Server"
 
@@ -219,6 +219,23 @@ async def test_sigterm_drains_the_calls_in_flight_and_leaves_no_process() -> Non
             assert not alive(pid)
         with pytest.raises(OSError):
             await answering_pid(port_of(address))
+
+
+async def test_a_worker_still_running_after_the_grace_period_is_killed() -> None:
+    async with supervised(1, "--grace", "0.5") as (server, address):
+        (pid,) = worker_pids(server).values()
+        async with asyncio.timeout(LONG):
+            protocol = await amp.connect(HOST, port_of(address), protocol_factory=Caller)
+            async with protocol:
+                await protocol.call_remote(Block, seconds=60)
+                assert await protocol.holding == pid  # its loop is blocked from now on
+                server.process.send_signal(signal.SIGTERM)
+                status = await server.process.wait()
+        await server.line(rf"worker 0 \(pid {pid}\) still running after the grace period")
+        await server.line(rf"worker 0 \(pid {pid}\) was killed by SIGKILL")
+        await server.line(rf"error: worker\(s\) {pid} did not stop within the grace period")
+        assert status == 1
+        assert not alive(pid)
 
 
 async def test_workers_do_not_outlive_a_killed_supervisor() -> None:
