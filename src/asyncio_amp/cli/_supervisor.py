@@ -308,30 +308,37 @@ class Supervisor:
         exits = 0  # exits in a row, each after less than STABLE_AFTER seconds up
         failures = 0  # exits in a row before listening
         while not self.stopping.is_set():
-            worker = await self._start(slot)
-            listened = await self._wait_ready(worker)
-            if listened:
-                failures = 0
-                self.ready.setdefault(slot, asyncio.Event()).set()
-            status = await worker.process.wait()
-            worker.link.close()
-            del self.workers[slot]
-            if self.stopping.is_set():
-                if status not in (0, -signal.SIGTERM) and worker.pid not in self.killed:
-                    logger.warning("worker %d (pid %d) %s", slot, worker.pid, _status_text(status))
-                else:
-                    logger.info("worker %d (pid %d) %s", slot, worker.pid, _status_text(status))
-                return
-            up = time.monotonic() - worker.started
-            logger.warning(
-                "worker %d (pid %d) %s after %.1f s", slot, worker.pid, _status_text(status), up
-            )
+            try:
+                worker = await self._start(slot)
+            except OSError as exc:  # out of descriptors or processes, say
+                why, listened, up = f"could not be started: {exc}", False, 0.0
+                logger.error("worker %d %s", slot, why)
+            else:
+                listened = await self._wait_ready(worker)
+                if listened:
+                    failures = 0
+                    self.ready.setdefault(slot, asyncio.Event()).set()
+                status = await worker.process.wait()
+                worker.link.close()
+                del self.workers[slot]
+                why = f"it {_status_text(status)}"
+                if self.stopping.is_set():
+                    text = _status_text(status)
+                    if status in (0, -signal.SIGTERM) or worker.pid in self.killed:
+                        logger.info("worker %d (pid %d) %s", slot, worker.pid, text)
+                    else:
+                        logger.warning("worker %d (pid %d) %s", slot, worker.pid, text)
+                    return
+                up = time.monotonic() - worker.started
+                logger.warning(
+                    "worker %d (pid %d) %s after %.1f s", slot, worker.pid, _status_text(status), up
+                )
             if not listened:
                 failures += 1
                 if failures >= MAX_START_FAILURES:
                     raise GiveUpError(
-                        f"worker {slot} failed to start {failures} times in a row "
-                        f"(it {_status_text(status)}); giving up"
+                        f"worker {slot} failed to start {failures} times in a row ({why}); "
+                        "giving up"
                     )
             exits = 1 if up >= STABLE_AFTER else exits + 1
             delay = min(BACKOFF_INITIAL * BACKOFF_MULTIPLIER ** (exits - 1), BACKOFF_MAX)

@@ -299,16 +299,16 @@ async def _listen(
     scheme = " with TLS" if tls else ""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
     link = None
-    if args.supervisor_fd is not None:
+    if args.supervisor_fd is not None:  # ready once a SIGTERM would drain us
         link = SupervisorLink(args.supervisor_fd, stop.set)
         link.ready()
         logger.info("worker serving %s on %s%s", args.app, where, scheme)
     else:
         logger.info("serving %s on %s%s (press Ctrl-C to stop)", args.app, where, scheme)
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
         stop.clear()
