@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -219,6 +220,59 @@ async def test_sigterm_drains_the_calls_in_flight_and_leaves_no_process() -> Non
             assert not alive(pid)
         with pytest.raises(OSError):
             await answering_pid(port_of(address))
+
+
+async def hold_on_every_worker(
+    address: str, pids: set[int], callers: list[Caller], seconds: float
+) -> tuple[list[asyncio.Future[dict[str, Any]]], list[int]]:
+    """Open 16 connections, start a Hold call on each, and wait until every one runs."""
+    for _ in range(16):
+        callers.append(await amp.connect(HOST, port_of(address), protocol_factory=Caller))
+    calls = [asyncio.ensure_future(caller.call_remote(Hold, seconds=seconds)) for caller in callers]
+    holders = list(await asyncio.gather(*(caller.holding for caller in callers)))
+    assert set(holders) == pids  # 16 calls, all on one worker: 2 in 2**16
+    return calls, holders
+
+
+async def test_sigterm_to_the_whole_group_still_drains() -> None:
+    # As systemd stops a service: SIGTERM to every process at once, workers included.
+    async with supervised(2, "--grace", "5") as (server, address):
+        pids = set(worker_pids(server).values())
+        callers: list[Caller] = []
+        try:
+            async with asyncio.timeout(LONG):
+                calls, holders = await hold_on_every_worker(address, pids, callers, 0.5 * TIME)
+                for pid in (server.process.pid, *pids):
+                    os.kill(pid, signal.SIGTERM)
+                answers = await asyncio.gather(*calls)
+                status = await server.process.wait()
+        finally:
+            for caller in callers:
+                caller.close()
+        assert [answer["pid"] for answer in answers] == holders
+        assert status == 0
+
+
+async def test_a_second_sigterm_stops_the_workers_at_once() -> None:
+    async with supervised(2, "--grace", "60") as (server, address):
+        pids = set(worker_pids(server).values())
+        callers: list[Caller] = []
+        try:
+            async with asyncio.timeout(LONG):
+                calls, _ = await hold_on_every_worker(address, pids, callers, 60)
+                server.process.send_signal(signal.SIGTERM)
+                await server.line(r"shutting down 2 workers")
+                server.process.send_signal(signal.SIGTERM)
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+                status = await server.process.wait()
+        finally:
+            for caller in callers:
+                caller.close()
+        assert all(isinstance(outcome, amp.ConnectionLostError) for outcome in outcomes)
+        assert status == 0
+        await server.line(r"stopping the workers now")
+        for pid in pids:
+            assert not alive(pid)
 
 
 async def test_a_worker_still_running_after_the_grace_period_is_killed() -> None:

@@ -28,14 +28,14 @@ end of a socket pair (``--supervisor-fd``). It never accepts a connection itself
   seconds. A worker that exits before it listens failed to start: after
   ``MAX_START_FAILURES`` of those in a row, restarting it is not going to help,
   and the supervisor stops every worker and exits with status 1.
-- **Stopping.** On SIGINT or SIGTERM the supervisor sends SIGTERM to every
-  worker, which shuts its server down with ``Server.close(grace=--grace)``.
-  A worker still running ``KILL_MARGIN`` seconds after the grace period gets
-  SIGKILL. A second SIGINT or SIGTERM is passed on, so that the workers stop
-  at once, as a plain ``serve`` does. The workers run in a process group of
-  their own, so that a Ctrl-C in a terminal reaches the supervisor only, which
-  then drains them in order. The supervisor exits 0 when every worker stopped
-  by itself.
+- **Stopping.** On SIGINT or SIGTERM the supervisor asks every worker to drain
+  (on their socket pair, see ``_worker``): it shuts its server down with
+  ``Server.close(grace=--grace)``. A worker still running ``KILL_MARGIN``
+  seconds after the grace period gets SIGKILL. A second SIGINT or SIGTERM asks
+  the workers to stop at once, as a plain ``serve`` does on its second signal.
+  The workers run in a process group of their own, so that a Ctrl-C in a
+  terminal reaches the supervisor only, which then drains them in order. The
+  supervisor exits 0 when every worker stopped by itself.
 - **No orphans.** The supervisor's end of each socket pair closes when it exits,
   however it exits (SIGKILL included), and a worker that sees end of file on
   its end stops as on SIGTERM: it stops listening at once and ends within
@@ -61,7 +61,7 @@ from typing import Any
 
 from .._network import _refuse_live_path
 from ._common import EXIT_CONNECT, EXIT_OK, UsageError, fail, format_sockname, place_error
-from ._worker import READY
+from ._worker import DRAIN, NOW, READY
 from .serve import _limits, load_protocol, server_tls
 
 __all__: list[str] = []
@@ -389,7 +389,8 @@ class Supervisor:
             return
         logger.info("stopping the workers now")
         for worker in list(self.workers.values()):
-            self._terminate(worker)
+            with contextlib.suppress(OSError):
+                worker.link.send(NOW)
 
     def _stop(self) -> None:
         """Stop listening, and ask every worker to stop."""
@@ -404,8 +405,9 @@ class Supervisor:
             self._terminate(worker)
 
     def _terminate(self, worker: Worker) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            worker.process.send_signal(signal.SIGTERM)
+        """Ask ``worker`` to drain (it reads the request once it listens, if not yet)."""
+        with contextlib.suppress(OSError):  # gone already: its exit is seen anyway
+            worker.link.send(DRAIN)
 
     async def _drain(self, slots: list[asyncio.Task[None]]) -> None:
         """Wait for the workers to exit; kill those still there after the grace period."""

@@ -4,10 +4,17 @@ The worker's side of ``asyncio-amp serve --workers N``.
 A worker is ``asyncio-amp serve`` started by the supervisor (see ``_supervisor``)
 with two hidden options: ``--listen-fds``, the listening sockets it inherited, and
 ``--supervisor-fd``, its end of a socket pair with the supervisor. It serves the
-inherited sockets the way the plain ``serve`` serves the ones it binds, writes one
-byte on the pair once it listens, and stops (as on SIGTERM) when the pair reaches
-end of file: the supervisor is gone, killed or not, and a worker must not
-outlive it.
+inherited sockets the way the plain ``serve`` serves the ones it binds, and writes
+``READY`` on the pair once it listens. It drains (as a plain ``serve`` on its
+first SIGTERM) when the supervisor writes ``DRAIN``, when the pair reaches end of
+file (the supervisor is gone, killed or not, and a worker must not outlive it),
+and on SIGTERM or SIGINT. It stops at once only when the supervisor writes
+``NOW``.
+
+A worker's own signals never mean "stop now", unlike a plain ``serve``'s second
+one: a service manager may signal every process of the group besides the
+supervisor (systemd does, by default), and a worker that got SIGTERM from it
+after the supervisor's drain must keep draining.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable
 from typing import Any
 
 from .._network import serve
@@ -25,8 +31,10 @@ from .._server import Server
 
 __all__: list[str] = []
 
-# The byte a worker sends once it listens.
+# The byte a worker sends once it listens, and those the supervisor sends: drain, stop now.
 READY = b"R"
+DRAIN = b"D"
+NOW = b"N"
 
 
 def parse_fds(text: str) -> list[int]:
@@ -60,17 +68,20 @@ async def serve_inherited(
 
 class SupervisorLink:
     """
-    A worker's end of its socket pair with the supervisor.
+    A worker's end of its socket pair with the supervisor, and when it stops.
 
     Args:
         fd: The inherited descriptor of the pair's end.
-        gone: Called once when the supervisor's end closes.
+        stop: Set to drain, and set again, once draining, to stop at once (the
+            plain ``serve``'s event for its first and second signals).
     """
 
-    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
+    def __init__(self, fd: int, stop: asyncio.Event) -> None:
         self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(False)
-        self._gone = gone
+        self._stop = stop
+        self._draining = False
+        self._now = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._sock.fileno(), self._readable)
 
@@ -78,6 +89,17 @@ class SupervisorLink:
         """Tell the supervisor that this worker listens."""
         with contextlib.suppress(OSError):  # gone already: _readable sees it
             self._sock.send(READY)
+
+    def drain(self) -> None:
+        """Drain, unless draining already."""
+        if not self._draining:
+            self._stop.set()
+
+    def draining(self) -> None:
+        """The worker drains now: ``stop`` is cleared, and set again only to stop at once."""
+        self._draining = True
+        if self._now:  # asked for before the drain began
+            self._stop.set()
 
     def close(self) -> None:
         """Stop watching, and close our end."""
@@ -94,4 +116,10 @@ class SupervisorLink:
             data = b""
         if not data:  # the supervisor's end closed: it exited or was killed
             self._loop.remove_reader(self._sock.fileno())
-            self._gone()
+            self.drain()
+            return
+        if DRAIN in data:
+            self.drain()
+        if NOW in data:
+            self._now = True
+            self._stop.set()

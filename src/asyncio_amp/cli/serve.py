@@ -299,12 +299,12 @@ async def _listen(
     scheme = " with TLS" if tls else ""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # A worker's signals only drain it; stopping at once is its supervisor's to ask.
+    link = None if args.supervisor_fd is None else SupervisorLink(args.supervisor_fd, stop)
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-    link = None
-    if args.supervisor_fd is not None:  # ready once a SIGTERM would drain us
-        link = SupervisorLink(args.supervisor_fd, stop.set)
+        loop.add_signal_handler(signum, stop.set if link is None else link.drain)
+    if link is not None:  # ready once a SIGTERM would drain us
         link.ready()
         logger.info("worker serving %s on %s%s", args.app, where, scheme)
     else:
@@ -312,6 +312,8 @@ async def _listen(
     try:
         await stop.wait()
         stop.clear()
+        if link is not None:
+            link.draining()
         still_open = [protocol for protocol in live if not protocol.closed]
         logger.info(
             "shutting down: %d open connection%s, grace period %g s (Ctrl-C again to stop now)",
