@@ -395,6 +395,10 @@ class Supervisor:
     def _stop(self) -> None:
         """Stop listening, and ask every worker to stop."""
         self.stopping.set()
+        # Our copies: without them, the address stops taking connections as soon as
+        # the workers close theirs (no worker is started from now on).
+        for listener in self.listeners:
+            listener.close()
         logger.info(
             "shutting down %d worker%s: grace period %g s (Ctrl-C again to stop now)",
             len(self.workers),
