@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import queue
+import re
 import resource
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ from impls import IMPLS  # noqa: E402
 
 # Written as escapes: ruff's RUF001 would take the characters for typos of x and -.
 TIMES = "\u00d7"
+DIVIDE = "\u00f7"
 DASH = "\u2013"
 
 # Table columns, in this order.
@@ -114,6 +116,21 @@ WORKLOADS = [
         "idle", "idle", "B/conn", higher_is_better=False,
         description="server RSS per idle connection",
     ),
+    Workload(
+        "workers", "workers", "calls/s",
+        params={"app": "impls.amp:Server", "command": "sum", "clients": 2, "conns": 8,
+                "inflight": 10},
+        impls=("amp", "amp-uvloop"),
+        description="asyncio-amp serve --workers 1, then 2: Sum calls from 2 client processes "
+        "(8 connections x 10 in flight each)",
+    ),
+    Workload(
+        "workers-cpu", "workers", "calls/s",
+        params={"app": "impls.amp:BusyServer", "command": "sum", "clients": 2, "conns": 8,
+                "inflight": 10},
+        impls=("amp", "amp-uvloop"),
+        description="the same, each Sum costing the server about 70 µs of CPU in pure Python",
+    ),
 ]  # fmt: skip
 WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -148,7 +165,16 @@ ROWS = [
     Row("inproc (per call)", "inproc", "µs/call", False, lambda r: r["us_per_call"]),
     Row("big", "big", "MB/s", True, _mb_per_s(10_000_000)),
     Row("idle", "idle", "B/conn", False, lambda r: r["bytes_per_connection"]),
-]
+    Row("workers 1", "workers", "calls/s", True, lambda r: r["rate_1"]),
+    Row("workers 2", "workers", "calls/s", True, lambda r: r["rate_2"]),
+    Row(f"workers 2 {DIVIDE} 1", "workers", TIMES, True, lambda r: r["rate_2"] / r["rate_1"]),
+    Row("workers-cpu 1", "workers-cpu", "calls/s", True, lambda r: r["rate_1"]),
+    Row("workers-cpu 2", "workers-cpu", "calls/s", True, lambda r: r["rate_2"]),
+    Row(
+        f"workers-cpu 2 {DIVIDE} 1", "workers-cpu", TIMES, True,
+        lambda r: r["rate_2"] / r["rate_1"],
+    ),
+]  # fmt: skip
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
 
@@ -263,10 +289,148 @@ class Child:
         return self.stderr.read()[-2000:].strip()
 
 
+class Served:
+    """``asyncio-amp serve --workers N``: its log lines, read by a thread, so reads can time out."""
+
+    def __init__(self, app: str, workers: int, loop: str | None) -> None:
+        argv = [sys.executable, "-m", "asyncio_amp", "serve", app, "--port", "0"]
+        argv += ["--workers", str(workers), "--grace", "1"]
+        if loop == "uvloop":
+            argv.append("--uvloop")
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")
+        }
+        self.log: list[str] = []
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env=env, cwd=str(HERE),
+        )  # fmt: skip
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip("\n"))
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def port(self, timeout: float) -> int:
+        """The port, once the supervisor says every worker listens."""
+        deadline = time.monotonic() + timeout
+        for _ in range(10_000):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                raise RuntimeError(f"serve exited: {self.problems()}")
+            found = re.search(r"serving \S+ on 127\.0\.0\.1:(\d+) with \d+ workers?", line)
+            if found:
+                return int(found.group(1))
+        raise TimeoutError(f"serve --workers was not ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop it as an operator would (SIGTERM), and kill it if it does not stop."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.thread.join(5)
+
+    def problems(self) -> str:
+        return "\n".join(line for line in self.log if " WARNING " in line or " ERROR " in line
+                         or "Traceback" in line or "error:" in line)[-2000:]  # fmt: skip
+
+
+# How long the workers workload gives its client processes to start and connect.
+CLIENT_START = 1.5
+
+
+def _run_workers(impl: str, workload: Workload, settings: Settings, rep: int) -> dict[str, Any]:
+    """
+    ``serve --workers 1`` and ``--workers 2``, one after the other (the order alternates
+    with the repetition), each loaded by the same client processes: their rates added up.
+    """
+    loop = IMPLS[impl][1]
+    # Longer than the other workloads' windows: several processes have to settle.
+    warmup, duration = 2 * settings.warmup, 2 * settings.duration
+    cap = max(10.0, 5 * duration)
+    params: dict[str, Any] = {
+        **workload.params, "warmup": warmup, "duration": duration, "min_calls": 1, "cap": cap,
+        "lifetime": warmup + cap + 60, "cpu": None,
+    }  # fmt: skip
+    result: dict[str, Any] = {"complete": True, "errors": [], "runs": {}}
+    for workers in (1, 2) if rep % 2 == 0 else (2, 1):
+        served = Served(workload.params["app"], workers, loop)
+        clients: list[Child] = []
+        run: dict[str, Any] = {}
+        try:
+            port = served.port(30)
+            # The load comes from client processes of the raw floor on uvloop, the
+            # cheapest client here, so that the server has as much CPU as it can get.
+            # Their windows open at the same moment (start_at, on the wall clock), so
+            # that their rates add up; the time before it is for starting and warming up.
+            params["start_at"] = time.time() + CLIENT_START + warmup
+            for _ in range(workload.params["clients"]):
+                clients.append(Child("client", "raw-uvloop", workload.name, params))
+            for child in clients:
+                child.send(f"{port}\n")
+            reports = [json.loads(child.expect("RESULT", warmup + cap + 30)) for child in clients]
+            starts = [r.get("window_start") or 0.0 for r in reports]
+            run = {
+                "rate": sum(r["rate"] for r in reports),
+                "complete": all(r.get("complete") for r in reports),
+                "window_start_spread": max(starts) - min(starts),
+                "clients": reports,
+            }
+            if run["window_start_spread"] > 0.1 * duration:
+                run["complete"] = False  # the rates would not add up: not counted
+                result["errors"].append(
+                    f"--workers {workers}: the clients' windows opened "
+                    f"{run['window_start_spread']:.2f} s apart (a client started late)"
+                )
+            for r in reports:
+                result["errors"] += list(r.get("errors") or [])
+        except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+            run = {"complete": False}
+            result["errors"].append(f"--workers {workers}: {type(exc).__name__}: {exc}")
+        finally:
+            for child in clients:
+                child.kill()
+                text = child.error_text()
+                if text:
+                    result["errors"].append(f"client stderr: {text}")
+            served.stop()
+            if served.problems():
+                result["errors"].append(f"serve --workers {workers}: {served.problems()}")
+        result["runs"][workers] = run
+        result["complete"] = result["complete"] and run.get("complete", False)
+        result[f"rate_{workers}"] = run.get("rate", 0.0)
+    return result
+
+
 def _run_one(
-    impl: str, workload: Workload, settings: Settings, cpus: tuple[int | None, int | None]
+    impl: str,
+    workload: Workload,
+    settings: Settings,
+    cpus: tuple[int | None, int | None],
+    rep: int = 0,
 ) -> dict[str, Any]:
     """Run one measurement in fresh processes and return its result (``problem`` set on failure)."""
+    if workload.kind == "workers":
+        result = _run_workers(impl, workload, settings, rep)
+        if not result["complete"] or result["errors"]:
+            result["problem"] = "; ".join(["incomplete measurement"] * (not result["complete"])
+                                          + result["errors"])  # fmt: skip
+        return result
     server_cpu, client_cpu = cpus
     cap = max(10.0, 5 * settings.duration)
     params: dict[str, Any] = {
@@ -667,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
             order = order[shift:] + order[:shift]
             for impl in order:
                 t0 = time.monotonic()
-                result = _run_one(impl, workload, settings, cpus)
+                result = _run_one(impl, workload, settings, cpus, rep)
                 runs.append({"rep": rep, "workload": workload.name, "impl": impl, "result": result,
                              "wall_seconds": time.monotonic() - t0})  # fmt: skip
                 shown = []

@@ -51,6 +51,22 @@ async def test_serve_and_connect_over_a_unix_socket(tmp_path: pathlib.Path) -> N
         assert await proto.call_remote(Sum, a=20, b=22) == {"total": 42}
 
 
+async def test_serve_a_listening_socket_handed_over(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "amp.sock"
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(path))
+    unix.listen()
+    tcp = socket.create_server((HOST, 0))
+    async with asyncio.timeout(LONG):
+        for sock, target in ((unix, {"path": str(path)}), (tcp, {"port": tcp.getsockname()[1]})):
+            async with await amp.serve(Server, sock=sock):
+                address = {"host": HOST, **target} if "port" in target else target
+                async with await amp.connect(**address) as proto:  # type: ignore[arg-type]
+                    assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
+    # The path belongs to whoever bound the socket: closing the server leaves it.
+    assert path.exists()
+
+
 async def test_host_and_path_are_exclusive(tmp_path: pathlib.Path) -> None:
     with pytest.raises(TypeError, match="not both"):
         await amp.serve(Server, HOST, 0, path=str(tmp_path / "x"))

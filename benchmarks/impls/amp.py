@@ -57,6 +57,21 @@ class Server(AMPProtocol):
         return {"data": data}
 
 
+# The iterations of BusyServer's loop: about 70 µs of CPU per call here.
+BUSY_LOOPS = 1_800
+
+
+class BusyServer(Server):
+    """Answer ``Sum`` after some pure-Python work: a server whose calls cost CPU (workers-cpu)."""
+
+    @Sum.responder
+    def sum(self, a: int, b: int) -> dict[str, int]:
+        spent = 0
+        for i in range(BUSY_LOOPS):
+            spent += i
+        return {"total": a + b + (spent - spent)}
+
+
 async def _serve(workload: str, params: dict[str, Any]) -> None:
     if workload == "idle":
         probe = common.IdleProbe(params["idle_connections"])

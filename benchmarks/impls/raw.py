@@ -157,7 +157,10 @@ async def _drive(
     loop = asyncio.get_running_loop()
     finished = loop.create_future()
     meter.on_done = lambda: finished.done() or finished.set_result(None)
-    meter.warm_end = time.perf_counter() + params["warmup"]
+    warmup = params["warmup"]
+    if "start_at" in params:  # one of several client processes: the same window for all
+        warmup = max(0.0, params["start_at"] - time.time())
+    meter.warm_end = time.perf_counter() + warmup
     for proto in protocols:
         proto.start()
     errors = []
@@ -174,7 +177,9 @@ async def _drive(
     if waiters:
         await asyncio.wait(waiters, timeout=5)
     errors += [repr(p.error) for p in protocols if p.error is not None][:20]
-    return meter.result(errors=errors)
+    # When the window opened, on the wall clock that every process shares.
+    opened = time.time() - (time.perf_counter() - meter.t0) if meter.measuring else None
+    return meter.result(errors=errors, window_start=opened)
 
 
 async def _client(workload: str, port: int, params: dict[str, Any]) -> dict[str, Any]:

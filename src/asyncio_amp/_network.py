@@ -118,7 +118,9 @@ async def serve(
             ``keepalive`` / ``keepalive_timeout`` and its ``middleware`` (the
             same instances for every connection), set on each protocol the
             factory builds; the rest is passed on to
-            ``loop.create_server`` (or ``create_unix_server``).
+            ``loop.create_server`` (or ``create_unix_server``). A listening
+            socket given as ``sock=`` (TCP or UNIX) is served instead of host
+            and port; a UNIX one's path is left to whoever bound it.
 
     Returns:
         The server, already serving. Use it as an async context manager, or call

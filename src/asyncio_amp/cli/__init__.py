@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import call, decode, ping, proxy, serve
+from . import _supervisor, call, decode, ping, proxy, serve
 from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, Formatter, UsageError, fail
 
 __all__ = ["main"]
@@ -58,10 +58,11 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise LookupError(name)  # pragma: no cover - the parser is ours
 
 
-def _configure_logging(level: int) -> None:
+def _configure_logging(level: int, *, pid: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    where = " [%(process)d]" if pid else ""  # serve --workers: which process says it
     handler.setFormatter(
-        logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%H:%M:%S")
+        logging.Formatter(f"%(asctime)s.%(msecs)03d{where} %(levelname)s %(message)s", "%H:%M:%S")
     )
     root = logging.getLogger("asyncio_amp")
     root.addHandler(handler)
@@ -103,7 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             level = (
                 logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
             )
-            _configure_logging(level)
+            _configure_logging(level, pid=bool(args.workers or args.supervisor_fd is not None))
+            if args.workers:
+                parser = _subparser(parser, "serve")
+                return _run(_supervisor.run(args, parser), uvloop=False)
             return _run(serve.run(args), uvloop=args.uvloop)
         if args.subcommand == "decode":
             return decode.run(args, sys.stdin.buffer, sys.stdout)

@@ -34,6 +34,7 @@ from ._common import (
     seconds,
     user_attribute,
 )
+from ._worker import SupervisorLink, parse_fds, serve_inherited
 
 __all__: list[str] = []
 
@@ -48,12 +49,16 @@ examples:
   asyncio-amp serve myapp.server:Calculator --port 7443 --certfile cert.pem --keyfile key.pem
   asyncio-amp serve myapp.server:Calculator --access-log --access-log-format json
   asyncio-amp serve myapp.server:Calculator --middleware myapp.auth:LoginRequired
+  asyncio-amp serve myapp.server:Calculator --port 7000 --workers 4   # 4 processes, one port
 
 The current directory is on the import path. Each connection is logged at INFO,
 every box at DEBUG (-v). SIGINT (Ctrl-C) or SIGTERM stops accepting, refuses new
 calls with SHUTDOWN, and lets running responders finish for --grace seconds;
 a second Ctrl-C stops at once. --access-log writes one line per call to standard
 output (to standard error with --stdio), apart from the log on standard error.
+With --workers N, a supervisor runs N server processes on the one address,
+restarts a crashed one with backoff, and on SIGINT or SIGTERM drains them all
+within --grace.
 """
 
 # serve's options for the limits of AMPProtocol: (name, type, metavar, default shown).
@@ -106,6 +111,16 @@ def add_parser(
         metavar="SECONDS",
         help="how long running responders may take to finish at shutdown (default 10)",
     )
+    parser.add_argument(
+        "--workers",
+        type=worker_count,
+        metavar="N",
+        help="run N server processes on this address under a supervisor that restarts them "
+        "(POSIX only)",
+    )
+    # How a supervisor hands a worker its listening sockets and its end of their link.
+    parser.add_argument("--listen-fds", type=parse_fds, help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--certfile", metavar="FILE", help="serve TLS with this certificate")
     parser.add_argument("--keyfile", metavar="FILE", help="the certificate's key")
     parser.add_argument(
@@ -146,6 +161,17 @@ def add_parser(
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return parser
+
+
+def worker_count(text: str) -> int:
+    """argparse's type for --workers: 1 or more."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers, not {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more workers, not {count}")
+    return count
 
 
 # Loading the server
@@ -313,28 +339,44 @@ async def _listen(
     limits: dict[str, Any],
     live: set[AMPProtocol],
 ) -> int:
-    """Listen on TCP or a UNIX socket, and shut down with grace when stopped."""
+    """
+    Listen on TCP or a UNIX socket, and shut down with grace when stopped.
+
+    A worker of ``--workers`` serves the sockets its supervisor handed it instead,
+    and also stops when its supervisor is gone.
+    """
     try:
-        if args.unix:
-            server = await serve(factory, path=args.unix, ssl=tls, **limits)
-            where = args.unix
+        if args.listen_fds:
+            servers = await serve_inherited(args.listen_fds, factory, tls, limits)
+        elif args.unix:
+            servers = [await serve(factory, path=args.unix, ssl=tls, **limits)]
         else:
-            server = await serve(factory, args.host, args.port, ssl=tls, **limits)
-            where = ", ".join(format_sockname(s.getsockname()) for s in server.sockets)
+            servers = [await serve(factory, args.host, args.port, ssl=tls, **limits)]
     except OSError as exc:
         target = args.unix or f"{args.host}:{args.port}"
         host = None if args.unix else args.host
         return fail(EXIT_CONNECT, place_error("cannot listen on", host, target, exc))
+    where = args.unix or ", ".join(
+        format_sockname(s.getsockname()) for server in servers for s in server.sockets
+    )
     scheme = " with TLS" if tls else ""
-    logger.info("serving %s on %s%s (press Ctrl-C to stop)", args.app, where, scheme)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # A worker's signals only drain it; stopping at once is its supervisor's to ask.
+    link = None if args.supervisor_fd is None else SupervisorLink(args.supervisor_fd, stop)
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stop.set if link is None else link.drain)
+    if link is not None:  # ready once a SIGTERM would drain us
+        link.ready()
+        logger.info("worker serving %s on %s%s", args.app, where, scheme)
+    else:
+        logger.info("serving %s on %s%s (press Ctrl-C to stop)", args.app, where, scheme)
     try:
         await stop.wait()
         stop.clear()
+        if link is not None:
+            link.draining()
         still_open = [protocol for protocol in live if not protocol.closed]
         logger.info(
             "shutting down: %d open connection%s, grace period %g s (Ctrl-C again to stop now)",
@@ -343,23 +385,24 @@ async def _listen(
             args.grace,
         )
         # Every connection shuts down through shutdown(grace), at once.
-        server.close(grace=args.grace)
-        shutdowns = asyncio.ensure_future(server.wait_closed())
+        for server in servers:
+            server.close(grace=args.grace)
+        shutdowns = asyncio.gather(*(server.wait_closed() for server in servers))
         interrupt = asyncio.ensure_future(stop.wait())
         waiters: set[asyncio.Future[Any]] = {shutdowns, interrupt}
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if not shutdowns.done():
             logger.info("stopping now")
-            server.abort_clients()
+            for server in servers:
+                server.abort_clients()
             await shutdowns
         interrupt.cancel()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(1.0, args.grace)):
-                await server.wait_closed()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
-        if args.unix:
+        if link is not None:
+            link.close()
+        if args.unix and not args.listen_fds:
             with contextlib.suppress(OSError):
                 os.unlink(args.unix)
     logger.info("stopped")
