@@ -109,6 +109,14 @@ def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> No
         parts.append(value)
 
 
+# The wire form (length prefix and key) of the keys encode_box has checked, so that
+# the usual keys are checked and prefixed once, not in every box. Bounded, so that
+# boxes with ever new keys (a proxy re-encodes what its peers send) cannot grow it:
+# past the bound, new keys take the general way every time.
+_KEY_HEADS: dict[bytes, bytes] = {}
+_KEY_HEADS_SIZE = 1024
+
+
 def encode_box(box: Mapping[bytes, bytes]) -> bytes:
     """
     Serialize one box, keys in sorted order, terminator included.
@@ -125,7 +133,23 @@ def encode_box(box: Mapping[bytes, bytes]) -> bytes:
         TooLongError: A key is over 255 bytes or a value over 65,535 bytes.
     """
     parts: list[bytes] = []
-    encode_items(sorted(box.items()), parts)
+    heads = _KEY_HEADS
+    prefixes = PREFIXES
+    for key in sorted(box):
+        value = box[key]
+        # The usual pair: a key met before (so already checked) and a short bytes value.
+        if (
+            type(key) is bytes
+            and (head := heads.get(key)) is not None
+            and type(value) is bytes
+            and (n := len(value)) < _PREFIX_TABLE_SIZE
+        ):
+            parts += (head, prefixes[n], value)
+            continue
+        # Anything else: encode_items checks it, and reports what is wrong.
+        encode_items(((key, value),), parts)
+        if len(heads) < _KEY_HEADS_SIZE:
+            heads[key] = PREFIXES[len(key)] + key
     parts.append(BOX_END)
     return b"".join(parts)
 
@@ -416,6 +440,46 @@ def parse_boxes(data: bytes) -> list[Box]:
     Raises:
         ProtocolError: ``data`` is not valid AMP, or it ends inside a box.
     """
+    # One pass over a stream of well-formed boxes. At the first thing that is not
+    # (a fault, or the end of the data inside a box), the stream is parsed again by
+    # _parse_boxes_reference, which reports it as an incremental read would.
+    if type(data) is not bytes:
+        return _parse_boxes_reference(data)
+    boxes: list[Box] = []
+    box: Box = {}
+    pos = 0
+    end = len(data)
+    try:
+        while pos < end:
+            if data[pos]:
+                break  # a key length over 255
+            # The data ends inside a box if an index goes past its end (IndexError)
+            # or a value is cut short (the loop ends with that box unfinished).
+            klen = data[pos + 1]
+            if not klen:
+                if not box:
+                    break  # an empty box
+                boxes.append(box)
+                box = {}
+                pos += 2
+                continue
+            kpos = pos + 2
+            vpos = kpos + klen
+            vstart = vpos + 2
+            stop = vstart + (data[vpos] << 8 | data[vpos + 1])
+            box[data[kpos:vpos]] = data[vstart:stop]
+            pos = stop
+        else:
+            if not box:
+                return boxes
+    except IndexError:
+        pass
+    return _parse_boxes_reference(data)
+
+
+def _parse_boxes_reference(data: bytes) -> list[Box]:
+    """[`parse_boxes`][] through a [`BoxDecoder`][]: what the one-pass parse falls back to."""
+    # Limits no stream of len(data) bytes can reach: parse_boxes has none.
     decoder = BoxDecoder(max_box_size=len(data) + 1, max_keys=len(data) + 1)
     boxes = decoder.receive_data(data)
     error = decoder.end_of_stream()

@@ -1,0 +1,207 @@
+"""
+The fast codec against the reference algorithms it replaced: same bytes, same boxes, same errors.
+
+``encode_box`` and ``parse_boxes`` take one-pass shortcuts for the usual input and hand
+everything else to the general code. These tests run both on random and adversarial
+input and require identical results, or the same exception with the same message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncio_amp._wire import (
+    _KEY_HEADS,
+    _KEY_HEADS_SIZE,
+    BOX_END,
+    MAX_VALUE_LENGTH,
+    _parse_boxes_reference,
+    encode_box,
+    encode_items,
+    parse_boxes,
+)
+
+
+def reference_encode_box(box: Mapping[Any, Any]) -> bytes:
+    """``encode_box`` as it was before its fast path: every pair through encode_items."""
+    parts: list[bytes] = []
+    encode_items(sorted(box.items()), parts)
+    parts.append(BOX_END)
+    return b"".join(parts)
+
+
+def outcome(function: Callable[[Any], Any], argument: Any) -> tuple[str, Any]:
+    """What ``function(argument)`` does: its result, or its exception's type and message."""
+    try:
+        return ("result", function(argument))
+    except Exception as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def assert_same_parse(data: Any) -> None:
+    assert outcome(parse_boxes, data) == outcome(_parse_boxes_reference, data)
+
+
+def assert_same_encoding(box: Mapping[Any, Any]) -> None:
+    assert outcome(encode_box, box) == outcome(reference_encode_box, box)
+
+
+keys = st.one_of(
+    st.sampled_from([b"_ask", b"_answer", b"_command", b"_error", b"a", b"b", b"total"]),
+    st.binary(min_size=1, max_size=8),
+)
+values = st.one_of(st.binary(max_size=20), st.sampled_from([b"", b"1", b"Sum", b"x" * 1023]))
+boxes = st.dictionaries(keys, values, min_size=1, max_size=6)
+
+
+# parse_boxes
+
+
+@settings(max_examples=300)
+@given(st.lists(boxes, max_size=5), st.data())
+def test_parse_boxes_matches_the_reference_on_valid_streams_and_every_cut(
+    stream: list[dict[bytes, bytes]], data: st.DataObject
+) -> None:
+    encoded = b"".join(encode_box(box) for box in stream)
+    assert parse_boxes(encoded) == stream
+    assert_same_parse(encoded)
+    # Every truncation, then a few random ones of a longer stream.
+    for cut in range(min(len(encoded), 80)):
+        assert_same_parse(encoded[:cut])
+    if encoded:
+        cut = data.draw(st.integers(0, len(encoded) - 1))
+        assert_same_parse(encoded[:cut])
+
+
+@settings(max_examples=300)
+@given(st.lists(boxes, min_size=1, max_size=4), st.data())
+def test_parse_boxes_matches_the_reference_on_corrupted_streams(
+    stream: list[dict[bytes, bytes]], data: st.DataObject
+) -> None:
+    encoded = bytearray(b"".join(encode_box(box) for box in stream))
+    for _ in range(data.draw(st.integers(1, 4))):
+        where = data.draw(st.integers(0, len(encoded) - 1))
+        what = data.draw(st.sampled_from(["byte", "zero", "high", "insert", "delete"]))
+        if what == "byte":
+            encoded[where] = data.draw(st.integers(0, 255))
+        elif what == "zero":
+            encoded[where : where + 2] = b"\x00\x00"  # an early end, or an empty box
+        elif what == "high":
+            encoded[where] = data.draw(st.integers(1, 255))  # a length over the limits
+        elif what == "insert":
+            encoded[where:where] = data.draw(st.binary(min_size=1, max_size=4))
+        else:
+            del encoded[where]
+    assert_same_parse(bytes(encoded))
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=80))
+def test_parse_boxes_matches_the_reference_on_random_bytes(data: bytes) -> None:
+    assert_same_parse(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00",
+        b"\x00\x00",  # an empty box
+        b"\x00\x01a\x00\x00\x00\x00\x00\x00",  # a box, then an empty one
+        b"\x01\x00" + b"k" * 256 + b"\x00\x00\x00\x00",  # a key of 256 bytes
+        b"\x00\xff" + b"k" * 255 + b"\x00\x00\x00\x00",  # a key of 255 bytes
+        b"GET / HTTP/1.1\r\nHost: example\r\n\r\n",  # text
+        b"\x00\x01a\xff\xff" + b"v" * 65_535 + b"\x00\x00",  # the longest value
+        b"\x00\x01a\xff\xff" + b"v" * 65_534 + b"\x00\x00",  # one byte short
+        b"\x00\x01a\x00\x01v\x00\x01a\x00\x01w\x00\x00",  # a repeated key: the last wins
+        b"\x00\x01a\x00\x01v",  # no end
+        b"\x00\x01a\x00\x01v\x00",  # half an end
+        b"\x00\x01a\x00",  # half a value length
+        b"\x00\x01",  # a key length only
+    ],
+)
+def test_parse_boxes_matches_the_reference_on_edge_cases(data: bytes) -> None:
+    assert_same_parse(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytearray(b"\x00\x01a\x00\x01v\x00\x00"),
+        memoryview(b"\x00\x01a\x00\x01v\x00\x00"),
+        bytearray(b"\x00\x00"),
+        bytearray(b""),
+    ],
+)
+def test_parse_boxes_takes_other_buffers_as_before(data: Any) -> None:
+    assert_same_parse(data)
+
+
+# encode_box
+
+
+@settings(max_examples=300)
+@given(boxes)
+def test_encode_box_matches_the_reference(box: dict[bytes, bytes]) -> None:
+    assert_same_encoding(box)
+    assert_same_encoding(box)  # the keys are known the second time
+
+
+class Key(bytes):
+    """A bytes subclass: AMP keys are bytes exactly."""
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        {b"a": b"1", "b": b"2"},  # keys that do not sort together
+        {"a": b"1"},
+        {Key(b"a"): b"1"},  # equal to a known key, not bytes
+        {b"a": "1"},
+        {b"a": 1},
+        {b"a": bytearray(b"1")},
+        {b"a": memoryview(b"12345")},
+        {b"a": memoryview(b"12345")[::2]},  # not contiguous
+        {b"a": b"v" * 1023},
+        {b"a": b"v" * 1024},
+        {b"a": b"v" * MAX_VALUE_LENGTH},
+        {b"a": b"v" * (MAX_VALUE_LENGTH + 1)},
+        {b"": b"1"},
+        {b"k" * 255: b"1"},
+        {b"k" * 256: b"1"},
+        {b"a": b"1", b"b": b"v" * (MAX_VALUE_LENGTH + 1), b"c": "3"},  # the first fault
+        {},
+    ],
+)
+def test_encode_box_matches_the_reference_on_edge_cases(box: dict[Any, Any]) -> None:
+    encode_box({b"a": b"1", b"b": b"2", b"c": b"3"})  # these keys are known
+    assert_same_encoding(box)
+    assert_same_encoding(box)
+
+
+def test_encode_box_remembers_a_bounded_number_of_keys() -> None:
+    kept = dict(_KEY_HEADS)
+    try:
+        for i in range(_KEY_HEADS_SIZE + 100):
+            key = b"key-%d" % i
+            assert encode_box({key: b"v"}) == reference_encode_box({key: b"v"})
+        assert len(_KEY_HEADS) == _KEY_HEADS_SIZE
+        # Keys it did not keep are still encoded and checked in each box.
+        assert_same_encoding({b"new-key": b"v", b"k" * 256: b"v"})
+        assert encode_box({b"another": b"v"}) == reference_encode_box({b"another": b"v"})
+        assert b"another" not in _KEY_HEADS
+    finally:
+        _KEY_HEADS.clear()
+        _KEY_HEADS.update(kept)
+
+
+def test_encode_box_keeps_no_key_it_refused() -> None:
+    for bad in (b"", b"k" * 256):
+        with pytest.raises(ValueError):
+            encode_box({bad: b"v"})
+        assert bad not in _KEY_HEADS
