@@ -8,6 +8,7 @@ input and require identical results, or the same exception with the same message
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,11 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asyncio_amp._errors import ProtocolError
 from asyncio_amp._wire import (
     _KEY_HEADS,
     _KEY_HEADS_SIZE,
     BOX_END,
+    MAX_KEY_LENGTH,
     MAX_VALUE_LENGTH,
+    Box,
+    BoxDecoder,
     _parse_boxes_reference,
     encode_box,
     encode_items,
@@ -33,6 +38,87 @@ def reference_encode_box(box: Mapping[Any, Any]) -> bytes:
     encode_items(sorted(box.items()), parts)
     parts.append(BOX_END)
     return b"".join(parts)
+
+
+_unpack_length = struct.Struct("!H").unpack_from
+
+
+class ReferenceDecoder(BoxDecoder):
+    """``BoxDecoder`` as it was before lengths were read by indexing."""
+
+    __slots__ = ()
+
+    def receive_data(self, data: bytes) -> list[Box]:
+        boxes, error = self.receive_data_partial(data)
+        if error is not None:
+            raise error
+        return boxes
+
+    def _parse(self, data: bytes, boxes: list[Box], start: int = 0) -> None:
+        box = self._box
+        if box is None:
+            box = {}
+        size = self._box_size
+        max_box_size = self._max_box_size
+        max_keys = self._max_keys
+        unpack = _unpack_length
+        if start:
+            self._offset -= start
+        pos = start
+        end = len(data)
+        self._need = 2
+        while end - pos >= 2:
+            (klen,) = unpack(data, pos)
+            if not klen:
+                if not box:
+                    raise self._error_at(pos, "empty")
+                boxes.append(box)
+                box = {}
+                size = 0
+                pos += 2
+                continue
+            if klen > MAX_KEY_LENGTH:
+                raise self._error_at(pos, "key", data)
+            vpos = pos + 2 + klen
+            if end - vpos < 2:
+                self._need = vpos + 2 - pos
+                break
+            (vlen,) = unpack(data, vpos)
+            stop = vpos + 2 + vlen
+            pair = stop - pos
+            if size + pair > max_box_size or len(box) >= max_keys:
+                raise self._error_at(pos, "limit", data, size, pair, box)
+            if stop > end:
+                self._need = pair
+                break
+            box[data[pos + 2 : vpos]] = data[vpos + 2 : stop]
+            size += pair
+            pos = stop
+        self._box = box
+        self._box_size = size
+        self._offset += pos
+        if pos < end:
+            self._rest = bytearray(memoryview(data)[pos:] if pos else data)
+
+
+def decoder_run(
+    decoder: BoxDecoder, data: bytes, cuts: list[int], partial: bool
+) -> list[tuple[str, Any]]:
+    """Feed ``data`` cut at ``cuts``; what each read gave, and what the end of the stream says."""
+    seen: list[tuple[str, Any]] = []
+    start = 0
+    for cut in [*sorted(cuts), len(data)]:
+        chunk = data[start:cut]
+        start = cut
+        if partial:
+            boxes, error = decoder.receive_data_partial(chunk)
+            seen.append(("partial", (boxes, None if error is None else str(error))))
+        else:
+            seen.append(outcome(decoder.receive_data, chunk))
+        seen.append(("state", (decoder.in_box, decoder.buffered)))
+    end = decoder.end_of_stream()
+    seen.append(("end", None if end is None else str(end)))
+    return seen
 
 
 def outcome(function: Callable[[Any], Any], argument: Any) -> tuple[str, Any]:
@@ -57,6 +143,59 @@ keys = st.one_of(
 )
 values = st.one_of(st.binary(max_size=20), st.sampled_from([b"", b"1", b"Sum", b"x" * 1023]))
 boxes = st.dictionaries(keys, values, min_size=1, max_size=6)
+
+
+# BoxDecoder
+
+
+limits = st.tuples(st.sampled_from([8, 20, 40, 100, 10_000]), st.sampled_from([1, 2, 3, 5, 1024]))
+
+
+def assert_same_decoding(data: bytes, cuts: list[int], max_box_size: int, max_keys: int) -> None:
+    for partial in (False, True):
+        new = BoxDecoder(max_box_size=max_box_size, max_keys=max_keys)
+        old = ReferenceDecoder(max_box_size=max_box_size, max_keys=max_keys)
+        assert decoder_run(new, data, cuts, partial) == decoder_run(old, data, cuts, partial)
+
+
+@settings(max_examples=300)
+@given(st.lists(boxes, max_size=5), limits, st.data())
+def test_decoder_matches_the_reference_on_valid_streams(
+    stream: list[dict[bytes, bytes]], limit: tuple[int, int], data: st.DataObject
+) -> None:
+    encoded = b"".join(encode_box(box) for box in stream)
+    cuts = data.draw(st.lists(st.integers(0, len(encoded)), max_size=6))
+    assert_same_decoding(encoded, cuts, *limit)
+
+
+@settings(max_examples=300)
+@given(st.lists(boxes, min_size=1, max_size=4), limits, st.data())
+def test_decoder_matches_the_reference_on_corrupted_streams(
+    stream: list[dict[bytes, bytes]], limit: tuple[int, int], data: st.DataObject
+) -> None:
+    encoded = bytearray(b"".join(encode_box(box) for box in stream))
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.integers(0, len(encoded) - 1))
+        encoded[where] = data.draw(st.sampled_from([0, 1, 2, 255, data.draw(st.integers(0, 255))]))
+    cuts = data.draw(st.lists(st.integers(0, len(encoded)), max_size=6))
+    assert_same_decoding(bytes(encoded), cuts, *limit)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=80), limits, st.lists(st.integers(0, 80), max_size=4))
+def test_decoder_matches_the_reference_on_random_bytes(
+    data: bytes, limit: tuple[int, int], cuts: list[int]
+) -> None:
+    assert_same_decoding(data, [c for c in cuts if c <= len(data)], *limit)
+
+
+def test_decoder_reports_a_broken_stream_again_like_the_reference() -> None:
+    for decoder in (BoxDecoder(), ReferenceDecoder()):
+        with pytest.raises(ProtocolError) as first:
+            decoder.receive_data(b"\x01\x00")
+        with pytest.raises(ProtocolError) as again:
+            decoder.receive_data(b"\x00\x01a\x00\x00\x00\x00")
+        assert again.value is first.value
 
 
 # parse_boxes

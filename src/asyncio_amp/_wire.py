@@ -11,7 +11,6 @@ This module does no I/O and imports nothing from asyncio.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Mapping
 
 from ._errors import ProtocolError, TooLongError
@@ -57,8 +56,6 @@ DEFAULT_MAX_KEYS = 1024
 _PREFIX_TABLE_SIZE = 1024
 PREFIXES = tuple(n.to_bytes(2, "big") for n in range(_PREFIX_TABLE_SIZE))
 BOX_END = b"\x00\x00"
-
-_unpack_length = struct.Struct("!H").unpack_from
 
 
 def length_prefix(n: int) -> bytes:
@@ -268,9 +265,21 @@ class BoxDecoder:
                 completed before the bad bytes are lost to the caller; use
                 [`receive_data_partial`][] to keep them.
         """
-        boxes, error = self.receive_data_partial(data)
-        if error is not None:
-            raise error
+        if self._rest or self._error is not None:
+            found, error = self.receive_data_partial(data)
+            if error is not None:
+                raise error
+            return found
+        # receive_data_partial, inline for a read that starts on a pair boundary.
+        boxes: list[Box] = []
+        try:
+            self._parse(data, boxes)
+        except ProtocolError as exc:
+            self._error = exc
+            self._box = None
+            self._box_size = 0
+            self._rest = None
+            raise
         return boxes
 
     def receive_data_partial(self, data: bytes) -> tuple[list[Box], ProtocolError | None]:
@@ -361,14 +370,17 @@ class BoxDecoder:
         size = self._box_size
         max_box_size = self._max_box_size
         max_keys = self._max_keys
-        unpack = _unpack_length
         if start:
             self._offset -= start  # stream offsets are counted from data[0] while parsing
         pos = start
         end = len(data)
         self._need = 2
         while end - pos >= 2:
-            (klen,) = unpack(data, pos)
+            # Lengths by indexing: cheaper than a struct call. A key length's first
+            # byte is 0, or the key is over MAX_KEY_LENGTH (255).
+            if data[pos]:
+                raise self._error_at(pos, "key", data)
+            klen = data[pos + 1]
             if not klen:
                 if not box:
                     raise self._error_at(pos, "empty")
@@ -377,14 +389,11 @@ class BoxDecoder:
                 size = 0
                 pos += 2
                 continue
-            if klen > MAX_KEY_LENGTH:
-                raise self._error_at(pos, "key", data)
             vpos = pos + 2 + klen
             if end - vpos < 2:
                 self._need = vpos + 2 - pos
                 break
-            (vlen,) = unpack(data, vpos)
-            stop = vpos + 2 + vlen
+            stop = vpos + 2 + (data[vpos] << 8 | data[vpos + 1])
             pair = stop - pos
             if size + pair > max_box_size or len(box) >= max_keys:
                 raise self._error_at(pos, "limit", data, size, pair, box)
