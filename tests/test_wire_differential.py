@@ -9,14 +9,14 @@ input and require identical results, or the same exception with the same message
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncio_amp._errors import ProtocolError
+from asyncio_amp._errors import ProtocolError, TooLongError
 from asyncio_amp._wire import (
     _KEY_HEADS,
     _KEY_HEADS_SIZE,
@@ -26,18 +26,56 @@ from asyncio_amp._wire import (
     Box,
     BoxDecoder,
     _parse_boxes_reference,
+    check_key,
     encode_box,
     encode_items,
+    length_prefix,
     parse_boxes,
 )
 
 
+def reference_encode_items(items: Iterable[tuple[Any, Any]], parts: list[bytes]) -> None:
+    """``encode_items`` as it was before its fast path: every key and value checked."""
+    for key, raw in items:
+        check_key(key)
+        value = raw
+        if type(value) is bytes:
+            n = len(value)
+        elif isinstance(value, memoryview):
+            n = value.nbytes
+            if not value.c_contiguous:
+                value = value.tobytes()
+        elif isinstance(value, bytearray):
+            value = bytes(value)
+            n = len(value)
+        else:
+            raise TypeError(f"AMP values are bytes, not {type(value).__name__} (key {key!r})")
+        if n > MAX_VALUE_LENGTH:
+            raise TooLongError(key, n, MAX_VALUE_LENGTH, is_key=False)
+        parts.append(length_prefix(len(key)))
+        parts.append(key)
+        parts.append(length_prefix(n))
+        parts.append(value)
+
+
 def reference_encode_box(box: Mapping[Any, Any]) -> bytes:
-    """``encode_box`` as it was before its fast path: every pair through encode_items."""
+    """``encode_box`` as it was before its fast path."""
     parts: list[bytes] = []
-    encode_items(sorted(box.items()), parts)
+    reference_encode_items(sorted(box.items()), parts)
     parts.append(BOX_END)
     return b"".join(parts)
+
+
+def encode_items_outcome(
+    encode: Callable[[Iterable[tuple[Any, Any]], list[bytes]], None], items: list[tuple[Any, Any]]
+) -> tuple[Any, ...]:
+    """The parts ``encode`` appends for ``items`` (as bytes), or its exception and message."""
+    parts: list[bytes] = []
+    try:
+        encode(items, parts)
+    except Exception as exc:
+        return (type(exc).__name__, str(exc), b"".join(parts))
+    return ("result", [bytes(part) for part in parts])
 
 
 _unpack_length = struct.Struct("!H").unpack_from
@@ -291,6 +329,15 @@ def test_encode_box_matches_the_reference(box: dict[bytes, bytes]) -> None:
     assert_same_encoding(box)  # the keys are known the second time
 
 
+@settings(max_examples=300)
+@given(st.lists(st.tuples(keys, values), max_size=6))
+def test_encode_items_matches_the_reference(items: list[tuple[bytes, bytes]]) -> None:
+    for _ in range(2):  # the keys are known the second time
+        assert encode_items_outcome(encode_items, items) == encode_items_outcome(
+            reference_encode_items, items
+        )
+
+
 class Key(bytes):
     """A bytes subclass: AMP keys are bytes exactly."""
 
@@ -321,6 +368,10 @@ def test_encode_box_matches_the_reference_on_edge_cases(box: dict[Any, Any]) -> 
     encode_box({b"a": b"1", b"b": b"2", b"c": b"3"})  # these keys are known
     assert_same_encoding(box)
     assert_same_encoding(box)
+    items = list(box.items())
+    assert encode_items_outcome(encode_items, items) == encode_items_outcome(
+        reference_encode_items, items
+    )
 
 
 def test_encode_box_remembers_a_bounded_number_of_keys() -> None:

@@ -887,12 +887,15 @@ class RawCommand:
         self.requires_answer = bool(requires_answer)
         items: dict[bytes, bytes] = {}
         for key, value in (arguments or {}).items():
-            wire_key = _raw_bytes(key, "an argument key")
+            # bytes as they are: what _raw_bytes returns for them, without its calls.
+            wire_key = key if type(key) is bytes else _raw_bytes(key, "an argument key")
             if wire_key in RESERVED_KEYS:
                 raise ValueError(f"{wire_key!r} is a reserved AMP key, not an argument")
             if wire_key in items:
                 raise ValueError(f"the argument key {wire_key!r} is given twice")
-            items[wire_key] = _raw_bytes(value, f"the value of {wire_key!r}")
+            items[wire_key] = (
+                value if type(value) is bytes else _raw_bytes(value, f"the value of {wire_key!r}")
+            )
         items[COMMAND] = name
         if self.requires_answer:
             items[ASK] = b""

@@ -63,6 +63,14 @@ def length_prefix(n: int) -> bytes:
     return PREFIXES[n] if n < _PREFIX_TABLE_SIZE else n.to_bytes(2, "big")
 
 
+# The wire form (length prefix and key) of the keys encode_items has checked, so that
+# the usual keys are checked and prefixed once, not in every box. Bounded, so that
+# boxes with ever new keys (a proxy re-encodes what its peers send) cannot grow it:
+# past the bound, new keys take the general way every time.
+_KEY_HEADS: dict[bytes, bytes] = {}
+_KEY_HEADS_SIZE = 1024
+
+
 def check_key(key: bytes) -> None:
     """
     Check that ``key`` can be sent as an AMP key.
@@ -82,8 +90,21 @@ def check_key(key: bytes) -> None:
 
 def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> None:
     """Append the wire form of sorted ``items`` to ``parts``, checking every length."""
+    heads = _KEY_HEADS
+    prefixes = PREFIXES
     for key, given in items:
+        # The usual pair, as in encode_box: a key already checked, a short bytes value.
+        if (
+            type(key) is bytes
+            and key in heads
+            and type(given) is bytes
+            and (n := len(given)) < _PREFIX_TABLE_SIZE
+        ):
+            parts += (prefixes[len(key)], key, prefixes[n], given)
+            continue
         check_key(key)
+        if len(heads) < _KEY_HEADS_SIZE:
+            heads[key] = prefixes[len(key)] + key
         value = given
         if type(value) is bytes:
             n = len(value)
@@ -104,14 +125,6 @@ def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> No
         parts.append(key)
         parts.append(PREFIXES[n] if n < _PREFIX_TABLE_SIZE else n.to_bytes(2, "big"))
         parts.append(value)
-
-
-# The wire form (length prefix and key) of the keys encode_box has checked, so that
-# the usual keys are checked and prefixed once, not in every box. Bounded, so that
-# boxes with ever new keys (a proxy re-encodes what its peers send) cannot grow it:
-# past the bound, new keys take the general way every time.
-_KEY_HEADS: dict[bytes, bytes] = {}
-_KEY_HEADS_SIZE = 1024
 
 
 def encode_box(box: Mapping[bytes, bytes]) -> bytes:
@@ -143,10 +156,8 @@ def encode_box(box: Mapping[bytes, bytes]) -> bytes:
         ):
             parts += (head, prefixes[n], value)
             continue
-        # Anything else: encode_items checks it, and reports what is wrong.
+        # Anything else: encode_items checks it (and keeps its key once checked).
         encode_items(((key, value),), parts)
-        if len(heads) < _KEY_HEADS_SIZE:
-            heads[key] = PREFIXES[len(key)] + key
     parts.append(BOX_END)
     return b"".join(parts)
 
