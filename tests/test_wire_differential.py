@@ -1,9 +1,11 @@
 """
 The fast codec against the reference algorithms it replaced: same bytes, same boxes, same errors.
 
-``encode_box`` and ``parse_boxes`` take one-pass shortcuts for the usual input and hand
-everything else to the general code. These tests run both on random and adversarial
-input and require identical results, or the same exception with the same message.
+``encode_box``, ``encode_items``, ``parse_boxes``, ``BoxDecoder`` and the connection's
+one-pass path take shortcuts for the usual input and hand everything else to the
+general code. These tests run them and the previous code (kept here) on random and
+adversarial input, and require identical results, or the same exception with the
+same message.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asyncio_amp._connection import AMPConnection, Failure, _classify
 from asyncio_amp._errors import ProtocolError, TooLongError
 from asyncio_amp._wire import (
     _KEY_HEADS,
@@ -395,3 +398,68 @@ def test_encode_box_keeps_no_key_it_refused() -> None:
         with pytest.raises(ValueError):
             encode_box({bad: b"v"})
         assert bad not in _KEY_HEADS
+
+
+# The connection's one-pass path for the usual boxes against the general decoder
+
+
+def connection_events(data: bytes, max_keys: int) -> list[object]:
+    conn = AMPConnection(max_keys=max_keys)
+    conn.receive_data(data)
+    return [
+        ("failure", str(event.error)) if isinstance(event, Failure) else event
+        for event in conn.events_received()
+    ]
+
+
+def decoder_events(data: bytes, max_keys: int) -> list[object]:
+    boxes, error = BoxDecoder(max_keys=max_keys).receive_data_partial(data)
+    events: list[object] = []
+    for box in boxes:
+        try:
+            events.append(_classify(box))
+        except ProtocolError as exc:
+            error = exc
+            break
+    if error is not None:
+        events.append(("failure", str(error)))
+    return events
+
+
+usual_boxes = st.lists(
+    st.tuples(
+        st.sampled_from([b"_ask", b"_answer", b"_command", b"_error", b"a", b"total"]),
+        st.binary(max_size=4),
+    ),
+    min_size=1,
+    max_size=4,
+).map(lambda pairs: encode_box(dict(sorted(pairs))))
+
+
+@settings(max_examples=300)
+@given(st.lists(usual_boxes, min_size=1, max_size=4), st.integers(1, 6), st.data())
+def test_connection_matches_the_decoder_on_corrupted_streams(
+    stream: list[bytes], max_keys: int, data: st.DataObject
+) -> None:
+    encoded = bytearray(b"".join(stream))
+    for _ in range(data.draw(st.integers(0, 3))):
+        where = data.draw(st.integers(0, len(encoded) - 1))
+        encoded[where] = data.draw(st.sampled_from([0, 1, 255, data.draw(st.integers(0, 255))]))
+    cut = data.draw(st.integers(0, len(encoded)))
+    for chunk in (bytes(encoded), bytes(encoded[:cut])):
+        assert connection_events(chunk, max_keys) == decoder_events(chunk, max_keys)
+
+
+@pytest.mark.parametrize("byte", [0, 1, 2, 0x7F, 0xFF])
+def test_connection_matches_the_decoder_with_any_byte_changed(byte: int) -> None:
+    stream = (
+        encode_box({b"_answer": b"1", b"total": b"94"})
+        + encode_box({b"_ask": b"2", b"_command": b"Sum", b"a": b"13", b"b": b"81"})
+        + encode_box({b"_answer": b"3", b"_error": b"x"})
+    )
+    for where in range(len(stream)):
+        changed = bytearray(stream)
+        changed[where] = byte
+        for max_keys in (2, 4, 1024):
+            data = bytes(changed)
+            assert connection_events(data, max_keys) == decoder_events(data, max_keys), where

@@ -44,7 +44,6 @@ responders is the I/O layer's work.
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -135,7 +134,6 @@ Parser = Callable[[bytes, int], tuple[dict[str, Any], int]]
 _ANSWER_HEADER = PREFIXES[len(ANSWER)] + ANSWER
 _ASK_HEADER = PREFIXES[len(ASK)] + ASK
 _COMMAND_HEADER = PREFIXES[len(COMMAND)] + COMMAND
-_unpack_length = struct.Struct("!H").unpack_from
 
 
 def _box_end(data: bytes, pos: int) -> int:
@@ -476,7 +474,6 @@ class AMPConnection:
         max_keys = decoder.max_keys
         pending: dict[bytes, Any] = self.pending if self.decode_values else _NO_CALLS
         ask_parsers = self.ask_parsers if self.decode_values else _NO_PARSERS
-        unpack = _unpack_length
         end = len(data)
         pos = start = 0
         try:
@@ -523,20 +520,22 @@ class AMPConnection:
                     break
                 box = {first: tag}
                 p = stop
-                # Until the empty key that ends the box. A length read past the end
-                # of the data raises struct.error: the box is incomplete.
+                # Until the empty key that ends the box. Lengths by indexing, as in
+                # BoxDecoder._parse: an index past the end of the data raises
+                # IndexError, the box is incomplete.
                 while True:
-                    (klen,) = unpack(data, p)
+                    if data[p]:
+                        return start  # a key over MAX_KEY_LENGTH (255)
+                    klen = data[p + 1]
                     if not klen:
                         break
-                    if klen > MAX_KEY_LENGTH:
-                        return start
-                    vpos = p + 2 + klen
-                    (vlen,) = unpack(data, vpos)
-                    stop = vpos + 2 + vlen
+                    kpos = p + 2
+                    vpos = kpos + klen
+                    vstart = vpos + 2
+                    stop = vstart + (data[vpos] << 8 | data[vpos + 1])
                     if stop > end:
                         return start  # incomplete: copy nothing of a long value
-                    box[data[p + 2 : vpos]] = data[vpos + 2 : stop]
+                    box[data[kpos:vpos]] = data[vstart:stop]
                     p = stop
                 # Every limit the general decoder checks pair by pair holds if the
                 # whole box is within them (it holds the same keys in fewer pairs
@@ -551,7 +550,7 @@ class AMPConnection:
                         break
                     events.append(Ask(box[ASK], command, box))
                 pos = p + 2
-        except (struct.error, IndexError):
+        except IndexError:
             return start
         return pos
 
