@@ -428,7 +428,12 @@ def decoder_events(data: bytes, max_keys: int) -> list[object]:
 
 usual_boxes = st.lists(
     st.tuples(
-        st.sampled_from([b"_ask", b"_answer", b"_command", b"_error", b"a", b"total"]),
+        st.sampled_from(
+            [
+                *(b"_ask", b"_answer", b"_command", b"_error"),
+                *(b"_error_code", b"_error_description", b"a", b"total"),
+            ]
+        ),
         st.binary(max_size=4),
     ),
     min_size=1,
@@ -456,6 +461,8 @@ def test_connection_matches_the_decoder_with_any_byte_changed(byte: int) -> None
         encode_box({b"_answer": b"1", b"total": b"94"})
         + encode_box({b"_ask": b"2", b"_command": b"Sum", b"a": b"13", b"b": b"81"})
         + encode_box({b"_answer": b"3", b"_error": b"x"})
+        + encode_box({b"_error": b"4", b"_error_code": b"X", b"_error_description": b"y"})
+        + encode_box({b"_error": b"5", b"_error_code": b"X"})
     )
     for where in range(len(stream)):
         changed = bytearray(stream)

@@ -129,10 +129,11 @@ Event = Ask | Answer | ErrorAnswer | Failure | Answered | Called
 Parser = Callable[[bytes, int], tuple[dict[str, Any], int]]
 
 # The first key of the boxes the fast path of AMPConnection.receive_data parses:
-# with keys sorted, as Twisted and we send them, an answer starts with _answer
-# and a call that wants an answer with _ask.
+# with keys sorted, as Twisted and we send them, an answer starts with _answer,
+# an error answer with _error and a call that wants an answer with _ask.
 _ANSWER_HEADER = PREFIXES[len(ANSWER)] + ANSWER
 _ASK_HEADER = PREFIXES[len(ASK)] + ASK
+_ERROR_HEADER = PREFIXES[len(ERROR)] + ERROR
 _COMMAND_HEADER = PREFIXES[len(COMMAND)] + COMMAND
 
 
@@ -455,16 +456,18 @@ class AMPConnection:
         Parse the whole boxes at the start of ``data`` that have the usual layout.
 
         The fast path of :meth:`receive_data`, used when no partial box is
-        buffered: an answer whose first key is ``_answer``, or a call whose first
-        key is ``_ask`` and that has a ``_command`` key and no ``_answer`` or
-        ``_error`` key, is turned into its event in the same pass that splits it,
-        with the limits checked once per box. An answer to a call in
+        buffered: an answer whose first key is ``_answer``, an error answer whose
+        first key is ``_error`` and that has no ``_answer`` key, or a call whose
+        first key is ``_ask`` and that has a ``_command`` key and no ``_answer``
+        or ``_error`` key, is turned into its event in the same pass that splits
+        it, with the limits checked once per box. An answer to a call in
         :attr:`pending` with a parser, or a call to a command in
         :attr:`ask_parsers` whose second key is ``_command``, is decoded straight
         to its values when the parser takes it. It stops at the first box that is
-        anything else: incomplete, malformed, over a limit, an error answer, a
-        call without ``_ask``. The general decoder then takes over from that box,
-        so it reports every fault exactly as it would have.
+        anything else: incomplete, malformed, over a limit, an error answer
+        without its code or description, a call without ``_ask``. The general
+        decoder then takes over from that box, so it reports every fault exactly
+        as it would have.
 
         Returns:
             How many bytes it parsed: the boxes up to there are in ``events``.
@@ -516,6 +519,11 @@ class AMPConnection:
                                     events.append((entry[1], tag, values))
                                     pos = box_end
                                     continue
+                elif data[pos : pos + 8] == _ERROR_HEADER:
+                    first = ERROR
+                    p = pos + 10
+                    stop = p + (data[p - 2] << 8 | data[p - 1])
+                    tag = data[p:stop]
                 else:
                     break
                 box = {first: tag}
@@ -544,6 +552,14 @@ class AMPConnection:
                     break
                 if first is ANSWER:
                     events.append(Answer(box[ANSWER], box))  # a repeated key: the last
+                elif first is ERROR:
+                    # _classify, inline: an error answer with both its keys, and no
+                    # _answer (which would make it an answer).
+                    code = box.get(ERROR_CODE)
+                    description = box.get(ERROR_DESCRIPTION)
+                    if code is None or description is None or ANSWER in box:
+                        break
+                    events.append(ErrorAnswer(box[ERROR], code, description, box))
                 else:
                     command = box.get(COMMAND)
                     if command is None or ANSWER in box or ERROR in box:
