@@ -879,7 +879,7 @@ class RawCommand:
         arguments: RawArguments | None,
         requires_answer: bool,
     ) -> None:
-        name = _raw_bytes(command, "the command name")
+        name = command if type(command) is bytes else _raw_bytes(command, "the command name")
         if not name:
             raise ValueError("the command name cannot be empty")
         self.wire_name = name
@@ -907,7 +907,7 @@ class RawCommand:
         if self.requires_answer:
             # Each pair is 4 parts (key length, key, value length, value); the tag
             # goes into the value part with its length, as Command._encode_ask does.
-            index = 4 * [key for key, _ in ordered].index(ASK)
+            index = 4 * ordered.index((ASK, b""))
             parts[index + 2] = b""
             slot = index + 3
         self._parts = parts
