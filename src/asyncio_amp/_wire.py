@@ -387,6 +387,44 @@ class BoxDecoder:
         end = len(data)
         self._need = 2
         while end - pos >= 2:
+            if not box:
+                # At the start of a box, take its pairs in one pass, and check the
+                # limits once for all of them: the checks below, pair by pair, all
+                # pass for them if they are within the limits (a box has at most as
+                # many keys as pairs). A whole box is done; if the pass stopped
+                # before the end (at a fault or at the end of the data), the loop
+                # below goes on from there, or parses the box again, pair by pair,
+                # if the limits do not hold.
+                p = pos
+                pairs = 0
+                try:
+                    while not data[p] and (klen := data[p + 1]):
+                        vpos = p + 2 + klen
+                        stop = vpos + 2 + (data[vpos] << 8 | data[vpos + 1])
+                        if stop > end:
+                            break  # incomplete: copy nothing of a long value
+                        box[data[p + 2 : vpos]] = data[vpos + 2 : stop]
+                        pairs += 1
+                        p = stop
+                    # At the end marker, or at a key over 255, or at a pair cut short.
+                    if (
+                        not data[p]
+                        and not data[p + 1]
+                        and pairs
+                        and p - pos <= max_box_size
+                        and pairs <= max_keys
+                    ):
+                        boxes.append(box)
+                        box = {}
+                        pos = p + 2
+                        continue
+                except IndexError:
+                    pass
+                if pairs and p - pos <= max_box_size and pairs <= max_keys:
+                    size = p - pos
+                    pos = p
+                    continue
+                box = {}
             # Lengths by indexing: cheaper than a struct call. A key length's first
             # byte is 0, or the key is over MAX_KEY_LENGTH (255).
             if data[pos]:
