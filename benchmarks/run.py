@@ -160,6 +160,7 @@ ROWS = [
     Row("conns", "conns", "calls/s", True, _rate),
     Row("echo64k", "echo64k", "MB/s", True, _mb_per_s(60_000)),
     Row("codec", "codec", "µs/box", False, lambda r: r["box_us"]),
+    Row("codec (parse_boxes)", "codec", "µs/box", False, lambda r: r.get("parse_boxes_us")),
     Row("codec (command)", "codec", "µs/call", False, lambda r: r.get("command_us")),
     Row("inproc", "inproc", "calls/s", True, _rate),
     Row("inproc (per call)", "inproc", "µs/call", False, lambda r: r["us_per_call"]),
@@ -653,7 +654,9 @@ TARGETS = [
     Target(f"conns ≥ 8{TIMES} Twisted", "conns", "twisted", 8),
     Target(f"echo64k ≥ 0.85{TIMES} the raw floor", "echo64k", "floor", 0.85),
     Target(f"codec ≥ 3{TIMES} Twisted (speed)", "codec", "twisted", 3),
+    Target(f"codec (parse_boxes) ≥ 5{TIMES} Twisted", "codec (parse_boxes)", "twisted", 5),
     Target(f"inproc per call ≤ 2{TIMES} the raw floor's", "inproc", "floor", 0.5),
+    Target(f"inproc ≥ 13{TIMES} Twisted", "inproc", "twisted", 13),
     Target(f"big ≥ 0.7{TIMES} echo64k throughput", "big", "row:echo64k", 0.7),
     # Strictly lower: the ratio (Twisted's bytes / ours) must be over 1.
     Target("idle bytes/conn below Twisted's", "idle", "twisted", 1.0 + 1e-9),

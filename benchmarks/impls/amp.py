@@ -16,7 +16,16 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncio_amp
-from asyncio_amp import AMPProtocol, BigBytes, BoxDecoder, Bytes, Command, Integer, encode_box
+from asyncio_amp import (
+    AMPProtocol,
+    BigBytes,
+    BoxDecoder,
+    Bytes,
+    Command,
+    Integer,
+    encode_box,
+    parse_boxes,
+)
 
 from . import common
 
@@ -213,9 +222,14 @@ def _codec(params: dict[str, Any]) -> dict[str, Any]:
     def box_level() -> None:
         decoder.receive_data(encode_box(box))
 
+    def generic() -> None:
+        parse_boxes(encode_box(box))
+
     assert decoder.receive_data(encode_box(box)) == [box]
+    assert parse_boxes(encode_box(box)) == [box]
     result: dict[str, Any] = {
         "box_us": common.time_op(box_level, params["warmup"], params["duration"]),
+        "parse_boxes_us": common.time_op(generic, params["warmup"] / 2, params["duration"]),
         "complete": True,
     }
     # The Command-level path (values -> call box -> values) has no public entry

@@ -322,9 +322,13 @@ def _codec(params: dict[str, Any]) -> dict[str, Any]:
 
     assert amp.parseString(box.serialize()) == [box]
     warmup, duration = params["warmup"], params["duration"]
+    parse_string_us = common.time_op(box_level_parse_string, warmup / 2, duration)
     return {
         "box_us": common.time_op(box_level, warmup, duration),
-        "box_parse_string_us": common.time_op(box_level_parse_string, warmup / 2, duration / 2),
+        # The same figure under both names: parse_boxes_us is the row's, the other
+        # the name earlier results used.
+        "box_parse_string_us": parse_string_us,
+        "parse_boxes_us": parse_string_us,
         "command_us": common.time_op(command_level, warmup / 2, duration),
         "complete": True,
     }

@@ -879,7 +879,7 @@ class RawCommand:
         arguments: RawArguments | None,
         requires_answer: bool,
     ) -> None:
-        name = _raw_bytes(command, "the command name")
+        name = command if type(command) is bytes else _raw_bytes(command, "the command name")
         if not name:
             raise ValueError("the command name cannot be empty")
         self.wire_name = name
@@ -887,12 +887,15 @@ class RawCommand:
         self.requires_answer = bool(requires_answer)
         items: dict[bytes, bytes] = {}
         for key, value in (arguments or {}).items():
-            wire_key = _raw_bytes(key, "an argument key")
+            # bytes as they are: what _raw_bytes returns for them, without its calls.
+            wire_key = key if type(key) is bytes else _raw_bytes(key, "an argument key")
             if wire_key in RESERVED_KEYS:
                 raise ValueError(f"{wire_key!r} is a reserved AMP key, not an argument")
             if wire_key in items:
                 raise ValueError(f"the argument key {wire_key!r} is given twice")
-            items[wire_key] = _raw_bytes(value, f"the value of {wire_key!r}")
+            items[wire_key] = (
+                value if type(value) is bytes else _raw_bytes(value, f"the value of {wire_key!r}")
+            )
         items[COMMAND] = name
         if self.requires_answer:
             items[ASK] = b""
@@ -904,7 +907,7 @@ class RawCommand:
         if self.requires_answer:
             # Each pair is 4 parts (key length, key, value length, value); the tag
             # goes into the value part with its length, as Command._encode_ask does.
-            index = 4 * [key for key, _ in ordered].index(ASK)
+            index = 4 * ordered.index((ASK, b""))
             parts[index + 2] = b""
             slot = index + 3
         self._parts = parts

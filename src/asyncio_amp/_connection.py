@@ -44,7 +44,6 @@ responders is the I/O layer's work.
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -130,12 +129,12 @@ Event = Ask | Answer | ErrorAnswer | Failure | Answered | Called
 Parser = Callable[[bytes, int], tuple[dict[str, Any], int]]
 
 # The first key of the boxes the fast path of AMPConnection.receive_data parses:
-# with keys sorted, as Twisted and we send them, an answer starts with _answer
-# and a call that wants an answer with _ask.
+# with keys sorted, as Twisted and we send them, an answer starts with _answer,
+# an error answer with _error and a call that wants an answer with _ask.
 _ANSWER_HEADER = PREFIXES[len(ANSWER)] + ANSWER
 _ASK_HEADER = PREFIXES[len(ASK)] + ASK
+_ERROR_HEADER = PREFIXES[len(ERROR)] + ERROR
 _COMMAND_HEADER = PREFIXES[len(COMMAND)] + COMMAND
-_unpack_length = struct.Struct("!H").unpack_from
 
 
 def _box_end(data: bytes, pos: int) -> int:
@@ -457,16 +456,18 @@ class AMPConnection:
         Parse the whole boxes at the start of ``data`` that have the usual layout.
 
         The fast path of :meth:`receive_data`, used when no partial box is
-        buffered: an answer whose first key is ``_answer``, or a call whose first
-        key is ``_ask`` and that has a ``_command`` key and no ``_answer`` or
-        ``_error`` key, is turned into its event in the same pass that splits it,
-        with the limits checked once per box. An answer to a call in
+        buffered: an answer whose first key is ``_answer``, an error answer whose
+        first key is ``_error`` and that has no ``_answer`` key, or a call whose
+        first key is ``_ask`` and that has a ``_command`` key and no ``_answer``
+        or ``_error`` key, is turned into its event in the same pass that splits
+        it, with the limits checked once per box. An answer to a call in
         :attr:`pending` with a parser, or a call to a command in
         :attr:`ask_parsers` whose second key is ``_command``, is decoded straight
         to its values when the parser takes it. It stops at the first box that is
-        anything else: incomplete, malformed, over a limit, an error answer, a
-        call without ``_ask``. The general decoder then takes over from that box,
-        so it reports every fault exactly as it would have.
+        anything else: incomplete, malformed, over a limit, an error answer
+        without its code or description, a call without ``_ask``. The general
+        decoder then takes over from that box, so it reports every fault exactly
+        as it would have.
 
         Returns:
             How many bytes it parsed: the boxes up to there are in ``events``.
@@ -476,7 +477,6 @@ class AMPConnection:
         max_keys = decoder.max_keys
         pending: dict[bytes, Any] = self.pending if self.decode_values else _NO_CALLS
         ask_parsers = self.ask_parsers if self.decode_values else _NO_PARSERS
-        unpack = _unpack_length
         end = len(data)
         pos = start = 0
         try:
@@ -519,24 +519,31 @@ class AMPConnection:
                                     events.append((entry[1], tag, values))
                                     pos = box_end
                                     continue
+                elif data[pos : pos + 8] == _ERROR_HEADER:
+                    first = ERROR
+                    p = pos + 10
+                    stop = p + (data[p - 2] << 8 | data[p - 1])
+                    tag = data[p:stop]
                 else:
                     break
                 box = {first: tag}
                 p = stop
-                # Until the empty key that ends the box. A length read past the end
-                # of the data raises struct.error: the box is incomplete.
+                # Until the empty key that ends the box. Lengths by indexing, as in
+                # BoxDecoder._parse: an index past the end of the data raises
+                # IndexError, the box is incomplete.
                 while True:
-                    (klen,) = unpack(data, p)
+                    if data[p]:
+                        return start  # a key over MAX_KEY_LENGTH (255)
+                    klen = data[p + 1]
                     if not klen:
                         break
-                    if klen > MAX_KEY_LENGTH:
-                        return start
-                    vpos = p + 2 + klen
-                    (vlen,) = unpack(data, vpos)
-                    stop = vpos + 2 + vlen
+                    kpos = p + 2
+                    vpos = kpos + klen
+                    vstart = vpos + 2
+                    stop = vstart + (data[vpos] << 8 | data[vpos + 1])
                     if stop > end:
                         return start  # incomplete: copy nothing of a long value
-                    box[data[p + 2 : vpos]] = data[vpos + 2 : stop]
+                    box[data[kpos:vpos]] = data[vstart:stop]
                     p = stop
                 # Every limit the general decoder checks pair by pair holds if the
                 # whole box is within them (it holds the same keys in fewer pairs
@@ -545,13 +552,21 @@ class AMPConnection:
                     break
                 if first is ANSWER:
                     events.append(Answer(box[ANSWER], box))  # a repeated key: the last
+                elif first is ERROR:
+                    # _classify, inline: an error answer with both its keys, and no
+                    # _answer (which would make it an answer).
+                    code = box.get(ERROR_CODE)
+                    description = box.get(ERROR_DESCRIPTION)
+                    if code is None or description is None or ANSWER in box:
+                        break
+                    events.append(ErrorAnswer(box[ERROR], code, description, box))
                 else:
                     command = box.get(COMMAND)
                     if command is None or ANSWER in box or ERROR in box:
                         break
                     events.append(Ask(box[ASK], command, box))
                 pos = p + 2
-        except (struct.error, IndexError):
+        except IndexError:
             return start
         return pos
 

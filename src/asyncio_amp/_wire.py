@@ -11,7 +11,6 @@ This module does no I/O and imports nothing from asyncio.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Mapping
 
 from ._errors import ProtocolError, TooLongError
@@ -58,12 +57,18 @@ _PREFIX_TABLE_SIZE = 1024
 PREFIXES = tuple(n.to_bytes(2, "big") for n in range(_PREFIX_TABLE_SIZE))
 BOX_END = b"\x00\x00"
 
-_unpack_length = struct.Struct("!H").unpack_from
-
 
 def length_prefix(n: int) -> bytes:
     """Return the 2-byte big-endian length prefix of ``n`` (0 to 65,535)."""
     return PREFIXES[n] if n < _PREFIX_TABLE_SIZE else n.to_bytes(2, "big")
+
+
+# The wire form (length prefix and key) of the keys encode_items has checked, so that
+# the usual keys are checked and prefixed once, not in every box. Bounded, so that
+# boxes with ever new keys (a proxy re-encodes what its peers send) cannot grow it:
+# past the bound, new keys take the general way every time.
+_KEY_HEADS: dict[bytes, bytes] = {}
+_KEY_HEADS_SIZE = 1024
 
 
 def check_key(key: bytes) -> None:
@@ -85,8 +90,21 @@ def check_key(key: bytes) -> None:
 
 def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> None:
     """Append the wire form of sorted ``items`` to ``parts``, checking every length."""
+    heads = _KEY_HEADS
+    prefixes = PREFIXES
     for key, given in items:
+        # The usual pair, as in encode_box: a key already checked, a short bytes value.
+        if (
+            type(key) is bytes
+            and key in heads
+            and type(given) is bytes
+            and (n := len(given)) < _PREFIX_TABLE_SIZE
+        ):
+            parts += (prefixes[len(key)], key, prefixes[n], given)
+            continue
         check_key(key)
+        if len(heads) < _KEY_HEADS_SIZE:
+            heads[key] = prefixes[len(key)] + key
         value = given
         if type(value) is bytes:
             n = len(value)
@@ -125,7 +143,21 @@ def encode_box(box: Mapping[bytes, bytes]) -> bytes:
         TooLongError: A key is over 255 bytes or a value over 65,535 bytes.
     """
     parts: list[bytes] = []
-    encode_items(sorted(box.items()), parts)
+    heads = _KEY_HEADS
+    prefixes = PREFIXES
+    for key in sorted(box):
+        value = box[key]
+        # The usual pair: a key met before (so already checked) and a short bytes value.
+        if (
+            type(key) is bytes
+            and (head := heads.get(key)) is not None
+            and type(value) is bytes
+            and (n := len(value)) < _PREFIX_TABLE_SIZE
+        ):
+            parts += (head, prefixes[n], value)
+            continue
+        # Anything else: encode_items checks it (and keeps its key once checked).
+        encode_items(((key, value),), parts)
     parts.append(BOX_END)
     return b"".join(parts)
 
@@ -244,9 +276,21 @@ class BoxDecoder:
                 completed before the bad bytes are lost to the caller; use
                 [`receive_data_partial`][] to keep them.
         """
-        boxes, error = self.receive_data_partial(data)
-        if error is not None:
-            raise error
+        if self._rest or self._error is not None:
+            found, error = self.receive_data_partial(data)
+            if error is not None:
+                raise error
+            return found
+        # receive_data_partial, inline for a read that starts on a pair boundary.
+        boxes: list[Box] = []
+        try:
+            self._parse(data, boxes)
+        except ProtocolError as exc:
+            self._error = exc
+            self._box = None
+            self._box_size = 0
+            self._rest = None
+            raise
         return boxes
 
     def receive_data_partial(self, data: bytes) -> tuple[list[Box], ProtocolError | None]:
@@ -337,14 +381,55 @@ class BoxDecoder:
         size = self._box_size
         max_box_size = self._max_box_size
         max_keys = self._max_keys
-        unpack = _unpack_length
         if start:
             self._offset -= start  # stream offsets are counted from data[0] while parsing
         pos = start
         end = len(data)
         self._need = 2
         while end - pos >= 2:
-            (klen,) = unpack(data, pos)
+            if not box:
+                # At the start of a box, take its pairs in one pass, and check the
+                # limits once for all of them: the checks below, pair by pair, all
+                # pass for them if they are within the limits (a box has at most as
+                # many keys as pairs). A whole box is done; if the pass stopped
+                # before the end (at a fault or at the end of the data), the loop
+                # below goes on from there, or parses the box again, pair by pair,
+                # if the limits do not hold.
+                p = pos
+                pairs = 0
+                try:
+                    while not data[p] and (klen := data[p + 1]):
+                        vpos = p + 2 + klen
+                        stop = vpos + 2 + (data[vpos] << 8 | data[vpos + 1])
+                        if stop > end:
+                            break  # incomplete: copy nothing of a long value
+                        box[data[p + 2 : vpos]] = data[vpos + 2 : stop]
+                        pairs += 1
+                        p = stop
+                    # At the end marker, or at a key over 255, or at a pair cut short.
+                    if (
+                        not data[p]
+                        and not data[p + 1]
+                        and pairs
+                        and p - pos <= max_box_size
+                        and pairs <= max_keys
+                    ):
+                        boxes.append(box)
+                        box = {}
+                        pos = p + 2
+                        continue
+                except IndexError:
+                    pass
+                if pairs and p - pos <= max_box_size and pairs <= max_keys:
+                    size = p - pos
+                    pos = p
+                    continue
+                box = {}
+            # Lengths by indexing: cheaper than a struct call. A key length's first
+            # byte is 0, or the key is over MAX_KEY_LENGTH (255).
+            if data[pos]:
+                raise self._error_at(pos, "key", data)
+            klen = data[pos + 1]
             if not klen:
                 if not box:
                     raise self._error_at(pos, "empty")
@@ -353,14 +438,11 @@ class BoxDecoder:
                 size = 0
                 pos += 2
                 continue
-            if klen > MAX_KEY_LENGTH:
-                raise self._error_at(pos, "key", data)
             vpos = pos + 2 + klen
             if end - vpos < 2:
                 self._need = vpos + 2 - pos
                 break
-            (vlen,) = unpack(data, vpos)
-            stop = vpos + 2 + vlen
+            stop = vpos + 2 + (data[vpos] << 8 | data[vpos + 1])
             pair = stop - pos
             if size + pair > max_box_size or len(box) >= max_keys:
                 raise self._error_at(pos, "limit", data, size, pair, box)
@@ -416,6 +498,46 @@ def parse_boxes(data: bytes) -> list[Box]:
     Raises:
         ProtocolError: ``data`` is not valid AMP, or it ends inside a box.
     """
+    # One pass over a stream of well-formed boxes. At the first thing that is not
+    # (a fault, or the end of the data inside a box), the stream is parsed again by
+    # _parse_boxes_reference, which reports it as an incremental read would.
+    if type(data) is not bytes:
+        return _parse_boxes_reference(data)
+    boxes: list[Box] = []
+    box: Box = {}
+    pos = 0
+    end = len(data)
+    try:
+        while pos < end:
+            if data[pos]:
+                break  # a key length over 255
+            # The data ends inside a box if an index goes past its end (IndexError)
+            # or a value is cut short (the loop ends with that box unfinished).
+            klen = data[pos + 1]
+            if not klen:
+                if not box:
+                    break  # an empty box
+                boxes.append(box)
+                box = {}
+                pos += 2
+                continue
+            kpos = pos + 2
+            vpos = kpos + klen
+            vstart = vpos + 2
+            stop = vstart + (data[vpos] << 8 | data[vpos + 1])
+            box[data[kpos:vpos]] = data[vstart:stop]
+            pos = stop
+        else:
+            if not box:
+                return boxes
+    except IndexError:
+        pass
+    return _parse_boxes_reference(data)
+
+
+def _parse_boxes_reference(data: bytes) -> list[Box]:
+    """[`parse_boxes`][] through a [`BoxDecoder`][]: what the one-pass parse falls back to."""
+    # Limits no stream of len(data) bytes can reach: parse_boxes has none.
     decoder = BoxDecoder(max_box_size=len(data) + 1, max_keys=len(data) + 1)
     boxes = decoder.receive_data(data)
     error = decoder.end_of_stream()
