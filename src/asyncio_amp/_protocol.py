@@ -37,6 +37,7 @@ from ._fds import FdChannel
 from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
 from ._middleware import Chain, Middleware, build
+from ._observe import MAX_PENDING_CALLS, MAX_RESPONDERS, Observer, observer_of
 from ._switch import Upgrade
 from ._tls import StartTLS
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
@@ -252,6 +253,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_loop",
         "_lost",
         "_middleware",
+        "_observer",
         "_outgoing",
         "_peer",
         "_pending",
@@ -348,6 +350,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._middleware: tuple[Middleware, ...] = ()
         self._incoming: Chain | None = None
         self._outgoing: Chain | None = None
+        # The middleware that observe the connection itself (see _observe): None
+        # without, which is all the hot paths test.
+        self._observer: Observer | None = None
         if locators:
             self.locators = locators
         # Tags of cancelled calls taken out of pending, with their commands.
@@ -407,6 +412,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             and transport.get_extra_info("sslcontext") is None
         ):
             self._fds = FdChannel(self, loop, sock.fileno())
+        if self._observer is not None:
+            self._observer.connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Return the buffer for the transport to read into."""
@@ -423,6 +430,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         """Decode ``data``, resolve the calls it answers and run the calls it makes."""
         conn = self._conn
+        if self._observer is not None:
+            self._observer.bytes_received(self, len(data))
         conn.receive_data(data)
         events = conn.events_received()
         if not events:
@@ -573,6 +582,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._fds.close()
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
+        if self._observer is not None and self.transport is not None:
+            self._observer.connection_lost(self)
 
     # Public methods
 
@@ -971,6 +982,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self.transport is not None or self._lost:
             raise RuntimeError("middleware is set before the connection is made")
         self._middleware, self._incoming, self._outgoing = build(value)
+        self._observer = observer_of(self._middleware)
         self._set_parsers()
 
     def _set_parsers(self) -> None:
@@ -1119,6 +1131,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if not self._waiting:
             self._waiting = collections.deque()
         self._waiting.append(held)
+        if self._observer is not None and len(self._pending) >= self._flow.max_pending_calls:
+            self._observer.limit_hit(self, MAX_PENDING_CALLS)
         if len(self._waiting) == 1 and not self._writing_paused:
             # Over the limit: cancelled calls may hold places that can be taken back.
             self._schedule_sweep()
@@ -1274,6 +1288,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if verdict is Verdict.START:
             self._dispatch(event)
         elif verdict is Verdict.DEFER:
+            if self._observer is not None and not self._writing_paused:
+                self._observer.limit_hit(self, MAX_RESPONDERS)
             if not self._receiving:
                 self._update_reading()
         else:
@@ -1598,6 +1614,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._close_cause = error
         self._accepting = False
         logger.warning("closing the connection with %s: %s", self._peer, error)
+        if self._observer is not None:
+            self._observer.protocol_failure(self, error)
         self._fail_pending(error)
         # The answers to the peer's good calls go out if it reads them at once; a
         # peer that broke the protocol gets no time to drain more than that.
@@ -1689,7 +1707,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if transport is None or self._lost:
             return
         if data and not transport.is_closing():
-            transport.write(data[0] if len(data) == 1 else b"".join(data))
+            out = data[0] if len(data) == 1 else b"".join(data)
+            transport.write(out)
+            if self._observer is not None:
+                self._observer.bytes_sent(self, len(out))
         if self._close_after_flush:
             self._close_transport(0 if self._close_cause is not None else self.close_timeout)
 
