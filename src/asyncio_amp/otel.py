@@ -141,6 +141,9 @@ class Tracing(Middleware):
         parent = None
         if self._propagate:
             value = call.extra.get(TRACE_KEY)
+            if value is None and call.command is None:
+                # A call without a Command class: its whole box is in arguments.
+                value = call.arguments.get(TRACE_KEY)
             if value is not None:
                 carrier = decode_context(value)
                 if carrier:
@@ -217,7 +220,14 @@ def _failed(span: trace.Span, call: Call, error: BaseException) -> None:
     """Mark ``span`` as failed with ``error``: its outcome, code and exception."""
     outcome = call.outcome(error)
     span.set_attribute("error.type", outcome)
-    if call.direction == "incoming" or isinstance(error, RemoteAmpError):
+    # An error answer's code: every failure coming in is answered with one; going
+    # out, the peer's code came back as a RemoteAmpError or a mapped exception.
+    answered = (
+        call.direction == "incoming"
+        or isinstance(error, RemoteAmpError)
+        or (call.command is not None and call.command._error_code_for(error) is not None)
+    )
+    if answered:
         span.set_attribute("rpc.response.status_code", outcome)
     if isinstance(error, Exception):
         span.record_exception(error)
