@@ -23,7 +23,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from ._commands import Command
 from ._errors import ProtocolError
@@ -234,3 +241,15 @@ class Metrics(Middleware, Observer):
     def limit_hit(self, protocol: Any, limit: str) -> None:
         """Count a call that waited for ``limit``."""
         self.limit_hits.labels(limit).inc()
+
+
+def serve_http(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> Any:
+    """
+    Serve ``registry`` at ``http://host:port/metrics``, in a thread (``asyncio-amp serve``'s way).
+
+    Returns:
+        The HTTP server: its ``server_port`` is the port (for ``port`` 0), and
+        ``shutdown()`` then ``server_close()`` stop it.
+    """
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server
