@@ -34,7 +34,7 @@ from opentelemetry.util.types import AttributeValue
 from ._errors import RemoteAmpError
 from ._middleware import Call, CallNext, Middleware
 
-__all__ = ["TRACE_KEY", "Tracing"]
+__all__ = ["TRACE_KEY", "Tracing", "decode_context", "encode_context"]
 
 #: The key of the call box that carries the trace context. AMP's own keys start
 #: with an underscore (``_ask``, ``_command``), so no argument of a Command
@@ -44,19 +44,19 @@ TRACE_KEY = b"_trace"
 
 # What ``rpc.system`` says: the protocol, whoever implements it (Twisted's AMP
 # and ours speak the same one).
-RPC_SYSTEM = "amp"
+_RPC_SYSTEM = "amp"
 
 # The ``rpc.method`` of an incoming call whose name no Command of ours has
 # (semantic conventions: unrecognized methods are ``_OTHER``).
-OTHER_METHOD = "_OTHER"
+_OTHER_METHOD = "_OTHER"
 
 # A trace context this long or with this many entries is ignored: the peer
 # does not get to make us parse more than a few headers' worth.
-MAX_CONTEXT_BYTES = 8192
-MAX_CONTEXT_ENTRIES = 16
+_MAX_CONTEXT_BYTES = 8192
+_MAX_CONTEXT_ENTRIES = 16
 
 # The longest ``rpc.method_original`` recorded for an unrecognized command.
-MAX_ORIGINAL_NAME = 255
+_MAX_ORIGINAL_NAME = 255
 
 try:
     _VERSION: str | None = importlib.metadata.version("asyncio-amp")
@@ -134,10 +134,10 @@ class Tracing(Middleware):
         """Run the responder in a server span, a child of the caller's span."""
         if not self._incoming:
             return await call_next(call)
-        method = call.name if call.command is not None else OTHER_METHOD
+        method = call.name if call.command is not None else _OTHER_METHOD
         attributes = _attributes(method, call, "client")
         if call.command is None:
-            attributes["rpc.method_original"] = call.name[:MAX_ORIGINAL_NAME]
+            attributes["rpc.method_original"] = call.name[:_MAX_ORIGINAL_NAME]
         parent = None
         if self._propagate:
             value = call.extra.get(TRACE_KEY)
@@ -180,10 +180,10 @@ def decode_context(value: bytes) -> dict[str, str]:
     Whatever does not parse is left out (the propagator ignores what is not a
     valid context): a peer's junk starts a new trace, never an error.
     """
-    if len(value) > MAX_CONTEXT_BYTES:
+    if len(value) > _MAX_CONTEXT_BYTES:
         return {}
     carrier: dict[str, str] = {}
-    for line in value.decode("utf-8", "replace").split("\n")[:MAX_CONTEXT_ENTRIES]:
+    for line in value.decode("utf-8", "replace").split("\n")[:_MAX_CONTEXT_ENTRIES]:
         name, sep, text = line.partition(":")
         if sep and name:
             carrier[name.strip().lower()] = text.strip()
@@ -193,8 +193,8 @@ def decode_context(value: bytes) -> dict[str, str]:
 def _attributes(method: str, call: Call, peer_role: str) -> dict[str, AttributeValue]:
     """The semantic-convention attributes of a span; ``peer_role`` is "server" or "client"."""
     attributes: dict[str, AttributeValue] = {
-        "rpc.system": RPC_SYSTEM,
-        "rpc.system.name": RPC_SYSTEM,
+        "rpc.system": _RPC_SYSTEM,
+        "rpc.system.name": _RPC_SYSTEM,
         "rpc.method": method,
     }
     transport = call.protocol.transport

@@ -37,13 +37,13 @@ from ._errors import ProtocolError
 from ._middleware import Call, CallNext, Middleware
 from ._observe import Observer
 
-__all__ = ["Metrics"]
+__all__ = ["DEFAULT_BUCKETS", "Metrics", "failure_reason", "serve_http"]
 
-#: The ``command`` label of calls without a known Command class.
-OTHER = "other"
+# The ``command`` label of calls without a known Command class.
+_OTHER = "other"
 
-# The latency buckets, in seconds: from 100 µs (a call on a local connection)
-# to 10 s (a slow responder).
+#: The latency histogram's buckets, in seconds: from 100 µs (a call on a local
+#: connection) to 10 s (a slow responder).
 DEFAULT_BUCKETS = (
     0.0001,
     0.00025,
@@ -66,7 +66,7 @@ DEFAULT_BUCKETS = (
 # How a protocol failure is named in the ``reason`` label: the first of these
 # phrases found in its message (the library's own messages, in an order where
 # none is mistaken for another), else "malformed".
-FAILURE_REASONS = (
+_FAILURE_REASONS = (
     ("max_responders + max_queued_calls", "flood"),
     ("plaintext", "starttls"),
     ("file descriptors", "too_many_descriptors"),
@@ -84,7 +84,7 @@ FAILURE_REASONS = (
 def failure_reason(error: ProtocolError) -> str:
     """The ``reason`` label of a protocol failure: a word from a fixed list."""
     message = str(error)
-    for phrase, reason in FAILURE_REASONS:
+    for phrase, reason in _FAILURE_REASONS:
         if phrase in message:
             return reason
     return "malformed"
@@ -180,11 +180,11 @@ class Metrics(Middleware, Observer):
     def command_label(self, command: type[Command] | None) -> str:
         """The ``command`` label of calls of ``command``: its name, or ``"other"``."""
         if command is None:
-            return OTHER
+            return _OTHER
         label = self._labels.get(command)
         if label is None:
             if len(self._labels) >= self.max_commands:
-                return OTHER
+                return _OTHER
             label = self._labels[command] = command.wire_name.decode("utf-8", "backslashreplace")
         return label
 
