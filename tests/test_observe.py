@@ -50,8 +50,6 @@ def test_observers_are_picked_out_of_the_middleware() -> None:
     both = observer_of([one, amp.Middleware(), two])
     assert isinstance(both, Observers)
     assert both.items == (one, two)
-    assert amp.AMPProtocol()._observer is None
-    assert amp.AMPProtocol(middleware=[one])._observer is one
 
 
 async def test_every_observer_hears_the_connection() -> None:
@@ -63,6 +61,8 @@ async def test_every_observer_hears_the_connection() -> None:
     ):
         assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
         (server,) = servers
+        assert isinstance(server._observer, Observers)
+        assert plain._observer is None
         call = b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x03Sum\x00\x01a\x00\x011\x00\x01b\x00\x012\x00\x00"
         answer = b"\x00\x07_answer\x00\x011\x00\x05total\x00\x013\x00\x00"
         for journal in (one, two):

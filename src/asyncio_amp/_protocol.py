@@ -412,8 +412,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
             and transport.get_extra_info("sslcontext") is None
         ):
             self._fds = FdChannel(self, loop, sock.fileno())
-        if self._observer is not None:
-            self._observer.connection_made(self)
+        if self._middleware:
+            # The middleware that observe the connection (see _observe): fixed
+            # from now on, as the middleware is.
+            self._observer = observer_of(self._middleware)
+            if self._observer is not None:
+                self._observer.connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Return the buffer for the transport to read into."""
@@ -982,7 +986,6 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self.transport is not None or self._lost:
             raise RuntimeError("middleware is set before the connection is made")
         self._middleware, self._incoming, self._outgoing = build(value)
-        self._observer = observer_of(self._middleware)
         self._set_parsers()
 
     def _set_parsers(self) -> None:
