@@ -1710,10 +1710,11 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if transport is None or self._lost:
             return
         if data and not transport.is_closing():
-            out = data[0] if len(data) == 1 else b"".join(data)
-            transport.write(out)
             if self._observer is not None:
-                self._observer.bytes_sent(self, len(out))
+                self._observer.bytes_sent(self, sum(map(len, data)))
+            # No name for the joined bytes: the transport's copy should be the
+            # only one left once it has taken them.
+            transport.write(data[0] if len(data) == 1 else b"".join(data))
         if self._close_after_flush:
             self._close_transport(0 if self._close_cause is not None else self.close_timeout)
 
