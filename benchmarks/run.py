@@ -53,6 +53,9 @@ DASH = "\u2013"
 
 # Table columns, in this order.
 IMPL_ORDER = ["twisted", "raw", "amp", "raw-uvloop", "amp-uvloop"]
+# Variants of asyncio-amp that run only when --impl names them, in columns after
+# the others: the cost of tracing and of metrics (see impls/amp_otel.py, amp_metrics.py).
+VARIANTS = ["amp-otel", "amp-metrics"]
 
 # (ours, reference) pairs shown as ratio columns.
 RATIO_PAIRS = [
@@ -60,6 +63,8 @@ RATIO_PAIRS = [
     ("amp", "raw"),
     ("amp-uvloop", "twisted"),
     ("amp-uvloop", "raw-uvloop"),
+    ("amp-otel", "amp"),
+    ("amp-metrics", "amp"),
 ]
 
 
@@ -72,7 +77,7 @@ class Workload:
     unit: str
     higher_is_better: bool = True
     params: dict[str, Any] = field(default_factory=dict)
-    impls: tuple[str, ...] = tuple(IMPL_ORDER)
+    impls: tuple[str, ...] = (*IMPL_ORDER, *VARIANTS)
     description: str = ""
 
 
@@ -773,7 +778,9 @@ def main(argv: list[str] | None = None) -> int:
         "(default: results/latest.json, or results/quick.json with --quick)",
     )
     parser.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOAD_BY_NAME))
-    parser.add_argument("--impl", help="comma-separated implementations: " + ",".join(IMPL_ORDER))
+    parser.add_argument(
+        "--impl", help="comma-separated implementations: " + ",".join((*IMPL_ORDER, *VARIANTS))
+    )
     parser.add_argument("--repeat", type=int, help="repetitions (default 5, or 1 with --quick)")
     args = parser.parse_args(argv)  # fmt: skip
 
@@ -795,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in names if n not in IMPLS]
         if unknown:
             parser.error(f"unknown implementation(s): {', '.join(unknown)}")
-        impls = [i for i in IMPL_ORDER if i in names]
+        impls = [i for i in (*IMPL_ORDER, *VARIANTS) if i in names]
     json_path = args.json or HERE / "results" / ("quick.json" if args.quick else "latest.json")
     notes: list[str] = []
     # Each idle process needs a descriptor per connection, and a few more; the children

@@ -344,6 +344,10 @@ async def test_the_port_of_a_running_supervisor_is_refused() -> None:
         (["--workers", "0"], "expected 1 or more workers, not 0"),
         (["--workers", "two"], "expected a number of workers, not 'two'"),
         (["--workers", "2", "--stdio"], "--stdio serves one connection: it takes no --workers"),
+        (
+            ["--workers", "2", "--port", "0", "--metrics-port", "0"],
+            "--metrics-port is not supported with --workers yet",
+        ),
     ],
 )
 async def test_workers_usage_errors(args: list[str], message: str) -> None:

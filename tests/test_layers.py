@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -27,6 +29,7 @@ CLI_BELOW = (
         "_locators",
         "_keepalive",
         "_middleware",
+        "_observe",
     }
 )
 # Who may import whom, inside the package (STYLE.md). Modules of a subpackage are
@@ -47,7 +50,13 @@ ALLOWED = {
     "_keepalive": {"_commands", "_arguments", "_wire", "_errors"},
     # Middleware and the chain that runs it, which the protocol delegates to.
     "_middleware": CORE | {"_locators"},
-    "_protocol": CORE | UPGRADES | {"_fds", "_locators", "_keepalive", "_middleware"},
+    # What a connection tells its observers besides calls (for metrics).
+    "_observe": {"_errors"},
+    "_protocol": CORE | UPGRADES | {"_fds", "_locators", "_keepalive", "_middleware", "_observe"},
+    # The optional integrations sit on top of the middleware; nothing in the
+    # package imports them but the command-line tool, when asked to.
+    "otel": {"_middleware", "_errors"},
+    "prometheus": {"_middleware", "_observe", "_commands", "_errors"},
     "_server": CORE | UPGRADES | {"_protocol", "_fds", "_locators", "_middleware"},
     "_network": CORE | UPGRADES | {"_server", "_protocol", "_fds", "_locators", "_middleware"},
     "_pipes": CORE
@@ -86,7 +95,7 @@ ALLOWED = {
     "cli._common": {"_wire", "_errors"},
     "cli.call": CLI_BELOW | {"cli._common", "cli._output"},
     "cli._worker": CLI_BELOW,
-    "cli.serve": CLI_BELOW | {"cli._common", "cli._output", "cli._worker"},
+    "cli.serve": CLI_BELOW | {"cli._common", "cli._output", "cli._worker", "prometheus"},
     "cli._supervisor": CLI_BELOW | {"cli._common", "cli._output", "cli._worker", "cli.serve"},
     "cli.decode": CLI_BELOW | {"cli._common", "cli._output"},
     "cli.proxy": CLI_BELOW | {"cli._common", "cli._output"},
@@ -154,10 +163,46 @@ def test_import_direction(module: str) -> None:
 
 
 def test_every_module_is_checked() -> None:
-    modules = {p.stem for p in SRC.glob("_*.py") if p.stem != "__init__"}
+    modules = {p.stem for p in SRC.glob("*.py") if p.stem != "__init__"}
     for package in (p.parent for p in SRC.glob("*/__init__.py")):
         modules.add(package.name)
         modules.update(
             f"{package.name}.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"
         )
     assert modules == set(ALLOWED)
+
+
+# The optional integrations, and the third-party packages that only they import.
+INTEGRATIONS = {"otel": "opentelemetry", "prometheus": "prometheus_client"}
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_only_the_integrations_import_their_packages(module: str) -> None:
+    external, internal = imports_of(module)
+    for integration, package in INTEGRATIONS.items():
+        if module != integration:
+            assert package not in external
+        if not module.startswith("cli"):
+            assert integration not in internal
+
+
+def test_importing_the_package_imports_no_integration() -> None:
+    # In a fresh interpreter: the package, its command-line tool and every
+    # private module load without opentelemetry or prometheus_client.
+    # (Entry points run when imported: the worker's would wait for its parent.)
+    modules = [
+        f"asyncio_amp.{name}"
+        for name in ALLOWED
+        if name not in INTEGRATIONS and not name.endswith("__main__")
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        f"{sorted(INTEGRATIONS.values())!r}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -22,4 +22,7 @@ IMPLS: dict[str, tuple[str, str | None]] = {
     "raw-uvloop": ("raw", "uvloop"),
     "amp": ("amp", "asyncio"),
     "amp-uvloop": ("amp", "uvloop"),
+    # Variants run only when named (--impl): asyncio-amp with tracing or metrics on.
+    "amp-otel": ("amp_otel", "asyncio"),
+    "amp-metrics": ("amp_metrics", "asyncio"),
 }

@@ -34,6 +34,10 @@ __all__ = ["client", "inproc", "serve"]
 # Every loop of a worker is bounded by this count as well as by the meter's time.
 MAX_CALLS = 100_000_000
 
+# The middleware on every protocol, server and client: none here. The variants
+# with tracing or metrics on (amp_otel.py, amp_metrics.py) set it.
+middleware: Callable[[], list[asyncio_amp.Middleware]] = list
+
 
 class Sum(Command):
     arguments = [("a", Integer()), ("b", Integer())]
@@ -87,13 +91,15 @@ async def _serve(workload: str, params: dict[str, Any]) -> None:
 
         def factory() -> Server:
             probe.connected()
-            return Server()
+            return Server(middleware=middleware())
 
         server = await asyncio_amp.serve(factory, common.HOST, 0, backlog=common.BACKLOG)
         common.announce_port(server.sockets[0].getsockname()[1])
         await probe.wait_and_report(params["cap"])
     else:
-        server = await asyncio_amp.serve(Server, common.HOST, 0, backlog=common.BACKLOG)
+        server = await asyncio_amp.serve(
+            Server, common.HOST, 0, backlog=common.BACKLOG, middleware=middleware()
+        )
         common.announce_port(server.sockets[0].getsockname()[1])
     await asyncio.sleep(params["lifetime"])
     server.close()
@@ -183,7 +189,10 @@ async def _drive(
 
 async def _client(workload: str, port: int, params: dict[str, Any]) -> dict[str, Any]:
     warnings = common.capture_warnings("asyncio_amp", "asyncio")
-    protocols = [await asyncio_amp.connect(common.HOST, port) for _ in range(params["conns"])]
+    protocols = [
+        await asyncio_amp.connect(common.HOST, port, middleware=middleware())
+        for _ in range(params["conns"])
+    ]
     result = await _drive(protocols, params, warnings)
     for proto in protocols:
         proto.close()
@@ -207,8 +216,8 @@ def client(workload: str, port: int, params: dict[str, Any], loop: str | None) -
 async def _inproc_calls(params: dict[str, Any]) -> dict[str, Any]:
     warnings = common.capture_warnings("asyncio_amp", "asyncio")
     loop = asyncio.get_running_loop()
-    server = Server()
-    proto = AMPProtocol()
+    server = Server(middleware=middleware())
+    proto = AMPProtocol(middleware=middleware())
     common.MemoryTransport.join(loop, server, proto)
     result = await _drive([proto], {**params, "command": "sum", "conns": 1}, warnings)
     result["us_per_call"] = 1e6 / result["rate"] if result["rate"] else 0.0

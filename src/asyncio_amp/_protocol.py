@@ -46,6 +46,7 @@ from ._keepalive import (
 )
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
 from ._middleware import Chain, Middleware, build
+from ._observe import MAX_PENDING_CALLS, MAX_RESPONDERS, Observer, observer_of
 from ._switch import Upgrade
 from ._tls import StartTLS
 from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
@@ -271,6 +272,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         "_loop",
         "_lost",
         "_middleware",
+        "_observer",
         "_outgoing",
         "_peer",
         "_pending",
@@ -370,6 +372,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._middleware: tuple[Middleware, ...] = ()
         self._incoming: Chain | None = None
         self._outgoing: Chain | None = None
+        # The middleware that observe the connection itself (see _observe): None
+        # without, which is all the hot paths test.
+        self._observer: Observer | None = None
         if locators:
             self.locators = locators
         # Tags of cancelled calls taken out of pending, with their commands.
@@ -436,6 +441,12 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._fds = FdChannel(self, loop, sock.fileno())
         if self._keepalive_interval is not None:
             for_protocol(self).start()
+        if self._middleware:
+            # The middleware that observe the connection (see _observe): fixed
+            # from now on, as the middleware is.
+            self._observer = observer_of(self._middleware)
+            if self._observer is not None:
+                self._observer.connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Return the buffer for the transport to read into."""
@@ -453,6 +464,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         """Decode ``data``, resolve the calls it answers and run the calls it makes."""
         self._received = True  # the peer is alive (see _keepalive)
         conn = self._conn
+        if self._observer is not None:
+            self._observer.bytes_received(self, len(data))
         conn.receive_data(data)
         events = conn.events_received()
         if not events:
@@ -610,6 +623,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._fds.close()
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
+        if self._observer is not None and self.transport is not None:
+            self._observer.connection_lost(self)
 
     # Public methods
 
@@ -1180,6 +1195,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if not self._waiting:
             self._waiting = collections.deque()
         self._waiting.append(held)
+        if self._observer is not None and len(self._pending) >= self._flow.max_pending_calls:
+            self._observer.limit_hit(self, MAX_PENDING_CALLS)
         if len(self._waiting) == 1 and not self._writing_paused:
             # Over the limit: cancelled calls may hold places that can be taken back.
             self._schedule_sweep()
@@ -1335,6 +1352,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if verdict is Verdict.START:
             self._dispatch(event)
         elif verdict is Verdict.DEFER:
+            if self._observer is not None and not self._writing_paused:
+                self._observer.limit_hit(self, MAX_RESPONDERS)
             if not self._receiving:
                 self._update_reading()
         else:
@@ -1656,6 +1675,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         self._close_cause = error
         self._accepting = False
         logger.warning("closing the connection with %s: %s", self._peer, error)
+        if self._observer is not None:
+            self._observer.protocol_failure(self, error)
         self._fail_pending(error)
         # The answers to the peer's good calls go out if it reads them at once; a
         # peer that broke the protocol gets no time to drain more than that.
@@ -1747,6 +1768,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if transport is None or self._lost:
             return
         if data and not transport.is_closing():
+            if self._observer is not None:
+                self._observer.bytes_sent(self, sum(map(len, data)))
+            # No name for the joined bytes: the transport's copy should be the
+            # only one left once it has taken them.
             transport.write(data[0] if len(data) == 1 else b"".join(data))
         if self._close_after_flush:
             self._close_transport(0 if self._close_cause is not None else self.close_timeout)

@@ -433,6 +433,10 @@ async def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``serve --workers N`` as ``args`` say; return the exit status."""
     if args.stdio:
         raise UsageError("--stdio serves one connection: it takes no --workers")
+    if args.metrics_port is not None:
+        # Each worker would serve /metrics on the one port, and only the first
+        # could bind it; metrics summed over processes are not built yet.
+        raise UsageError("--metrics-port is not supported with --workers yet")
     if not hasattr(os, "fork"):  # pragma: no cover - POSIX only
         raise UsageError("--workers needs a POSIX system")
     # Check the application and the options once, here, as a plain serve would.

@@ -50,6 +50,8 @@ examples:
   asyncio-amp serve myapp.server:Calculator --access-log --access-log-format json
   asyncio-amp serve myapp.server:Calculator --middleware myapp.auth:LoginRequired
   asyncio-amp serve myapp.server:Calculator --port 7000 --workers 4   # 4 processes, one port
+  asyncio-amp serve myapp.server:Calculator --metrics-port 9100   # Prometheus /metrics
+  asyncio-amp serve myapp.server:Calculator --middleware asyncio_amp.otel:Tracing
 
 The current directory is on the import path. Each connection is logged at INFO,
 every box at DEBUG (-v). SIGINT (Ctrl-C) or SIGTERM stops accepting, refuses new
@@ -147,6 +149,14 @@ def add_parser(
         choices=("text", "json"),
         default="text",
         help="the access log's lines: readable text (default) or one JSON object per line",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, on the --host interface "
+        "(127.0.0.1 with --unix or --stdio); 0: any free port "
+        "(pip install 'asyncio-amp[prometheus]')",
     )
     limits = parser.add_argument_group("limits (per connection; see AMPProtocol)")
     for name, kind, metavar, default in LIMIT_OPTIONS:
@@ -289,13 +299,43 @@ async def run(args: argparse.Namespace) -> int:
     tls = server_tls(args)
     limits = _limits(args)
     middleware = _middleware(args)
+    metrics_server = None
+    if args.metrics_port is not None:
+        host = "127.0.0.1" if args.unix or args.stdio else args.host
+        try:
+            metrics, metrics_server = _metrics(host, args.metrics_port)
+        except OSError as exc:
+            target = f"{host}:{args.metrics_port}"
+            return fail(EXIT_CONNECT, place_error("cannot serve metrics on", host, target, exc))
+        # Innermost, after the access log and the user's middleware: it counts
+        # the calls that reach the application, and sees the connections.
+        middleware.append(metrics)
     if middleware:
         limits["middleware"] = middleware
     live: set[AMPProtocol] = set()
     factory = _logged(cls, live)
-    if args.stdio:
-        return await _stdio(args, factory, limits, live)
-    return await _listen(args, factory, tls, limits, live)
+    try:
+        if args.stdio:
+            return await _stdio(args, factory, limits, live)
+        return await _listen(args, factory, tls, limits, live)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+
+
+def _metrics(host: str, port: int) -> tuple[Middleware, Any]:
+    """The Metrics middleware, and the HTTP server of /metrics, already serving."""
+    try:
+        from ..prometheus import Metrics, serve_http  # noqa: PLC0415 (an optional dependency)
+    except ImportError as exc:
+        raise UsageError(
+            f"--metrics-port needs prometheus_client ({exc}): pip install 'asyncio-amp[prometheus]'"
+        ) from None
+    http = serve_http(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("serving metrics on http://%s:%d/metrics", shown, http.server_port)
+    return Metrics(), http
 
 
 async def _stdio(
