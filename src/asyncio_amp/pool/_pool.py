@@ -46,11 +46,12 @@ from typing import Any, Literal, Self
 
 from .._commands import Command
 from .._errors import ConnectionLostError
+from .._middleware import Middleware
 from .._protocol import AMPProtocol
 from ._calls import Call, Phase, drop
 from ._errors import PoolClosedError, WorkerCrashedError
 from ._options import argv, environment, positive, seconds, worker_target
-from ._worker import Link, State, Worker, describe, link_class
+from ._worker import Link, State, Worker, describe, link_class, link_middleware
 
 __all__ = ["ProcessPool"]
 
@@ -123,6 +124,13 @@ class ProcessPool:
         output: Where the workers' stdout and stderr lines go: ``"stderr"``, the
             parent's stderr, each line tagged ``[worker PID]``; or ``"log"``, the
             ``asyncio_amp.pool.worker`` logger at INFO level.
+        middleware: [`Middleware`][asyncio_amp.Middleware] that runs on the
+            parent's side of every worker's connection, in list order: its
+            ``outgoing`` around the pool's calls to the workers, its
+            ``incoming`` around the workers' calls to the parent (the
+            ``parent_protocol``'s responders). An exception it raises fails the
+            call as usual; the worker that was to run the call goes on. The
+            pool's own start-up message from each worker skips it.
 
     Workers that keep dying at start (an import error, a failing
     ``worker_started``) are retried with a growing delay; after five in a row,
@@ -152,6 +160,7 @@ class ProcessPool:
         cwd: str | os.PathLike[str] | None = None,
         sys_path: Iterable[str | os.PathLike[str]] = (),
         output: Literal["stderr", "log"] = "stderr",
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         self._target, self._main = worker_target(worker)
         if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 0:
@@ -173,6 +182,7 @@ class ProcessPool:
         self.kill_grace = seconds("kill_grace", kill_grace) or 0.0
         self.start_timeout = seconds("start_timeout", start_timeout) or 0.0
         self._link_class: type[Link] = link_class(parent_protocol)
+        self._link_middleware = link_middleware(middleware)
         if output not in ("stderr", "log"):
             raise ValueError(f"output must be 'stderr' or 'log', not {output!r}")
         self._output = output
@@ -463,8 +473,13 @@ class ProcessPool:
         if recycle is not None and worker.assigned >= recycle:
             self._counts["recycled"] += 1
             self._retire(worker, f"recycled after {worker.assigned} calls")
-        if inner.done() or not getattr(call.command, "requires_answer", True):
-            # No answer to read (requires_answer = False): done when sent.
+        if (
+            inner.done()
+            or not getattr(call.command, "requires_answer", True)
+            or link._outgoing is not None
+        ):
+            # No answer to read (requires_answer = False): done when sent. Or
+            # middleware runs around the call: its task ends after the read.
             inner.add_done_callback(lambda _: self._answered(worker))
 
     def _answered(self, worker: Worker) -> None:
