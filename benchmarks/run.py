@@ -167,6 +167,7 @@ ROWS = [
     Row("pool-c16", "pool-c16", "calls/s", True, _rate),
     Row("pool-cpu", "pool-cpu", f"{TIMES} ideal", True, lambda r: r["of_ideal"]),
     Row("pool-cpu (speed-up)", "pool-cpu", TIMES, True, lambda r: r["speedup"]),
+    Row("pool-cpu (vs bare)", "pool-cpu", f"{TIMES} bare", True, lambda r: r["of_bare"]),
 ]
 ROW_BY_NAME = {row.name: row for row in ROWS}
 

@@ -19,7 +19,9 @@ Every implementation's workers run the functions of ``poolwork.py``.
 * ``pool-cpu``: a batch of pure-Python ``fib`` calls, all submitted at once,
   run on 1 worker and then on ``os.cpu_count()`` workers (each pool started and
   warmed up before the clock starts); the result is the speed-up and its ratio
-  to the ideal (the CPU count).
+  to the ideal (the CPU count), and its ratio to the speed-up of plain
+  processes that share the same batch out with no pool, measured just before
+  (what the machine offers then: less than the CPU count when it is busy).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -141,6 +145,60 @@ async def _tiny(impl: str, params: dict[str, Any]) -> dict[str, Any]:
     return meter.result(errors=errors + warnings, workers=workers)
 
 
+# The same batch on plain processes that share it out, with no pool at all: the
+# speed-up that this machine offers at this moment. It is far from the CPU count
+# when other work takes a CPU; the pools are compared with it too.
+BARE = """
+import sys
+from impls.poolwork import fib
+n, calls = int(sys.argv[1]), int(sys.argv[2])
+sys.stdin.readline()
+for _ in range(calls):
+    fib(n)
+print("done", flush=True)
+"""
+
+
+def _bare_batch(workers: int, params: dict[str, Any]) -> float:
+    """Seconds for the fib batch shared out over ``workers`` plain processes, once they run."""
+    n, calls = params["fib"], params["calls"]
+    shares = [calls // workers + (1 if i < calls % workers else 0) for i in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BARE, str(n), str(share)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=BENCHMARKS,
+        )
+        for share in shares
+    ]
+    try:
+        time.sleep(0.3)  # let them import
+        started = time.perf_counter()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "done":
+                raise RuntimeError("a bare process did not finish its share")
+        return time.perf_counter() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def _bare_speedup(params: dict[str, Any]) -> dict[str, float]:
+    cores = os.cpu_count() or 1
+    one = _bare_batch(1, params)
+    all_cores = _bare_batch(cores, params)
+    return {"bare_seconds_1": one, "bare_seconds_all": all_cores, "bare_speedup": one / all_cores}
+
+
 async def _batch(impl: str, workers: int, params: dict[str, Any]) -> float:
     """Seconds for the whole fib batch on ``workers`` workers, once they are all up."""
     pool = _new_pool(impl, workers, 1)
@@ -164,11 +222,16 @@ async def _cpu(impl: str, params: dict[str, Any]) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     one = await _batch(impl, 1, params)
     all_cores = await _batch(impl, cores, params)
-    return _cpu_result(one, all_cores, cores, params, warnings)
+    return _cpu_result(one, all_cores, cores, params, warnings, params["bare"])
 
 
 def _cpu_result(
-    one: float, all_cores: float, cores: int, params: dict[str, Any], errors: list[str]
+    one: float,
+    all_cores: float,
+    cores: int,
+    params: dict[str, Any],
+    errors: list[str],
+    bare: dict[str, float],
 ) -> dict[str, Any]:
     speedup = one / all_cores
     return {
@@ -181,6 +244,8 @@ def _cpu_result(
         "seconds_all_workers": all_cores,
         "speedup": speedup,
         "of_ideal": speedup / cores,
+        **bare,
+        "of_bare": speedup / bare["bare_speedup"],
     }
 
 
@@ -284,7 +349,7 @@ def _ampoule(workload: str, params: dict[str, Any]) -> dict[str, Any]:
         cores = os.cpu_count() or 1
         one = yield batch(1)
         all_cores = yield batch(cores)
-        out.update(_cpu_result(one, all_cores, cores, params, []))
+        out.update(_cpu_result(one, all_cores, cores, params, [], params["bare"]))
 
     def main() -> None:
         d = cpu() if workload == "pool-cpu" else tiny_calls()
@@ -304,6 +369,9 @@ def _ampoule(workload: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def run(impl: str, workload: str, params: dict[str, Any], loop: str | None) -> dict[str, Any]:
     """Run one pool workload on ``impl`` in this process."""
+    if workload == "pool-cpu":
+        # Measured first, in the same process, so each pool has its own reference.
+        params = {**params, "bare": _bare_speedup(params)}
     if impl == "twisted":
         return _ampoule(workload, params)
     if workload == "pool-cpu":
