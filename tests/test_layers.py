@@ -66,6 +66,20 @@ ALLOWED = {
     "pool._worker": CORE
     | UPGRADES
     | {"_protocol", "_fds", "_locators", "_middleware", "pool._child", "pool._calls", "pool._pool"},
+    # Worker supervision: sizing, failed starts, idle shrink (pool._pool's type only).
+    "pool._supervisor": CORE
+    | UPGRADES
+    | {
+        "_protocol",
+        "_fds",
+        "_locators",
+        "_middleware",
+        "pool._errors",
+        "pool._worker",
+        "pool._child",
+        "pool._calls",
+        "pool._pool",
+    },
     "pool._pool": CORE
     | UPGRADES
     | {
@@ -74,6 +88,7 @@ ALLOWED = {
         "_locators",
         "_middleware",
         "pool._errors",
+        "pool._supervisor",
         "pool._worker",
         "pool._child",
         "pool._calls",

@@ -51,23 +51,12 @@ from .._protocol import AMPProtocol
 from ._calls import Call, Phase, drop
 from ._errors import PoolClosedError, WorkerCrashedError
 from ._options import argv, environment, positive, seconds, worker_target
+from ._supervisor import HEALTHY, Supervisor
 from ._worker import Link, State, Worker, describe, link_class, link_middleware
 
 __all__ = ["ProcessPool"]
 
 logger = logging.getLogger("asyncio_amp.pool")
-
-# Workers that die at start this many times in a row are a crash loop: the calls
-# that wait fail, and a new start is tried only when a new call comes.
-MAX_START_FAILURES = 5
-# The wait before the n-th start after n-1 failed ones: doubling from
-# BACKOFF_FIRST up to BACKOFF_MAX, so a crash loop never spins.
-BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 2.0
-# A worker that dies within this many seconds of being ready, before it was given
-# any call, failed to start too; and failed starts are forgotten once a worker
-# has been ready this long (or got calls).
-HEALTHY = 1.0
 
 
 class ProcessPool:
@@ -198,12 +187,7 @@ class ProcessPool:
         self._queued = 0  # live calls in the queue (cancelled ones are skipped)
         self._room: collections.deque[asyncio.Future[None]] = collections.deque()
         self._changed: asyncio.Future[None] | None = None
-        self._start_failures = 0
-        self._last_failure: WorkerCrashedError | None = None
-        self._gave_up = False
-        self._spawn_after = 0.0
-        self._spawn_handle: asyncio.TimerHandle | None = None
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._supervisor = Supervisor(self)
         self._closed: asyncio.Future[None] | None = None
         self._counts = dict.fromkeys(("completed", "failed", "crashed", "recycled", "timed_out"), 0)
 
@@ -227,14 +211,14 @@ class ProcessPool:
             raise RuntimeError(f"the pool was started already ({self._phase})")
         self._loop = asyncio.get_running_loop()
         self._phase = "running"
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
         try:
             while len(self._ready) < self.min_workers:
                 if self._phase != "running":
                     raise PoolClosedError("the pool was closed while it started")
-                if self._gave_up:
-                    assert self._last_failure is not None
-                    raise self._last_failure
+                if self._supervisor.gave_up:
+                    assert self._supervisor.last_failure is not None
+                    raise self._supervisor.last_failure
                 await self._wait_change()
         except BaseException:
             await self.close(grace=0)
@@ -420,8 +404,8 @@ class ProcessPool:
 
     def _submit(self, call: Call) -> None:
         """Send a new call to a worker with a free place, or queue it."""
-        if self._gave_up:
-            self._gave_up = False  # a new call: one more start is tried
+        if self._supervisor.gave_up:
+            self._supervisor.gave_up = False  # a new call: one more start is tried
         if not self._queued:
             worker = self._free_worker()
             if worker is not None:
@@ -431,7 +415,7 @@ class ProcessPool:
         self._queue.append(call)
         self._queued += 1
         if len(self._ready) < self.max_workers:  # else no worker can be added
-            self._ensure_workers()
+            self._supervisor.ensure_workers()
 
     def _free_worker(self) -> Worker | None:
         """The ready worker with the fewest calls in flight, if it has a free place."""
@@ -457,7 +441,7 @@ class ProcessPool:
             self._queued += 1
             worker.kill("its connection broke", expected=False)
             self._unready(worker)
-            self._ensure_workers()
+            self._supervisor.ensure_workers()
             return
         except Exception as exc:  # bad arguments: nothing was sent
             call.phase = Phase.DONE
@@ -529,7 +513,7 @@ class ProcessPool:
             if self._room:
                 self._wake_room()
             if not worker.inflight:
-                self._went_idle(worker)
+                self._supervisor.went_idle(worker)
         elif state is State.RETIRING and not still:
             worker.stop(worker.reason)
         if self._phase == "closing":
@@ -590,7 +574,7 @@ class ProcessPool:
                         )
                     )
                     self._counts["failed"] += 1
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
         self._pump()
 
     def _retire(self, worker: Worker, reason: str) -> None:
@@ -601,7 +585,7 @@ class ProcessPool:
             worker.reason = reason
             if not worker.inflight:
                 worker.stop(reason)
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
 
     def _unready(self, worker: Worker) -> None:
         with contextlib.suppress(ValueError):
@@ -619,7 +603,7 @@ class ProcessPool:
         worker.state = State.READY
         assert self._loop is not None
         worker.ready_at = self._loop.time()
-        self._gave_up = False
+        self._supervisor.gave_up = False
         if self._phase != "running":
             self._retire(worker, "the pool is closing")
             return
@@ -627,7 +611,7 @@ class ProcessPool:
         self._ready.append(worker)
         self._pump()
         if not worker.inflight:
-            self._went_idle(worker)
+            self._supervisor.went_idle(worker)
         self._notify()
 
     def _worker_dead(self, worker: Worker, returncode: int | None) -> None:
@@ -658,7 +642,7 @@ class ProcessPool:
         if worker.expected:
             logger.info("worker %s %s (%s)", worker.pid, status, worker.reason)
         elif not worker.was_ready or (not worker.assigned and lived < HEALTHY):
-            self._start_failed(worker, status, returncode, tail)
+            self._supervisor.start_failed(worker, status, returncode, tail)
         else:
             self._counts["crashed"] += 1
             logger.warning(
@@ -668,33 +652,9 @@ class ProcessPool:
                 len(calls),
                 shown,
             )
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
         self._pump()
         self._notify()
-
-    def _start_failed(self, worker: Worker, status: str, returncode: int | None, tail: str) -> None:
-        self._start_failures += 1
-        failures = self._start_failures
-        reason = worker.reason or f"it {status}"
-        shown = f"; its last output:\n{tail}" if tail else ""
-        logger.warning("worker %s failed to start: %s%s", worker.pid, reason, shown)
-        assert self._loop is not None
-        self._spawn_after = self._loop.time() + min(
-            BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX
-        )
-        if failures < MAX_START_FAILURES or self._phase != "running":
-            return
-        error = WorkerCrashedError(
-            f"workers of {self._target} keep failing to start ({failures} in a row): "
-            f"the last one {status}{shown}",
-            pid=worker.pid,
-            returncode=returncode,
-            output=tail,
-        )
-        self._last_failure = error
-        self._gave_up = True
-        if not self._ready:  # else the workers still running take the queued calls
-            self._fail_queue(error)
 
     def _fail_queue(self, error: Exception) -> None:
         queue, self._queue = self._queue, collections.deque()
@@ -723,72 +683,6 @@ class ProcessPool:
         if self._room:
             self._wake_room()
 
-    def _ensure_workers(self) -> None:
-        """Start workers for min_workers and for the queued calls, up to max_workers."""
-        if self._phase != "running" or self._gave_up:
-            return
-        live = [w for w in self._workers if w.state in (State.STARTING, State.READY)]
-        starting = sum(1 for w in live if w.state is State.STARTING)
-        wanted = self.min_workers - len(live)
-        if self._queued:
-            # Each starting worker will take `concurrency` of the queued calls.
-            extra = self._queued - starting * self.concurrency
-            wanted = max(wanted, -(-extra // self.concurrency))
-        wanted = min(wanted, self.max_workers - len(live))
-        if wanted <= 0:
-            return
-        assert self._loop is not None
-        now = self._loop.time()
-        if self._start_failures and any(
-            worker.assigned or now - worker.ready_at >= HEALTHY for worker in self._ready
-        ):
-            self._start_failures = 0  # workers start fine again
-        delay = self._spawn_after - now
-        if self._start_failures and delay > 0:
-            if self._spawn_handle is None:
-                self._spawn_handle = self._loop.call_later(delay, self._spawn_later)
-            return
-        if self._start_failures:
-            wanted = 1  # after a failed start, one at a time
-        for _ in range(wanted):
-            worker = Worker(self)
-            self._workers.append(worker)
-            worker.start()
-            assert worker.task is not None
-            self._tasks.add(worker.task)
-            worker.task.add_done_callback(self._tasks.discard)
-
-    def _spawn_later(self) -> None:
-        self._spawn_handle = None
-        self._ensure_workers()
-
-    def _went_idle(self, worker: Worker) -> None:
-        if self.max_idle is None or len(self._ready) <= self.min_workers:
-            return
-        assert self._loop is not None
-        worker.idle_since = now = self._loop.time()
-        if self._idle_handle is None:
-            self._idle_handle = self._loop.call_at(now + self.max_idle, self._stop_idle)
-
-    def _stop_idle(self) -> None:
-        """Stop the workers idle for max_idle, down to min_workers."""
-        self._idle_handle = None
-        assert self._loop is not None and self.max_idle is not None
-        now = self._loop.time()
-        ready = len(self._ready)
-        soonest: float | None = None
-        for worker in list(self._ready):
-            if worker.inflight or ready <= self.min_workers:
-                continue
-            deadline = worker.idle_since + self.max_idle
-            if deadline <= now:
-                self._retire(worker, f"idle for {self.max_idle} s")
-                ready -= 1
-            elif soonest is None or deadline < soonest:
-                soonest = deadline
-        if soonest is not None and ready > self.min_workers:
-            self._idle_handle = self._loop.call_at(soonest, self._stop_idle)
-
     # Private methods: starting and closing
 
     def _argv(self, fd: int) -> list[str]:
@@ -810,10 +704,7 @@ class ProcessPool:
         loop = self._loop
         assert loop is not None
         self._fail_queue(PoolClosedError("the pool closed before the call was sent to a worker"))
-        for handle in (self._spawn_handle, self._idle_handle):
-            if handle is not None:
-                handle.cancel()
-        self._spawn_handle = self._idle_handle = None
+        self._supervisor.cancel()
         for worker in list(self._workers):
             if worker.state is State.STARTING:
                 worker.kill("the pool is closing")
