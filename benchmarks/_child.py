@@ -1,5 +1,5 @@
 """
-One benchmark process: a server, a client or an in-process measurement.
+One benchmark process: a server, a client, an in-process or a pool measurement.
 
 ``run.py`` starts it; it is not meant to be run by hand, though it can be::
 
@@ -31,6 +31,9 @@ def main(argv: list[str]) -> int:
         common.raise_nofile(params["idle_connections"] + 100)
         common.idle_client(port, params["idle_connections"], params["cap"])
         return 0
+    if role == "pool":
+        # The pool workloads have one module for every implementation.
+        module_name = "pool"
     module = importlib.import_module(f"impls.{module_name}")
     if role == "server":
         module.serve(workload, params, loop)
@@ -40,6 +43,8 @@ def main(argv: list[str]) -> int:
         if role == "client":
             port = int(sys.stdin.readline())
             result = module.client(workload, port, params, loop)
+        elif role == "pool":
+            result = module.run(impl, workload, params, loop)
         else:
             result = module.inproc(workload, params, loop)
     except Exception:

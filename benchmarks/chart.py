@@ -35,7 +35,7 @@ SERIES = [
     ("amp-uvloop/raw-uvloop", "asyncio-amp on uvloop ÷ raw uvloop floor", "#ff9896"),
 ]
 # Rows that repeat another one in a different unit.
-SKIPPED_ROWS = {"inproc (per call)"}
+SKIPPED_ROWS = {"inproc (per call)", "pool-cpu (speed-up)", "pool-cpu (vs bare)"}
 
 
 def draw(document: dict[str, Any], output: Path) -> None:

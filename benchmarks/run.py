@@ -73,7 +73,7 @@ class Workload:
     """One workload: how it runs and how its result becomes a number."""
 
     name: str
-    kind: str  # "net" (server + client), "inproc" (one process) or "idle"
+    kind: str  # "net" (server + client), "inproc" (one process), "pool" (unpinned) or "idle"
     unit: str
     higher_is_better: bool = True
     params: dict[str, Any] = field(default_factory=dict)
@@ -136,6 +136,21 @@ WORKLOADS = [
         impls=("amp", "amp-uvloop"),
         description="the same, each Sum costing the server about 70 µs of CPU in pure Python",
     ),
+    Workload(
+        "pool-c1", "pool", "calls/s",
+        params={"workers": 2, "inflight": 100, "concurrency": 1},
+        description="tiny Sum calls through a 2-worker process pool, 100 in flight, concurrency=1",
+    ),
+    Workload(
+        "pool-c16", "pool", "calls/s",
+        params={"workers": 2, "inflight": 100, "concurrency": 16},
+        description="tiny Sum calls through a 2-worker process pool, 100 in flight, concurrency=16",
+    ),
+    Workload(
+        "pool-cpu", "pool", "x ideal",
+        params={"fib": 26},
+        description="speed-up of a batch of fib(26) calls on all cores over 1 worker, / CPU count",
+    ),
 ]  # fmt: skip
 WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -180,6 +195,11 @@ ROWS = [
         f"workers-cpu 2 {DIVIDE} 1", "workers-cpu", TIMES, True,
         lambda r: r["rate_2"] / r["rate_1"],
     ),
+    Row("pool-c1", "pool-c1", "calls/s", True, _rate),
+    Row("pool-c16", "pool-c16", "calls/s", True, _rate),
+    Row("pool-cpu", "pool-cpu", f"{TIMES} ideal", True, lambda r: r["of_ideal"]),
+    Row("pool-cpu (speed-up)", "pool-cpu", TIMES, True, lambda r: r["speedup"]),
+    Row("pool-cpu (vs bare)", "pool-cpu", f"{TIMES} bare", True, lambda r: r["of_bare"]),
 ]  # fmt: skip
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
@@ -192,14 +212,23 @@ class Settings:
     idle_connections: int
     idle_repeat: int
     big_min_calls: int
+    # pool-cpu: fib calls in its batch for each CPU.
+    cpu_calls_per_core: int
 
 
 FULL = Settings(
-    repeat=5, warmup=0.25, duration=0.8, idle_connections=10_000, idle_repeat=3, big_min_calls=3
+    repeat=5,
+    warmup=0.25,
+    duration=0.8,
+    idle_connections=10_000,
+    idle_repeat=3,
+    big_min_calls=3,
+    cpu_calls_per_core=12,
 )
 QUICK = Settings(
-    repeat=1, warmup=0.08, duration=0.15, idle_connections=1_000, idle_repeat=1, big_min_calls=2
-)
+    repeat=1, warmup=0.08, duration=0.15, idle_connections=1_000, idle_repeat=1, big_min_calls=2,
+    cpu_calls_per_core=3,
+)  # fmt: skip
 
 
 # Child processes
@@ -447,6 +476,7 @@ def _run_one(
         "cap": cap,
         "lifetime": settings.warmup + cap + 60,
         "idle_connections": settings.idle_connections,
+        "calls": settings.cpu_calls_per_core * (os.cpu_count() or 1),
     }
     timeout = settings.warmup + cap + 30
     children: list[Child] = []
@@ -458,6 +488,13 @@ def _run_one(
             children.append(child)
             result = json.loads(child.expect("RESULT", timeout))
             # Its work is done and reported: skip the interpreter's teardown.
+            child.kill()
+        elif workload.kind == "pool":
+            # Not pinned: the pool's workers inherit the affinity, and must have every CPU.
+            child = Child("pool", impl, workload.name, {**params, "cpu": None})
+            children.append(child)
+            result = json.loads(child.expect("RESULT", timeout))
+            # Its pool was closed before it reported: skip the interpreter's teardown.
             child.kill()
         else:
             server = Child("server", impl, workload.name, {**params, "cpu": server_cpu})
@@ -621,8 +658,9 @@ class Target:
     A goal from the issue: asyncio-amp's ratio on ``row`` to ``reference`` reaches ``threshold``.
 
     ``reference`` is an implementation, ``"floor"`` (the raw floor on the same event
-    loop: raw for amp, raw-uvloop for amp-uvloop), or another row of the same
-    implementation (``"row:echo64k"``).
+    loop: raw for amp, raw-uvloop for amp-uvloop), another row of the same
+    implementation (``"row:echo64k"``), or ``"ideal"`` (the row is a ratio to the
+    ideal already: its own value is compared with ``threshold``).
     """
 
     name: str
@@ -639,6 +677,8 @@ class Target:
     def ratio(self, summaries: dict[str, dict[str, Any]], ours: str) -> float | None:
         higher_is_better = ROW_BY_NAME[self.row].higher_is_better
         reference = self.reference_for(ours)
+        if reference == "ideal":
+            return _median(summaries, self.row, ours)
         if reference.startswith("row:"):
             ref_value = _median(summaries, reference[4:], ours)
         else:
@@ -665,6 +705,10 @@ TARGETS = [
     Target(f"big ≥ 0.7{TIMES} echo64k throughput", "big", "row:echo64k", 0.7),
     # Strictly lower: the ratio (Twisted's bytes / ours) must be over 1.
     Target("idle bytes/conn below Twisted's", "idle", "twisted", 1.0 + 1e-9),
+    # The pool's "floor" is run_in_executor(ProcessPoolExecutor) on the same loop.
+    Target(f"pool-c16 ≥ 3{TIMES} ProcessPoolExecutor", "pool-c16", "floor", 3),
+    Target(f"pool-c1 ≥ 1{TIMES} ProcessPoolExecutor", "pool-c1", "floor", 1),
+    Target(f"pool-cpu ≥ 0.9{TIMES} the ideal speed-up", "pool-cpu", "ideal", 0.9),
 ]
 
 

@@ -74,14 +74,30 @@ ALLOWED = {
     "pool._calls": CORE | {"pool._worker"},
     "pool._worker": CORE
     | UPGRADES
-    | {"_protocol", "_fds", "_locators", "pool._child", "pool._calls", "pool._pool"},
+    | {"_protocol", "_fds", "_locators", "_middleware", "pool._child", "pool._calls", "pool._pool"},
+    # Worker supervision: sizing, failed starts, idle shrink (pool._pool's type only).
+    "pool._supervisor": CORE
+    | UPGRADES
+    | {
+        "_protocol",
+        "_fds",
+        "_locators",
+        "_middleware",
+        "pool._errors",
+        "pool._worker",
+        "pool._child",
+        "pool._calls",
+        "pool._pool",
+    },
     "pool._pool": CORE
     | UPGRADES
     | {
         "_protocol",
         "_fds",
         "_locators",
+        "_middleware",
         "pool._errors",
+        "pool._supervisor",
         "pool._worker",
         "pool._child",
         "pool._calls",

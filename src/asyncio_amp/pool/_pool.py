@@ -46,27 +46,17 @@ from typing import Any, Literal, Self
 
 from .._commands import Command
 from .._errors import ConnectionLostError
+from .._middleware import Middleware
 from .._protocol import AMPProtocol
 from ._calls import Call, Phase, drop
 from ._errors import PoolClosedError, WorkerCrashedError
 from ._options import argv, environment, positive, seconds, worker_target
-from ._worker import Link, State, Worker, describe, link_class
+from ._supervisor import HEALTHY, Supervisor
+from ._worker import Link, State, Worker, describe, link_class, link_middleware
 
 __all__ = ["ProcessPool"]
 
 logger = logging.getLogger("asyncio_amp.pool")
-
-# Workers that die at start this many times in a row are a crash loop: the calls
-# that wait fail, and a new start is tried only when a new call comes.
-MAX_START_FAILURES = 5
-# The wait before the n-th start after n-1 failed ones: doubling from
-# BACKOFF_FIRST up to BACKOFF_MAX, so a crash loop never spins.
-BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 2.0
-# A worker that dies within this many seconds of being ready, before it was given
-# any call, failed to start too; and failed starts are forgotten once a worker
-# has been ready this long (or got calls).
-HEALTHY = 1.0
 
 
 class ProcessPool:
@@ -123,6 +113,13 @@ class ProcessPool:
         output: Where the workers' stdout and stderr lines go: ``"stderr"``, the
             parent's stderr, each line tagged ``[worker PID]``; or ``"log"``, the
             ``asyncio_amp.pool.worker`` logger at INFO level.
+        middleware: [`Middleware`][asyncio_amp.Middleware] that runs on the
+            parent's side of every worker's connection, in list order: its
+            ``outgoing`` around the pool's calls to the workers, its
+            ``incoming`` around the workers' calls to the parent (the
+            ``parent_protocol``'s responders). An exception it raises fails the
+            call as usual; the worker that was to run the call goes on. The
+            pool's own start-up message from each worker skips it.
 
     Workers that keep dying at start (an import error, a failing
     ``worker_started``) are retried with a growing delay; after five in a row,
@@ -152,6 +149,7 @@ class ProcessPool:
         cwd: str | os.PathLike[str] | None = None,
         sys_path: Iterable[str | os.PathLike[str]] = (),
         output: Literal["stderr", "log"] = "stderr",
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         self._target, self._main = worker_target(worker)
         if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 0:
@@ -173,6 +171,7 @@ class ProcessPool:
         self.kill_grace = seconds("kill_grace", kill_grace) or 0.0
         self.start_timeout = seconds("start_timeout", start_timeout) or 0.0
         self._link_class: type[Link] = link_class(parent_protocol)
+        self._link_middleware = link_middleware(middleware)
         if output not in ("stderr", "log"):
             raise ValueError(f"output must be 'stderr' or 'log', not {output!r}")
         self._output = output
@@ -188,12 +187,7 @@ class ProcessPool:
         self._queued = 0  # live calls in the queue (cancelled ones are skipped)
         self._room: collections.deque[asyncio.Future[None]] = collections.deque()
         self._changed: asyncio.Future[None] | None = None
-        self._start_failures = 0
-        self._last_failure: WorkerCrashedError | None = None
-        self._gave_up = False
-        self._spawn_after = 0.0
-        self._spawn_handle: asyncio.TimerHandle | None = None
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self._supervisor = Supervisor(self)
         self._closed: asyncio.Future[None] | None = None
         self._counts = dict.fromkeys(("completed", "failed", "crashed", "recycled", "timed_out"), 0)
 
@@ -217,14 +211,14 @@ class ProcessPool:
             raise RuntimeError(f"the pool was started already ({self._phase})")
         self._loop = asyncio.get_running_loop()
         self._phase = "running"
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
         try:
             while len(self._ready) < self.min_workers:
                 if self._phase != "running":
                     raise PoolClosedError("the pool was closed while it started")
-                if self._gave_up:
-                    assert self._last_failure is not None
-                    raise self._last_failure
+                if self._supervisor.gave_up:
+                    assert self._supervisor.last_failure is not None
+                    raise self._supervisor.last_failure
                 await self._wait_change()
         except BaseException:
             await self.close(grace=0)
@@ -410,8 +404,8 @@ class ProcessPool:
 
     def _submit(self, call: Call) -> None:
         """Send a new call to a worker with a free place, or queue it."""
-        if self._gave_up:
-            self._gave_up = False  # a new call: one more start is tried
+        if self._supervisor.gave_up:
+            self._supervisor.gave_up = False  # a new call: one more start is tried
         if not self._queued:
             worker = self._free_worker()
             if worker is not None:
@@ -421,7 +415,7 @@ class ProcessPool:
         self._queue.append(call)
         self._queued += 1
         if len(self._ready) < self.max_workers:  # else no worker can be added
-            self._ensure_workers()
+            self._supervisor.ensure_workers()
 
     def _free_worker(self) -> Worker | None:
         """The ready worker with the fewest calls in flight, if it has a free place."""
@@ -447,7 +441,7 @@ class ProcessPool:
             self._queued += 1
             worker.kill("its connection broke", expected=False)
             self._unready(worker)
-            self._ensure_workers()
+            self._supervisor.ensure_workers()
             return
         except Exception as exc:  # bad arguments: nothing was sent
             call.phase = Phase.DONE
@@ -463,8 +457,13 @@ class ProcessPool:
         if recycle is not None and worker.assigned >= recycle:
             self._counts["recycled"] += 1
             self._retire(worker, f"recycled after {worker.assigned} calls")
-        if inner.done() or not getattr(call.command, "requires_answer", True):
-            # No answer to read (requires_answer = False): done when sent.
+        if (
+            inner.done()
+            or not getattr(call.command, "requires_answer", True)
+            or link._outgoing is not None
+        ):
+            # No answer to read (requires_answer = False): done when sent. Or
+            # middleware runs around the call: its task ends after the read.
             inner.add_done_callback(lambda _: self._answered(worker))
 
     def _answered(self, worker: Worker) -> None:
@@ -514,7 +513,7 @@ class ProcessPool:
             if self._room:
                 self._wake_room()
             if not worker.inflight:
-                self._went_idle(worker)
+                self._supervisor.went_idle(worker)
         elif state is State.RETIRING and not still:
             worker.stop(worker.reason)
         if self._phase == "closing":
@@ -575,7 +574,7 @@ class ProcessPool:
                         )
                     )
                     self._counts["failed"] += 1
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
         self._pump()
 
     def _retire(self, worker: Worker, reason: str) -> None:
@@ -586,7 +585,7 @@ class ProcessPool:
             worker.reason = reason
             if not worker.inflight:
                 worker.stop(reason)
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
 
     def _unready(self, worker: Worker) -> None:
         with contextlib.suppress(ValueError):
@@ -604,7 +603,7 @@ class ProcessPool:
         worker.state = State.READY
         assert self._loop is not None
         worker.ready_at = self._loop.time()
-        self._gave_up = False
+        self._supervisor.gave_up = False
         if self._phase != "running":
             self._retire(worker, "the pool is closing")
             return
@@ -612,7 +611,7 @@ class ProcessPool:
         self._ready.append(worker)
         self._pump()
         if not worker.inflight:
-            self._went_idle(worker)
+            self._supervisor.went_idle(worker)
         self._notify()
 
     def _worker_dead(self, worker: Worker, returncode: int | None) -> None:
@@ -643,7 +642,7 @@ class ProcessPool:
         if worker.expected:
             logger.info("worker %s %s (%s)", worker.pid, status, worker.reason)
         elif not worker.was_ready or (not worker.assigned and lived < HEALTHY):
-            self._start_failed(worker, status, returncode, tail)
+            self._supervisor.start_failed(worker, status, returncode, tail)
         else:
             self._counts["crashed"] += 1
             logger.warning(
@@ -653,33 +652,9 @@ class ProcessPool:
                 len(calls),
                 shown,
             )
-        self._ensure_workers()
+        self._supervisor.ensure_workers()
         self._pump()
         self._notify()
-
-    def _start_failed(self, worker: Worker, status: str, returncode: int | None, tail: str) -> None:
-        self._start_failures += 1
-        failures = self._start_failures
-        reason = worker.reason or f"it {status}"
-        shown = f"; its last output:\n{tail}" if tail else ""
-        logger.warning("worker %s failed to start: %s%s", worker.pid, reason, shown)
-        assert self._loop is not None
-        self._spawn_after = self._loop.time() + min(
-            BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX
-        )
-        if failures < MAX_START_FAILURES or self._phase != "running":
-            return
-        error = WorkerCrashedError(
-            f"workers of {self._target} keep failing to start ({failures} in a row): "
-            f"the last one {status}{shown}",
-            pid=worker.pid,
-            returncode=returncode,
-            output=tail,
-        )
-        self._last_failure = error
-        self._gave_up = True
-        if not self._ready:  # else the workers still running take the queued calls
-            self._fail_queue(error)
 
     def _fail_queue(self, error: Exception) -> None:
         queue, self._queue = self._queue, collections.deque()
@@ -708,72 +683,6 @@ class ProcessPool:
         if self._room:
             self._wake_room()
 
-    def _ensure_workers(self) -> None:
-        """Start workers for min_workers and for the queued calls, up to max_workers."""
-        if self._phase != "running" or self._gave_up:
-            return
-        live = [w for w in self._workers if w.state in (State.STARTING, State.READY)]
-        starting = sum(1 for w in live if w.state is State.STARTING)
-        wanted = self.min_workers - len(live)
-        if self._queued:
-            # Each starting worker will take `concurrency` of the queued calls.
-            extra = self._queued - starting * self.concurrency
-            wanted = max(wanted, -(-extra // self.concurrency))
-        wanted = min(wanted, self.max_workers - len(live))
-        if wanted <= 0:
-            return
-        assert self._loop is not None
-        now = self._loop.time()
-        if self._start_failures and any(
-            worker.assigned or now - worker.ready_at >= HEALTHY for worker in self._ready
-        ):
-            self._start_failures = 0  # workers start fine again
-        delay = self._spawn_after - now
-        if self._start_failures and delay > 0:
-            if self._spawn_handle is None:
-                self._spawn_handle = self._loop.call_later(delay, self._spawn_later)
-            return
-        if self._start_failures:
-            wanted = 1  # after a failed start, one at a time
-        for _ in range(wanted):
-            worker = Worker(self)
-            self._workers.append(worker)
-            worker.start()
-            assert worker.task is not None
-            self._tasks.add(worker.task)
-            worker.task.add_done_callback(self._tasks.discard)
-
-    def _spawn_later(self) -> None:
-        self._spawn_handle = None
-        self._ensure_workers()
-
-    def _went_idle(self, worker: Worker) -> None:
-        if self.max_idle is None or len(self._ready) <= self.min_workers:
-            return
-        assert self._loop is not None
-        worker.idle_since = now = self._loop.time()
-        if self._idle_handle is None:
-            self._idle_handle = self._loop.call_at(now + self.max_idle, self._stop_idle)
-
-    def _stop_idle(self) -> None:
-        """Stop the workers idle for max_idle, down to min_workers."""
-        self._idle_handle = None
-        assert self._loop is not None and self.max_idle is not None
-        now = self._loop.time()
-        ready = len(self._ready)
-        soonest: float | None = None
-        for worker in list(self._ready):
-            if worker.inflight or ready <= self.min_workers:
-                continue
-            deadline = worker.idle_since + self.max_idle
-            if deadline <= now:
-                self._retire(worker, f"idle for {self.max_idle} s")
-                ready -= 1
-            elif soonest is None or deadline < soonest:
-                soonest = deadline
-        if soonest is not None and ready > self.min_workers:
-            self._idle_handle = self._loop.call_at(soonest, self._stop_idle)
-
     # Private methods: starting and closing
 
     def _argv(self, fd: int) -> list[str]:
@@ -795,10 +704,7 @@ class ProcessPool:
         loop = self._loop
         assert loop is not None
         self._fail_queue(PoolClosedError("the pool closed before the call was sent to a worker"))
-        for handle in (self._spawn_handle, self._idle_handle):
-            if handle is not None:
-                handle.cancel()
-        self._spawn_handle = self._idle_handle = None
+        self._supervisor.cancel()
         for worker in list(self._workers):
             if worker.state is State.STARTING:
                 worker.kill("the pool is closing")

@@ -49,8 +49,11 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .._middleware import Call as MiddlewareCall
+from .._middleware import CallNext, Middleware, build, overrides
 from .._protocol import AMPProtocol
 from ._child import Ready
 
@@ -150,6 +153,46 @@ def link_class(parent_protocol: type[AMPProtocol]) -> type[Link]:
             parent_protocol.__name__, (Link, parent_protocol), {"__module__": __name__}
         )
     return found
+
+
+class _Incoming(Middleware):
+    """A middleware's ``incoming``, for every call of a worker but its ``Ready``."""
+
+    def __init__(self, middleware: Middleware) -> None:
+        self.middleware = middleware
+
+    async def incoming(self, call: MiddlewareCall, call_next: CallNext) -> dict[Any, Any]:
+        if call.command is Ready:
+            return await call_next(call)  # the pool's own business
+        return await self.middleware.incoming(call, call_next)
+
+
+class _Outgoing(Middleware):
+    """A middleware's ``outgoing`` alone."""
+
+    def __init__(self, middleware: Middleware) -> None:
+        self.middleware = middleware
+
+    async def outgoing(self, call: MiddlewareCall, call_next: CallNext) -> dict[Any, Any]:
+        return await self.middleware.outgoing(call, call_next)
+
+
+def link_middleware(middleware: Iterable[Middleware]) -> tuple[Middleware, ...]:
+    """
+    The middleware a pool's links run: the user's, in order, each direction
+    kept apart, so that the worker's ``Ready`` (the pool's own call) skips them.
+
+    Raises:
+        TypeError: ``middleware`` is not an iterable of Middleware.
+    """
+    items, _, _ = build(middleware)  # checks them
+    out: list[Middleware] = []
+    for item in items:
+        if overrides(item, "incoming"):
+            out.append(_Incoming(item))
+        if overrides(item, "outgoing"):
+            out.append(_Outgoing(item))
+    return tuple(out)
 
 
 class Output(asyncio.Protocol):
@@ -344,6 +387,8 @@ class Worker:
         pool = self.pool
         link = pool._link_class()
         link._pool_worker = self
+        if pool._link_middleware:
+            link.middleware = pool._link_middleware
         link.max_pending_calls = max(link.max_pending_calls, pool.concurrency)
         self.link = link
         try:
