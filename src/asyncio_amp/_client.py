@@ -17,6 +17,10 @@ gives, an IP address or a UNIX path to itself. Each address has
   *healthy* connection: one that stayed open for ``healthy_after`` seconds. So
   a server that accepts and closes at once is retried ever more slowly, never
   in a loop, and one that served for a while is reconnected to at once.
+* With ``keepalive`` on, a connection is ready only once its server has
+  answered a heartbeat within ``keepalive_timeout``: the kernel completes TCP
+  connections to a stopped or wedged process, which would take calls and
+  never answer them. A connection that gets no answer is a failed attempt.
 * An endpoint with a host name is resolved again every ``resolve_interval``
   seconds and whenever one of its slots reconnects (both share one resolution
   at a time). Addresses that appear get new slots; the slots of addresses that
@@ -54,6 +58,7 @@ from typing import Any, Literal, Self, TypeGuard, overload
 
 from ._commands import Command, RawArguments, RawCommand
 from ._errors import ConnectionLostError, NoConnectionError, RemoteAmpError
+from ._keepalive import probe
 from ._network import connect
 from ._protocol import AMPProtocol
 from ._wire import Box
@@ -90,6 +95,11 @@ def _is_ip(host: str) -> bool:
 def _takes_calls(protocol: AMPProtocol | None) -> TypeGuard[AMPProtocol]:
     """Whether a connection takes calls: connected, and not closing or shutting down."""
     return protocol is not None and protocol._accepting
+
+
+def _abort(protocol: AMPProtocol) -> None:
+    if protocol.transport is not None:
+        protocol.transport.abort()
 
 
 def _reason(error: BaseException) -> str:
@@ -226,7 +236,10 @@ class Client:
             TLS. Certificates are checked against the endpoint's host name, not
             the address it resolved to, unless ``server_hostname`` is given.
         keepalive: The keepalive interval of each connection, in seconds
-            (``None``: none).
+            (``None``: none). With keepalive on, a new connection also takes
+            calls only once its server has answered a heartbeat (within
+            ``keepalive_timeout``), so that a server that is stopped or
+            wedged, whose kernel still completes connections, gets none.
         keepalive_timeout: How long a keepalive waits for any answer before
             the connection is dropped (``None``: the protocol's default).
         connect_timeout: How long one connection attempt (or one resolution)
@@ -888,6 +901,29 @@ class Client:
             **kwargs,
         )
 
+    async def _probe(self, protocol: AMPProtocol) -> None:
+        """
+        Wait for the answer to a heartbeat on a new connection; abort it if none comes.
+
+        The kernel completes a TCP connection to a live socket whatever its
+        process does: one stopped or wedged still "accepts". Calls would go
+        to it and hang until the keepalive drops it again, so with keepalive
+        on, a connection takes calls only once its server has answered.
+        """
+        timeout = protocol.keepalive_timeout
+        try:
+            heartbeat = probe(protocol)
+            await asyncio.wait([heartbeat], timeout=timeout)
+        except BaseException:
+            _abort(protocol)
+            raise
+        if not heartbeat.done():
+            _abort(protocol)
+            raise TimeoutError(f"no answer to a heartbeat within {timeout:g} s")
+        error = heartbeat.exception()
+        if isinstance(error, ConnectionLostError):
+            raise error  # any answer counts, an error too; the connection closing does not
+
     async def _run_slot(self, slot: _Slot) -> None:
         """Keep one connection: connect, wait for its loss, back off, resolve, again."""
         assert self._loop is not None and self._ready_event is not None
@@ -912,6 +948,8 @@ class Client:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     protocol = await self._open(slot)
+                    if self._keepalive is not None:
+                        await self._probe(protocol)
             except Exception as error:
                 slot.tried()
                 slot.failures += 1
