@@ -488,6 +488,104 @@ async def test_an_idempotent_call_fails_after_max_retries() -> None:
             assert client.stats()["retries"] == 8
 
 
+# Middleware
+
+
+class Counting(amp.Middleware):
+    """Counts the calls going out, by the connection (its peer) they go on."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    async def outgoing(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, object]:
+        self.calls[call.protocol.peer] += 1
+        return await call_next(call)
+
+
+class Refuses(amp.Middleware):
+    """Refuses to send Record: the caller gets the error, and nothing is sent."""
+
+    async def outgoing(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, object]:
+        if call.command is Record:
+            raise PermissionError(f"{call.name} is not allowed from here")
+        return await call_next(call)
+
+
+class Served(amp.Middleware):
+    """Counts the calls a server answers."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def incoming(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, object]:
+        self.count += 1
+        return await call_next(call)
+
+
+async def test_middleware_runs_on_every_connection_of_the_client() -> None:
+    counting, served = Counting(), Served()
+
+    class Counted(Named):
+        def __init__(self) -> None:
+            super().__init__(middleware=[served])
+
+    async with servers_on(HOSTS, Counted) as (port, _):
+        client = amp.Client(
+            f"amp.test:{port}", resolver=fixed(*HOSTS), middleware=iter([counting, Refuses()])
+        )
+        async with client:
+            await eventually(lambda: len(client.connections) == 3, "three connections")
+            answers = await asyncio.gather(
+                *(client.call_remote(Where, n=n, delay=0.02) for n in range(30))
+            )
+            raw = await client.call_remote_box("Where", {"n": "1", "delay": "0"})
+            with pytest.raises(PermissionError, match="Record is not allowed"):
+                await client.call_remote(Record, n=1, delay=0)
+            # Errors in the arguments still raise at once, before any middleware.
+            with pytest.raises(TypeError, match="expected an int"):
+                client.call_remote(Where, n="x", delay=0)
+            stats = client.stats()
+    assert {answer["server"] for answer in answers} == {f"{host}:{port}" for host in HOSTS}
+    assert raw[b"n"] == b"1"
+    # Each connection's calls went through the one middleware: 32 calls on 3 connections.
+    assert sum(counting.calls.values()) == 32 and len(counting.calls) == 3
+    # The refused call was never sent, nor sent again.
+    assert served.count == 31
+    assert (stats["calls"], stats["retries"]) == (32, 0)
+
+
+async def test_a_call_sent_again_goes_through_the_middleware_again() -> None:
+    class Aborts(Named):
+        @Where.responder
+        async def where(self, n: int, delay: float) -> dict[str, object]:
+            assert self.transport is not None
+            self.transport.abort()
+            return {}
+
+    counting = Counting()
+    async with servers_on(HOSTS[:2], Aborts) as (port, _):
+        client = amp.Client(
+            f"amp.test:{port}",
+            resolver=fixed(*HOSTS[:2]),
+            middleware=[counting],
+            max_retries=2,
+            backoff_initial=0.01,
+            backoff_max=0.05,
+        )
+        async with client:
+            with pytest.raises(amp.ConnectionLostError):
+                async with asyncio.timeout(LONG):
+                    await client.call_remote(Where, n=1, delay=0)
+    assert sum(counting.calls.values()) == 3  # the call, and its two retries
+
+
+def test_middleware_is_checked_when_the_client_is_made() -> None:
+    with pytest.raises(TypeError, match="Middleware"):
+        amp.Client("amp-a:7000", middleware=[object()])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="iterable of Middleware"):
+        amp.Client("amp-a:7000", middleware=Counting())  # type: ignore[arg-type]
+
+
 # Waiting, cancelling and closing
 
 

@@ -59,6 +59,7 @@ from typing import Any, Literal, Self, TypeGuard, overload
 from ._commands import Command, RawArguments, RawCommand
 from ._errors import ConnectionLostError, NoConnectionError, RemoteAmpError
 from ._keepalive import probe
+from ._middleware import Middleware, build
 from ._network import connect
 from ._protocol import AMPProtocol
 from ._wire import Box
@@ -242,6 +243,12 @@ class Client:
             wedged, whose kernel still completes connections, gets none.
         keepalive_timeout: How long a keepalive waits for any answer before
             the connection is dropped (``None``: the protocol's default).
+        middleware: [`Middleware`][asyncio_amp.Middleware] to run around the
+            calls of every connection the client makes, both ways, as
+            [`connect`][asyncio_amp.connect]'s ``middleware``. The same
+            instances serve every connection; ``call.protocol`` says which
+            one. A call sent again goes through them again, on its new
+            connection.
         connect_timeout: How long one connection attempt (or one resolution)
             may take, and how long a call waits for a ready connection before
             [`NoConnectionError`][] (10 seconds).
@@ -279,6 +286,7 @@ class Client:
         ssl: _ssl.SSLContext | bool | None = None,
         keepalive: float | None = None,
         keepalive_timeout: float | None = None,
+        middleware: Iterable[Middleware] = (),
         connect_timeout: float = 10.0,
         resolve_interval: float | None = 30.0,
         resolver: Resolver | None = None,
@@ -317,6 +325,12 @@ class Client:
             if not isinstance(number, int) or isinstance(number, bool) or number < least:
                 raise ValueError(f"{name} must be an int of at least {least}, not {number!r}")
         self._protocol_factory = protocol_factory
+        # Checked now, not at the first connection; an iterator is read once.
+        self._middleware, _, outgoing = build(middleware)
+        # With outgoing middleware a protocol checks a call's arguments in its
+        # chain's task; the client checks them first, so that they still raise
+        # at once.
+        self._check_first = outgoing is not None
         self._ssl = ssl
         self._keepalive = keepalive
         self._keepalive_timeout = keepalive_timeout
@@ -616,6 +630,8 @@ class Client:
             raise NoConnectionError(f"cannot call {label}: the client is closed")
         self._start()
         assert self._loop is not None
+        if self._check_first:
+            check()
         slot = self._pick()
         future: asyncio.Future[Any] | None = None
         if slot is not None:
@@ -877,6 +893,8 @@ class Client:
     async def _open(self, slot: _Slot) -> AMPProtocol:
         """Make one connection for a slot."""
         kwargs = dict(self._connect_kwargs)
+        if self._middleware:
+            kwargs["middleware"] = self._middleware
         # Keepalive: given to connect() only when set, so that connect()'s own
         # defaults hold otherwise.
         if self._keepalive is not None:
