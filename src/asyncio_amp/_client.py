@@ -276,6 +276,8 @@ class Client:
 
     Raises:
         ValueError: An endpoint or a number is not valid.
+        TypeError: An endpoint is neither a str nor a tuple, or ``middleware``
+            is not an iterable of [`Middleware`][asyncio_amp.Middleware].
     """
 
     def __init__(
@@ -938,6 +940,8 @@ class Client:
         if not heartbeat.done():
             _abort(protocol)
             raise TimeoutError(f"no answer to a heartbeat within {timeout:g} s")
+        if heartbeat.cancelled():
+            raise ConnectionLostError(f"the connection to {protocol.peer} closed at once")
         error = heartbeat.exception()
         if isinstance(error, ConnectionLostError):
             raise error  # any answer counts, an error too; the connection closing does not
