@@ -867,7 +867,8 @@ async def test_a_stopped_server_is_dropped_by_keepalive_and_taken_back(
     tmp_path: pathlib.Path,
 ) -> None:
     loop = asyncio.get_running_loop()
-    keepalive, keepalive_timeout, backoff_max = 0.2, 0.3, 0.5
+    # (a healthy server under load is never silent for keepalive + keepalive_timeout)
+    keepalive, keepalive_timeout, backoff_max = 0.25 * TIME, 0.5 * TIME, 0.5
     # (command, when it was made, when it ended, the server that answered or the exception)
     results: list[tuple[type[amp.Command], float, float, str | BaseException]] = []
     stop = asyncio.Event()
@@ -922,7 +923,7 @@ async def test_a_stopped_server_is_dropped_by_keepalive_and_taken_back(
                 dropped_at = loop.time()
                 # Long enough for a few attempts to reconnect to B, each refused
                 # for want of an answer to its heartbeat.
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(1.5 * TIME)
                 while_stopped = client.stats()
                 b.signal(signal.SIGCONT)
                 continued_at = loop.time()

@@ -90,7 +90,7 @@ async def main() -> None:
                 ssl=ssl.create_default_context(cafile=certs / "ca.pem"),
                 connections_per_address=2,
                 keepalive=0.5,
-                keepalive_timeout=0.5,
+                keepalive_timeout=1.0,
                 backoff_max=1.0,
             )
             async with client:
@@ -106,9 +106,8 @@ async def main() -> None:
                     await asyncio.sleep(0.1)
                 print("after SIGCONT:", await calls(client, 30))
                 stats = client.stats()
-                print(
-                    "connections lost:", stats["losses"], "calls sent again:", stats["retries"] > 0
-                )
+                # Both connections to 127.0.0.2 were lost; the calls on them were sent again.
+                print("lost:", stats["losses"] >= 2, "sent again:", stats["retries"] > 0)
             # --8<-- [end:client]
     finally:
         for server in servers:
