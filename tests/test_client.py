@@ -19,7 +19,7 @@ import asyncio_amp as amp
 from asyncio_amp._client import _Endpoint
 from cli_app import Calculator, Sum
 from client_server import Named, Record, Where
-from helpers import LONG, SHORT, TIME, eventually
+from helpers import LONG, SHORT, TIME, eventually, port_of
 
 HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 
@@ -373,6 +373,37 @@ async def test_the_client_reconnects_when_the_server_comes_back() -> None:
                     await again.wait_closed()
 
 
+async def test_with_keepalive_a_connection_takes_calls_once_its_server_answers() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing, keeps the socket open
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        async with servers_on(["127.0.0.2"]) as (port, _):
+            client = amp.Client(
+                [f"127.0.0.1:{port_of(mute)}", f"127.0.0.2:{port}"],
+                keepalive=LONG,
+                keepalive_timeout=0.2,
+                backoff_initial=0.05,
+                backoff_max=0.1,
+            )
+            async with client:
+                await eventually(lambda: len(accepted) >= 2, "two attempts on the mute server")
+                answers = await asyncio.gather(
+                    *(client.call_remote(Record, n=n, delay=0) for n in range(10))
+                )
+                stats = client.stats()
+    finally:
+        for writer in accepted:
+            writer.close()
+        mute.close()
+        await mute.wait_closed()
+    assert {answer["server"] for answer in answers} == {f"127.0.0.2:{port}"}
+    assert stats["connected"] == 1 and stats["failures"] >= 1 and stats["losses"] == 0
+
+
 # Lost calls and retries
 
 
@@ -455,6 +486,104 @@ async def test_an_idempotent_call_fails_after_max_retries() -> None:
                 async with asyncio.timeout(LONG):
                     await client.call_remote_box("Where", {"n": "1", "delay": "0"}, idempotent=True)
             assert client.stats()["retries"] == 8
+
+
+# Middleware
+
+
+class Counting(amp.Middleware):
+    """Counts the calls going out, by the connection (its peer) they go on."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    async def outgoing(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, object]:
+        self.calls[call.protocol.peer] += 1
+        return await call_next(call)
+
+
+class Refuses(amp.Middleware):
+    """Refuses to send Record: the caller gets the error, and nothing is sent."""
+
+    async def outgoing(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, object]:
+        if call.command is Record:
+            raise PermissionError(f"{call.name} is not allowed from here")
+        return await call_next(call)
+
+
+class Served(amp.Middleware):
+    """Counts the calls a server answers."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def incoming(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, object]:
+        self.count += 1
+        return await call_next(call)
+
+
+async def test_middleware_runs_on_every_connection_of_the_client() -> None:
+    counting, served = Counting(), Served()
+
+    class Counted(Named):
+        def __init__(self) -> None:
+            super().__init__(middleware=[served])
+
+    async with servers_on(HOSTS, Counted) as (port, _):
+        client = amp.Client(
+            f"amp.test:{port}", resolver=fixed(*HOSTS), middleware=iter([counting, Refuses()])
+        )
+        async with client:
+            await eventually(lambda: len(client.connections) == 3, "three connections")
+            answers = await asyncio.gather(
+                *(client.call_remote(Where, n=n, delay=0.02) for n in range(30))
+            )
+            raw = await client.call_remote_box("Where", {"n": "1", "delay": "0"})
+            with pytest.raises(PermissionError, match="Record is not allowed"):
+                await client.call_remote(Record, n=1, delay=0)
+            # Errors in the arguments still raise at once, before any middleware.
+            with pytest.raises(TypeError, match="expected an int"):
+                client.call_remote(Where, n="x", delay=0)
+            stats = client.stats()
+    assert {answer["server"] for answer in answers} == {f"{host}:{port}" for host in HOSTS}
+    assert raw[b"n"] == b"1"
+    # Each connection's calls went through the one middleware: 32 calls on 3 connections.
+    assert sum(counting.calls.values()) == 32 and len(counting.calls) == 3
+    # The refused call was never sent, nor sent again.
+    assert served.count == 31
+    assert (stats["calls"], stats["retries"]) == (32, 0)
+
+
+async def test_a_call_sent_again_goes_through_the_middleware_again() -> None:
+    class Aborts(Named):
+        @Where.responder
+        async def where(self, n: int, delay: float) -> dict[str, object]:
+            assert self.transport is not None
+            self.transport.abort()
+            return {}
+
+    counting = Counting()
+    async with servers_on(HOSTS[:2], Aborts) as (port, _):
+        client = amp.Client(
+            f"amp.test:{port}",
+            resolver=fixed(*HOSTS[:2]),
+            middleware=[counting],
+            max_retries=2,
+            backoff_initial=0.01,
+            backoff_max=0.05,
+        )
+        async with client:
+            with pytest.raises(amp.ConnectionLostError):
+                async with asyncio.timeout(LONG):
+                    await client.call_remote(Where, n=1, delay=0)
+    assert sum(counting.calls.values()) == 3  # the call, and its two retries
+
+
+def test_middleware_is_checked_when_the_client_is_made() -> None:
+    with pytest.raises(TypeError, match="Middleware"):
+        amp.Client("amp-a:7000", middleware=[object()])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="iterable of Middleware"):
+        amp.Client("amp-a:7000", middleware=Counting())  # type: ignore[arg-type]
 
 
 # Waiting, cancelling and closing
@@ -736,3 +865,116 @@ async def test_entering_waits_for_the_first_attempt_to_every_address() -> None:
     assert collections.Counter(answer["server"] for answer in answers) == {
         f"{host}:{port}": 5 for host in HOSTS[:2]
     }
+
+
+async def test_a_stopped_server_is_dropped_by_keepalive_and_taken_back(
+    tmp_path: pathlib.Path,
+) -> None:
+    loop = asyncio.get_running_loop()
+    # (a healthy server under load is never silent for keepalive + keepalive_timeout)
+    keepalive, keepalive_timeout, backoff_max = 0.25 * TIME, 0.5 * TIME, 0.5
+    # (command, when it was made, when it ended, the server that answered or the exception)
+    results: list[tuple[type[amp.Command], float, float, str | BaseException]] = []
+    stop = asyncio.Event()
+
+    async def load(client: amp.Client, command: type[amp.Command], delay: float) -> None:
+        n = 0
+        while not stop.is_set():
+            made = loop.time()
+            try:
+                answer = await client.call_remote(command, n=n, delay=delay)
+            except Exception as error:
+                results.append((command, made, loop.time(), error))
+            else:
+                assert answer["n"] == n
+                results.append((command, made, loop.time(), answer["server"]))
+            n += 1
+
+    def answered_by(name: str, since: float, until: float = float("inf")) -> int:
+        return sum(
+            1 for _, _, when, outcome in results if outcome == name and since < when <= until
+        )
+
+    async with server_processes(tmp_path) as start:
+        a = await start(HOSTS[0], 0)
+        b = await start(HOSTS[1], a.port)
+        c = await start(HOSTS[2], a.port)
+        client = amp.Client(
+            f"amp.test:{a.port}",
+            resolver=fixed(*HOSTS),
+            keepalive=keepalive,
+            keepalive_timeout=keepalive_timeout,
+            backoff_initial=0.05,
+            backoff_max=backoff_max,
+            healthy_after=0.3,
+            max_retries=10,
+            connect_timeout=LONG,
+            grace=2 * TIME,
+        )
+        async with client:
+            await eventually(lambda: len(client.connections) == 3, "three connections")
+            workers = [
+                asyncio.create_task(load(client, command, 0.05 + 0.1 * worker / 30))
+                for command in (Where, Record)
+                for worker in range(30)
+            ]
+            try:
+                await asyncio.sleep(0.5)
+                assert client.stats()["losses"] == 0
+                b.signal(signal.SIGSTOP)
+                stopped_at = loop.time()
+                await eventually(lambda: client.stats()["losses"] >= 1, "B dropped")
+                dropped_at = loop.time()
+                # Long enough for a few attempts to reconnect to B, each refused
+                # for want of an answer to its heartbeat.
+                await asyncio.sleep(1.5 * TIME)
+                while_stopped = client.stats()
+                b.signal(signal.SIGCONT)
+                continued_at = loop.time()
+                await eventually(lambda: answered_by(b.name, continued_at) > 0, "B answers")
+                back_at = min(
+                    when
+                    for _, _, when, outcome in results
+                    if when > continued_at and outcome == b.name
+                )
+                await asyncio.sleep(0.5)
+            finally:
+                stop.set()
+                async with asyncio.timeout(LONG):
+                    await asyncio.gather(*workers)
+            stats = client.stats()
+
+    wheres = [outcome for command, _, _, outcome in results if command is Where]
+    failed = [
+        (command, made, when, outcome)
+        for command, made, when, outcome in results
+        if isinstance(outcome, BaseException)
+    ]
+    # The keepalive dropped B within 2 x keepalive + keepalive_timeout of its last byte.
+    assert dropped_at - stopped_at < 2 * keepalive + keepalive_timeout + 0.5 * TIME
+    # Every idempotent call succeeded: those in flight on B were sent again.
+    assert all(isinstance(outcome, str) for outcome in wheres)
+    assert stats["retries"] >= 1
+    # The other calls in flight on B failed with ConnectionLostError when it was
+    # dropped, and only those: none made after the drop failed.
+    assert failed
+    for command, made, when, error in failed:
+        assert command is Record
+        assert isinstance(error, amp.ConnectionLostError)
+        assert b.name in str(error) and "keepalive" in str(error)
+        assert made < dropped_at and stopped_at < when < dropped_at + SHORT
+    # Meanwhile the new calls went to A and C only. B's kernel still completed
+    # connections, but without an answer to their heartbeat they took no call:
+    # failed attempts, not connections lost.
+    assert answered_by(a.name, dropped_at, continued_at) > 0
+    assert answered_by(c.name, dropped_at, continued_at) > 0
+    assert not any(
+        outcome == b.name and dropped_at < made < continued_at for _, made, _, outcome in results
+    )
+    assert while_stopped["losses"] == 1 and while_stopped["failures"] >= 1
+    assert while_stopped["connected"] == 2
+    # After SIGCONT the client connected to B again within its backoff and sent it calls.
+    assert back_at - continued_at < backoff_max + keepalive_timeout + 1.0 * TIME
+    assert answered_by(b.name, continued_at) > 10
+    assert stats["losses"] == 1
+    assert stats["calls"] == len(results)

@@ -64,7 +64,7 @@ ALLOWED = {
     | {"_network", "_server", "_protocol", "_fds", "_locators", "_middleware"},
     "_client": CORE
     | UPGRADES
-    | {"_network", "_server", "_protocol", "_fds", "_locators", "_middleware"},
+    | {"_network", "_server", "_protocol", "_fds", "_locators", "_middleware", "_keepalive"},
     # The process pool uses the protocol through its public API.
     "pool._errors": {"_errors"},
     "pool._options": CORE | UPGRADES | {"_protocol", "_fds", "_locators"},

@@ -17,6 +17,10 @@ gives, an IP address or a UNIX path to itself. Each address has
   *healthy* connection: one that stayed open for ``healthy_after`` seconds. So
   a server that accepts and closes at once is retried ever more slowly, never
   in a loop, and one that served for a while is reconnected to at once.
+* With ``keepalive`` on, a connection is ready only once its server has
+  answered a heartbeat within ``keepalive_timeout``: the kernel completes TCP
+  connections to a stopped or wedged process, which would take calls and
+  never answer them. A connection that gets no answer is a failed attempt.
 * An endpoint with a host name is resolved again every ``resolve_interval``
   seconds and whenever one of its slots reconnects (both share one resolution
   at a time). Addresses that appear get new slots; the slots of addresses that
@@ -54,6 +58,8 @@ from typing import Any, Literal, Self, TypeGuard, overload
 
 from ._commands import Command, RawArguments, RawCommand
 from ._errors import ConnectionLostError, NoConnectionError, RemoteAmpError
+from ._keepalive import probe
+from ._middleware import Middleware, build
 from ._network import connect
 from ._protocol import AMPProtocol
 from ._wire import Box
@@ -90,6 +96,11 @@ def _is_ip(host: str) -> bool:
 def _takes_calls(protocol: AMPProtocol | None) -> TypeGuard[AMPProtocol]:
     """Whether a connection takes calls: connected, and not closing or shutting down."""
     return protocol is not None and protocol._accepting
+
+
+def _abort(protocol: AMPProtocol) -> None:
+    if protocol.transport is not None:
+        protocol.transport.abort()
 
 
 def _reason(error: BaseException) -> str:
@@ -226,9 +237,18 @@ class Client:
             TLS. Certificates are checked against the endpoint's host name, not
             the address it resolved to, unless ``server_hostname`` is given.
         keepalive: The keepalive interval of each connection, in seconds
-            (``None``: none).
+            (``None``: none). With keepalive on, a new connection also takes
+            calls only once its server has answered a heartbeat (within
+            ``keepalive_timeout``), so that a server that is stopped or
+            wedged, whose kernel still completes connections, gets none.
         keepalive_timeout: How long a keepalive waits for any answer before
             the connection is dropped (``None``: the protocol's default).
+        middleware: [`Middleware`][asyncio_amp.Middleware] to run around the
+            calls of every connection the client makes, both ways, as
+            [`connect`][asyncio_amp.connect]'s ``middleware``. The same
+            instances serve every connection; ``call.protocol`` says which
+            one. A call sent again goes through them again, on its new
+            connection.
         connect_timeout: How long one connection attempt (or one resolution)
             may take, and how long a call waits for a ready connection before
             [`NoConnectionError`][] (10 seconds).
@@ -256,6 +276,8 @@ class Client:
 
     Raises:
         ValueError: An endpoint or a number is not valid.
+        TypeError: An endpoint is neither a str nor a tuple, or ``middleware``
+            is not an iterable of [`Middleware`][asyncio_amp.Middleware].
     """
 
     def __init__(
@@ -266,6 +288,7 @@ class Client:
         ssl: _ssl.SSLContext | bool | None = None,
         keepalive: float | None = None,
         keepalive_timeout: float | None = None,
+        middleware: Iterable[Middleware] = (),
         connect_timeout: float = 10.0,
         resolve_interval: float | None = 30.0,
         resolver: Resolver | None = None,
@@ -304,6 +327,12 @@ class Client:
             if not isinstance(number, int) or isinstance(number, bool) or number < least:
                 raise ValueError(f"{name} must be an int of at least {least}, not {number!r}")
         self._protocol_factory = protocol_factory
+        # Checked now, not at the first connection; an iterator is read once.
+        self._middleware, _, outgoing = build(middleware)
+        # With outgoing middleware a protocol checks a call's arguments in its
+        # chain's task; the client checks them first, so that they still raise
+        # at once.
+        self._check_first = outgoing is not None
         self._ssl = ssl
         self._keepalive = keepalive
         self._keepalive_timeout = keepalive_timeout
@@ -603,6 +632,8 @@ class Client:
             raise NoConnectionError(f"cannot call {label}: the client is closed")
         self._start()
         assert self._loop is not None
+        if self._check_first:
+            check()
         slot = self._pick()
         future: asyncio.Future[Any] | None = None
         if slot is not None:
@@ -864,6 +895,8 @@ class Client:
     async def _open(self, slot: _Slot) -> AMPProtocol:
         """Make one connection for a slot."""
         kwargs = dict(self._connect_kwargs)
+        if self._middleware:
+            kwargs["middleware"] = self._middleware
         # Keepalive: given to connect() only when set, so that connect()'s own
         # defaults hold otherwise.
         if self._keepalive is not None:
@@ -887,6 +920,31 @@ class Client:
             ssl=self._ssl,
             **kwargs,
         )
+
+    async def _probe(self, protocol: AMPProtocol) -> None:
+        """
+        Wait for the answer to a heartbeat on a new connection; abort it if none comes.
+
+        The kernel completes a TCP connection to a live socket whatever its
+        process does: one stopped or wedged still "accepts". Calls would go
+        to it and hang until the keepalive drops it again, so with keepalive
+        on, a connection takes calls only once its server has answered.
+        """
+        timeout = protocol.keepalive_timeout
+        try:
+            heartbeat = probe(protocol)
+            await asyncio.wait([heartbeat], timeout=timeout)
+        except BaseException:
+            _abort(protocol)
+            raise
+        if not heartbeat.done():
+            _abort(protocol)
+            raise TimeoutError(f"no answer to a heartbeat within {timeout:g} s")
+        if heartbeat.cancelled():
+            raise ConnectionLostError(f"the connection to {protocol.peer} closed at once")
+        error = heartbeat.exception()
+        if isinstance(error, ConnectionLostError):
+            raise error  # any answer counts, an error too; the connection closing does not
 
     async def _run_slot(self, slot: _Slot) -> None:
         """Keep one connection: connect, wait for its loss, back off, resolve, again."""
@@ -912,6 +970,8 @@ class Client:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     protocol = await self._open(slot)
+                    if self._keepalive is not None:
+                        await self._probe(protocol)
             except Exception as error:
                 slot.tried()
                 slot.failures += 1

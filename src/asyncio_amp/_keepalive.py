@@ -158,6 +158,20 @@ def answer_heartbeat(proto: AMPProtocol, tag: bytes | None) -> None:
     proto._send(Heartbeat._encode_answer(tag, {}))
 
 
+def probe(proto: AMPProtocol) -> asyncio.Future[Any]:
+    """
+    Send a heartbeat now, unless one is out already, and return it.
+
+    Whatever answer it gets, an error included, the peer reads and answers. It
+    bypasses middleware and ``max_pending_calls`` like the keepalive's own.
+    """
+    keepalive = for_protocol(proto)
+    if keepalive.heartbeat is None:
+        keepalive.send()
+    assert keepalive.heartbeat is not None
+    return keepalive.heartbeat
+
+
 def for_protocol(proto: AMPProtocol) -> Keepalive:
     """The protocol's keepalive state, created when first needed."""
     keepalive: Keepalive | None = proto._keepalive

@@ -68,3 +68,20 @@ async def test_ping_a_twisted_server() -> None:
     assert result.status == 0, result.err
     assert result.out.count(" ms (UNHANDLED)\n") == 2
     assert "2 heartbeats sent, 2 answered, 0% lost" in result.out
+
+
+async def test_a_client_with_keepalive_takes_a_twisted_server() -> None:
+    # The Client waits for an answer to a heartbeat before it sends calls on a
+    # new connection: Twisted's UNHANDLED is that answer.
+    async with await TwistedPeer.start() as peer:
+        port = await peer.listen()
+        client = amp.Client(
+            f"{HOST}:{port}", keepalive=INTERVAL, keepalive_timeout=TIMEOUT, connect_timeout=LONG
+        )
+        async with client:
+            assert len(client.connections) == 1
+            answer = await client.call_remote_box("Sum", {"a": "1", "b": "2"})
+            assert answer == {b"total": b"3"}
+            await asyncio.sleep(3 * (INTERVAL + TIMEOUT))
+            stats = client.stats()
+            assert (stats["connected"], stats["losses"], stats["failures"]) == (1, 0, 0)
