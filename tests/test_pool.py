@@ -774,3 +774,19 @@ async def test_a_thousand_start_close_cycles_leave_nothing(log: Recorder) -> Non
         with pytest.raises(PoolClosedError):
             await pool.call_remote(Sum, a=1, b=1)
     assert resources() == before
+
+
+def test_the_cycles_script_runs_and_finds_nothing_left() -> None:
+    # tests/pool_cycles.py runs the real cycles above a thousand times by hand;
+    # here, a few, so that it keeps working.
+    script = pathlib.Path(__file__).with_name("pool_cycles.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--cycles", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60 * TIME,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 cycles in" in result.stdout
+    assert "nothing left" in result.stdout
