@@ -586,6 +586,11 @@ class Client:
             self._closed.set_result(None)
 
     @property
+    def closed(self) -> bool:
+        """``True`` once [`close`][asyncio_amp.Client.close] was called."""
+        return self._closing
+
+    @property
     def connections(self) -> tuple[AMPProtocol, ...]:
         """The protocols of the connections ready to take calls now."""
         return tuple(slot.protocol for slot in self._ready if _takes_calls(slot.protocol))

@@ -15,13 +15,23 @@ Command class this process knows (at most ``max_commands`` of them, then
 count as ``"other"``; ``outcome`` is ``"ok"`` or an error code the command
 declares or this library uses (see [`Call.outcome`][asyncio_amp.Call.outcome]);
 ``reason`` and ``limit`` come from fixed lists.
+
+[`Metrics.watch`][asyncio_amp.prometheus.Metrics.watch] also exports the
+``stats()`` of a [`Client`][asyncio_amp.Client] or a
+[`ProcessPool`][asyncio_amp.pool.ProcessPool], read when the registry is
+scraped, labelled with a name you choose.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import (
     REGISTRY,
@@ -31,6 +41,7 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ._commands import Command
 from ._errors import ProtocolError
@@ -38,6 +49,8 @@ from ._middleware import Call, CallNext, Middleware
 from ._observe import Observer
 
 __all__ = ["DEFAULT_BUCKETS", "Metrics", "failure_reason", "serve_http"]
+
+logger = logging.getLogger("asyncio_amp.prometheus")
 
 # The ``command`` label of calls without a known Command class.
 _OTHER = "other"
@@ -81,6 +94,164 @@ _FAILURE_REASONS = (
 )
 
 
+# The figures of what Metrics.watch() takes, by kind (which is also the name of
+# the label, and the second word of the metrics' names): each key of stats(),
+# whether it only grows (a counter) or goes up and down (a gauge), and its help.
+# A source's kind is the one whose keys its stats() has.
+_FIGURES: dict[str, dict[str, tuple[bool, str]]] = {
+    "pool": {
+        "workers": (False, "Worker processes running: starting, ready or being stopped"),
+        "busy": (False, "Ready workers with calls in flight"),
+        "idle": (False, "Ready workers without calls in flight"),
+        "queued": (False, "Calls waiting for a worker"),
+        "completed": (True, "Calls answered with a result"),
+        "failed": (True, "Calls that raised: error answers, crashes, cancellations, timeouts"),
+        "crashed": (True, "Workers that died without being asked to"),
+        "recycled": (True, "Workers replaced after recycle_after calls"),
+        "timed_out": (True, "Calls that hit the pool's timeout"),
+    },
+    "client": {
+        "connected": (False, "Connections ready to take calls"),
+        "connecting": (False, "Connections being made, or waiting their backoff"),
+        "addresses": (False, "Addresses the endpoints resolve to"),
+        "pending": (False, "Calls in flight"),
+        "waiting": (False, "Calls waiting for a connection"),
+        "calls": (True, "Calls made"),
+        "retries": (True, "Calls sent again"),
+        "losses": (True, "Connections lost"),
+        "failures": (True, "Connection attempts that failed"),
+    },
+}
+
+# How long a scrape from another thread waits for the event loop of a watched
+# source to read its figures (a busy loop), before leaving them out.
+_READ_TIMEOUT = 5.0
+
+
+class _HasStats(Protocol):
+    def stats(self) -> Mapping[str, int]: ...
+
+
+class _Watched:
+    """A source of figures: a weak reference to it, its kind and name, and its loop."""
+
+    __slots__ = ("kind", "loop", "name", "ref", "thread")
+
+    def __init__(
+        self,
+        source: _HasStats,
+        kind: str,
+        name: str,
+        forget: Any,
+    ) -> None:
+        self.ref = weakref.ref(source, forget)
+        self.kind = kind
+        self.name = name
+        # Figures are read on the thread of the loop the source runs in (its
+        # dicts change there), or directly if it has none.
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
+        self.thread = threading.get_ident()
+
+
+def _alive(source: object) -> bool:
+    """Whether a watched source is still there and not closed."""
+    return source is not None and not getattr(source, "closed", False)
+
+
+class _Figures:
+    """The collector of the watched sources' figures, read at each scrape."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.lock = threading.Lock()  # scrapes come from other threads
+        self.watched: dict[int, _Watched] = {}  # by id() of the source
+
+    def describe(self) -> Iterator[Metric]:
+        """Every family this collector may yield (the registry checks for clashes)."""
+        for kind in _FIGURES:
+            yield from self._families(kind, [])
+
+    def collect(self) -> Iterator[Metric]:
+        """The figures of the watched sources that are alive and not closed."""
+        with self.lock:
+            watched = list(self.watched.values())
+        read = self._read(watched)
+        for kind in _FIGURES:
+            rows = [(w.name, read[id(w)]) for w in watched if w.kind == kind and id(w) in read]
+            if rows:
+                yield from self._families(kind, rows)
+
+    def _families(self, kind: str, rows: list[tuple[str, Mapping[str, int]]]) -> Iterator[Metric]:
+        for key, (monotonic, help_text) in _FIGURES[kind].items():
+            name = f"{self.namespace}_{kind}_{key}"
+            family: CounterMetricFamily | GaugeMetricFamily
+            if monotonic:
+                family = CounterMetricFamily(name, help_text, labels=[kind])
+            else:
+                family = GaugeMetricFamily(name, help_text, labels=[kind])
+            for label, stats in rows:
+                family.add_metric([label], stats[key])
+            yield family
+
+    def _read(self, watched: list[_Watched]) -> dict[int, Mapping[str, int]]:
+        """The stats() of each live, open source, keyed by id() of its _Watched."""
+        here = threading.get_ident()
+        direct: list[_Watched] = []
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Watched]] = {}
+        for w in watched:
+            if w.loop is None or w.thread == here or not w.loop.is_running():
+                direct.append(w)
+            else:
+                by_loop.setdefault(w.loop, []).append(w)
+        read = self._snapshot(direct)
+        waits: list[tuple[concurrent.futures.Future[Any], list[_Watched]]] = []
+        for loop, group in by_loop.items():
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+            def snapshot(
+                group: list[_Watched] = group, future: concurrent.futures.Future[Any] = future
+            ) -> None:
+                if future.set_running_or_notify_cancel():
+                    future.set_result(self._snapshot(group))
+
+            try:
+                loop.call_soon_threadsafe(snapshot)
+            except RuntimeError:  # the loop closed meanwhile: nothing changes the source now
+                read.update(self._snapshot(group))
+                continue
+            waits.append((future, group))
+        for future, group in waits:
+            try:
+                read.update(future.result(timeout=_READ_TIMEOUT))
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                logger.warning(
+                    "scrape left out %s: their event loop did not answer in %s seconds",
+                    ", ".join(f"{w.kind} {w.name!r}" for w in group),
+                    _READ_TIMEOUT,
+                )
+        return read
+
+    def _snapshot(self, watched: list[_Watched]) -> dict[int, Mapping[str, int]]:
+        read: dict[int, Mapping[str, int]] = {}
+        for w in watched:
+            source = w.ref()
+            if source is None or not _alive(source):
+                self.forget(w)
+                continue
+            read[id(w)] = source.stats()
+        return read
+
+    def forget(self, watched: _Watched) -> None:
+        with self.lock:
+            for key, w in list(self.watched.items()):
+                if w is watched:
+                    del self.watched[key]
+
+
 def failure_reason(error: ProtocolError) -> str:
     """The ``reason`` label of a protocol failure: a word from a fixed list."""
     message = str(error)
@@ -115,6 +286,8 @@ class Metrics(Middleware, Observer):
     * ``amp_limit_hits_total{limit}``: calls that waited for a limit:
       ``max_responders`` (a peer's call waited for a place) or
       ``max_pending_calls`` (a call of ours waited to be sent).
+    * ``amp_pool_*{pool}`` and ``amp_client_*{client}``: the figures of the
+      pools and clients given to [`watch`][asyncio_amp.prometheus.Metrics.watch].
 
     Args:
         registry: Where the metrics are registered; ``prometheus_client``'s
@@ -163,9 +336,94 @@ class Metrics(Middleware, Observer):
         self.limit_hits = Counter(
             "limit_hits", "AMP calls that waited for a flow-control limit", ["limit"], **common
         )
+        self._figures = _Figures(namespace)
+        registry.register(self._figures)
         # Command class -> its label; (direction, label) -> its children.
         self._labels: dict[type[Command], str] = {}
         self._children: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
+
+    # Pools and clients
+
+    def watch(self, source: Any, name: str) -> None:
+        """
+        Export the ``stats()`` of a pool or a client, read at each scrape.
+
+        ``source`` is a [`ProcessPool`][asyncio_amp.pool.ProcessPool] or a
+        [`Client`][asyncio_amp.Client]. Each key of its ``stats()`` becomes a
+        metric, labelled ``pool="name"`` or ``client="name"``:
+        ``amp_pool_workers``, ``amp_pool_completed_total``, ...,
+        ``amp_client_connected``, ``amp_client_calls_total``, ... (gauges for
+        what goes up and down, counters for what only grows). Call it from the
+        event loop the source runs in: a scrape from another thread (the
+        ``/metrics`` server's) reads the figures on that loop.
+
+        The source is forgotten once it is closed or garbage-collected, or by
+        [`unwatch`][asyncio_amp.prometheus.Metrics.unwatch]; a new source can
+        then take its name.
+
+        Args:
+            source: The pool or client.
+            name: Its label value: a name of your choosing, such as
+                ``"images"``, unique among the watched sources of its kind.
+
+        Raises:
+            TypeError: ``source`` has no ``stats()`` with the figures of a pool
+                or a client.
+            ValueError: ``name`` is empty or taken, or ``source`` is watched
+                already.
+        """
+        stats = getattr(source, "stats", None)
+        figures = stats() if callable(stats) else None
+        kind = next(
+            (
+                kind
+                for kind, keys in _FIGURES.items()
+                if isinstance(figures, Mapping) and keys.keys() <= figures.keys()
+            ),
+            None,
+        )
+        if kind is None:
+            raise TypeError(
+                f"cannot watch {type(source).__name__}: its stats() has not the figures "
+                "of a pool or a client"
+            )
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"the name of a watched {kind} must be a non-empty str: {name!r}")
+        figures_ = self._figures
+        watched: _Watched | None = None
+
+        def forget(_: object) -> None:
+            if watched is not None:
+                figures_.forget(watched)
+
+        watched = _Watched(source, kind, name, forget)
+        with figures_.lock:
+            # Sources closed since the last scrape are gone already: their
+            # names are free.
+            for key, other in list(figures_.watched.items()):
+                if not _alive(other.ref()):
+                    del figures_.watched[key]
+            if id(source) in figures_.watched:
+                raise ValueError(
+                    f"this {kind} is watched already, as {figures_.watched[id(source)].name!r}"
+                )
+            if any(
+                other.kind == kind and other.name == name for other in figures_.watched.values()
+            ):
+                raise ValueError(f"a {kind} named {name!r} is watched already")
+            figures_.watched[id(source)] = watched
+
+    def unwatch(self, source: Any) -> None:
+        """
+        Stop exporting the figures of ``source``.
+
+        Does nothing if [`watch`][asyncio_amp.prometheus.Metrics.watch] was not
+        given it, or if it was forgotten already (closed, or collected).
+        """
+        with self._figures.lock:
+            watched = self._figures.watched.get(id(source))
+            if watched is not None and watched.ref() is source:
+                del self._figures.watched[id(source)]
 
     # Calls
 
