@@ -289,8 +289,15 @@ class BoxDecoder:
             if error is not None:
                 raise error
             return found
+        if _scan_boxes is not None and not self._box:
+            # The compiled accelerator, for a read of whole boxes: _parse's first step
+            # (see there), inline.
+            boxes, pos = _scan_boxes(data, 0, self._max_box_size, self._max_keys)
+            if pos == len(data):
+                self._offset += pos
+                return boxes
         # receive_data_partial, inline for a read that starts on a pair boundary.
-        boxes: list[Box] = []
+        boxes = []
         try:
             self._parse(data, boxes)
         except ProtocolError as exc:
