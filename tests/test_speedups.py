@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import asyncio_amp
 from asyncio_amp import _wire
+from asyncio_amp._wire import BoxDecoder, encode_box
 from fuzz_speedups import check_one, load_accelerator, random_input
 from helpers import LONG
 
@@ -131,3 +132,9 @@ def test_setup_is_required_and_checked() -> None:
         ACCEL.setup(_wire.python_encode_box, _wire.encode_items, _wire.parse_boxes, (b"\x00",) * 2)
     with pytest.raises(TypeError):
         ACCEL.setup(1, 2, 3)
+
+
+def test_limits_past_the_machine_size_are_no_limit() -> None:
+    # Python ints have no size; the compiled scan must not take them for an error.
+    decoder = BoxDecoder(max_box_size=10**30, max_keys=2**63)
+    assert decoder.receive_data(encode_box({b"a": b"1"})) == [{b"a": b"1"}]

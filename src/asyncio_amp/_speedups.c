@@ -121,6 +121,21 @@ scan_boxes(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t 
     }
 }
 
+/*
+ * A limit as a C size. The limits are positive (BoxDecoder's setters check it), and a
+ * Python int past the largest C size is no limit at all.
+ */
+static Py_ssize_t
+limit_of(PyObject *value)
+{
+    Py_ssize_t limit = PyLong_AsSsize_t(value);
+    if (limit == -1 && PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+        return PY_SSIZE_T_MAX;
+    }
+    return limit;
+}
+
 PyDoc_STRVAR(scan_boxes_doc,
 "scan_boxes($module, data, start, max_box_size, max_keys, /)\n--\n\n"
 "Parse the whole boxes at the start of data[start:]; return them and where the rest starts.\n\n"
@@ -135,8 +150,8 @@ py_scan_boxes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t max_box_size = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t max_keys = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t max_box_size = limit_of(args[2]);
+    Py_ssize_t max_keys = limit_of(args[3]);
     if (PyErr_Occurred()) {
         return NULL;
     }
