@@ -45,12 +45,13 @@ from ._protocol import AMPProtocol
 from ._server import Server
 from ._switch import ProtocolSwitchCommand
 from ._tls import StartTLS
-from ._wire import Box, BoxDecoder, encode_box, parse_boxes
+from ._wire import ACCELERATED, Box, BoxDecoder, encode_box, parse_boxes
 
 __version__ = "0.1.0"
 """The version of asyncio-amp, as text."""
 
 __all__ = [
+    "ACCELERATED",
     "AMPProtocol",
     "AccessLog",
     "AmpError",

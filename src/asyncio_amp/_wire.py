@@ -11,11 +11,14 @@ This module does no I/O and imports nothing from asyncio.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
+from types import ModuleType
 
 from ._errors import ProtocolError, TooLongError
 
 __all__ = [
+    "ACCELERATED",
     "Box",
     "BoxDecoder",
     "encode_box",
@@ -127,6 +130,11 @@ def encode_items(items: Iterable[tuple[bytes, bytes]], parts: list[bytes]) -> No
         parts.append(value)
 
 
+# The pure-Python encode_items, whichever one the name encode_items is bound to in the end
+# (see the accelerator at the bottom of this module).
+python_encode_items = encode_items
+
+
 def encode_box(box: Mapping[bytes, bytes]) -> bytes:
     """
     Serialize one box, keys in sorted order, terminator included.
@@ -157,7 +165,7 @@ def encode_box(box: Mapping[bytes, bytes]) -> bytes:
             parts += (head, prefixes[n], value)
             continue
         # Anything else: encode_items checks it (and keeps its key once checked).
-        encode_items(((key, value),), parts)
+        python_encode_items(((key, value),), parts)
     parts.append(BOX_END)
     return b"".join(parts)
 
@@ -281,8 +289,15 @@ class BoxDecoder:
             if error is not None:
                 raise error
             return found
+        if _scan_boxes is not None and not self._box:
+            # The compiled accelerator, for a read of whole boxes: _parse's first step
+            # (see there), inline.
+            boxes, pos = _scan_boxes(data, 0, self._max_box_size, self._max_keys)
+            if pos == len(data):
+                self._offset += pos
+                return boxes
         # receive_data_partial, inline for a read that starts on a pair boundary.
-        boxes: list[Box] = []
+        boxes = []
         try:
             self._parse(data, boxes)
         except ProtocolError as exc:
@@ -383,7 +398,13 @@ class BoxDecoder:
         max_keys = self._max_keys
         if start:
             self._offset -= start  # stream offsets are counted from data[0] while parsing
-        pos = start
+        if _scan_boxes is not None and not box:
+            # The compiled accelerator takes the whole boxes at the start (it mirrors
+            # the one-pass block below); the loop goes on from where it stopped.
+            found, pos = _scan_boxes(data, start, max_box_size, max_keys)
+            boxes += found
+        else:
+            pos = start
         end = len(data)
         self._need = 2
         while end - pos >= 2:
@@ -580,3 +601,30 @@ def parse_nested_boxes(data: bytes) -> list[Box]:
     if box:
         raise ValueError("nested boxes: the last box has no end")
     return boxes
+
+
+# The optional compiled accelerator (_speedups.c). It mirrors the functions above for the
+# usual input and hands everything else to them, so the behaviour is the same either way.
+# ASYNCIO_AMP_NO_EXTENSIONS=1 (read once, at import) forces the pure-Python code, as
+# aiohttp's AIOHTTP_NO_EXTENSIONS does.
+_speedups: ModuleType | None = None
+if not os.environ.get("ASYNCIO_AMP_NO_EXTENSIONS"):
+    try:
+        from . import _speedups  # type: ignore[attr-defined, no-redef]  # built by setup.py
+    except ImportError:  # not built: no compiler where the package was installed
+        _speedups = None
+
+ACCELERATED: bool = _speedups is not None
+"""``True`` if the compiled box codec is in use, ``False`` if the pure-Python one is."""
+
+# The pure-Python codec under names of its own: the reference the accelerator mirrors.
+python_encode_box = encode_box
+python_parse_boxes = parse_boxes
+
+_scan_boxes: Callable[[bytes, int, int, int], tuple[list[Box], int]] | None = None
+if _speedups is not None:
+    _speedups.setup(encode_box, encode_items, _parse_boxes_reference, PREFIXES)
+    _scan_boxes = _speedups.scan_boxes
+    encode_box = _speedups.encode_box
+    encode_items = _speedups.encode_items
+    parse_boxes = _speedups.parse_boxes

@@ -1,0 +1,224 @@
+"""
+Differential fuzzing of the compiled accelerator against the pure-Python codec.
+
+Each input is fed to both implementations, which must give identical boxes, events and
+errors (same type, same message), and leave their decoders in the same state:
+
+- ``parse_boxes`` on the input as a whole;
+- a ``BoxDecoder`` fed the input in pieces (split where the input's own bytes say),
+  through ``receive_data`` and ``receive_data_partial``, then ``end_of_stream``;
+- an ``AMPConnection`` fed the same pieces (its events);
+- ``encode_box`` and ``encode_items`` on a box made of the input's pairs, and on its
+  odd variants (a key too long or empty, a value too long, values that are not bytes).
+
+Run it as a script for a long run (``python tests/fuzz_speedups.py -n 1000000``); the
+test suite runs a bounded number of inputs (tests/test_speedups.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from asyncio_amp import _wire
+from asyncio_amp._connection import AMPConnection, Failure
+from asyncio_amp._wire import BoxDecoder, python_encode_box, python_encode_items
+
+_USUAL_KEYS = [b"_ask", b"_answer", b"_command", b"_error", b"a", b"b", b"total", b"data"]
+
+
+def load_accelerator() -> Any:
+    """The compiled accelerator, ready to use even if ASYNCIO_AMP_NO_EXTENSIONS is set; or None."""
+    try:
+        from asyncio_amp import _speedups  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _speedups.setup(
+        python_encode_box, python_encode_items, _wire._parse_boxes_reference, _wire.PREFIXES
+    )
+    return _speedups
+
+
+@contextlib.contextmanager
+def decoder_scan(scan: Any) -> Iterator[None]:
+    """Run BoxDecoder with ``scan`` as its whole-box scan (None: the pure-Python decoder)."""
+    kept = _wire._scan_boxes
+    _wire._scan_boxes = scan
+    try:
+        yield
+    finally:
+        _wire._scan_boxes = kept
+
+
+def outcome(function: Any, *args: Any) -> Any:
+    """What ``function(*args)`` returns, or its exception's type and message."""
+    try:
+        return ("ok", function(*args))
+    except Exception as exc:
+        return ("error", type(exc).__name__, str(exc))
+
+
+def pieces_of(data: bytes) -> list[bytes]:
+    """Split ``data`` where its first byte (as a seed) says: whole, bytes, or random cuts."""
+    if not data:
+        return [data]
+    how = data[0] % 4
+    if how == 0:
+        return [data]
+    if how == 1:
+        return [data[i : i + 1] for i in range(len(data))]
+    rng = random.Random(data[:8])
+    cuts = sorted(rng.sample(range(1, len(data) + 1), min(len(data), 1 + data[0] % 5)))
+    pieces, start = [], 0
+    for cut in cuts:
+        pieces.append(data[start:cut])
+        start = cut
+    pieces.append(data[start:])
+    return pieces
+
+
+def decode(data: bytes, limits: dict[str, int], partial: bool) -> list[Any]:
+    """Everything a BoxDecoder says about ``data`` fed in pieces, and its state after each."""
+    decoder = BoxDecoder(**limits)
+    said: list[Any] = []
+    for piece in pieces_of(data):
+        if partial:
+            boxes, error = decoder.receive_data_partial(piece)
+            said.append((boxes, None if error is None else (type(error), str(error))))
+        else:
+            said.append(outcome(decoder.receive_data, piece))
+        said.append((decoder.in_box, decoder.buffered, decoder._offset, decoder._at_boundary))
+    error = decoder.end_of_stream()
+    said.append(None if error is None else str(error))
+    return said
+
+
+def events(data: bytes, limits: dict[str, int]) -> list[Any]:
+    """The events of an AMPConnection fed ``data`` in pieces."""
+    connection = AMPConnection(**limits)
+    said: list[Any] = []
+    for piece in pieces_of(data):
+        connection.receive_data(piece)
+        for event in connection.events_received():
+            if type(event) is Failure:
+                said.append(("failure", type(event.error), str(event.error)))
+            else:
+                said.append(event)
+    lost = connection.connection_lost()
+    said.append(None if lost is None else str(lost))
+    return said
+
+
+def boxes_to_encode(data: bytes) -> list[Any]:
+    """A box made of the pairs in ``data``, and variants that take the general ways."""
+    rng = random.Random(data)
+    box: dict[Any, Any] = {}
+    for _ in range(rng.randrange(6)):
+        key = rng.choice(_USUAL_KEYS) if rng.random() < 0.5 else data[: rng.randrange(1, 6)]
+        box[key or b"k"] = data[rng.randrange(len(data) + 1) :]
+    boxes: list[Any] = [box]
+    odd = dict(box)
+    variant = rng.randrange(8)
+    if variant == 0:
+        odd[b"k" * rng.choice((255, 256))] = b"v"
+    elif variant == 1:
+        odd[b""] = b"v"
+    elif variant == 2:
+        odd[b"big"] = b"v" * rng.choice((65_535, 65_536))
+    elif variant == 3:
+        odd[b"a"] = rng.choice(
+            (bytearray(b"x"), memoryview(b"xy"), "str", 1, memoryview(b"abc")[::2])
+        )
+    elif variant == 4:
+        odd["text"] = b"v"
+    elif variant == 5:
+        odd[b"v" * 300] = b"x" * 1500  # lengths past the table of prefixes
+    boxes.append(odd)
+    return boxes
+
+
+def check_one(accel: Any, data: bytes) -> None:
+    """Feed ``data`` to both implementations; raise AssertionError if they differ."""
+    # parse_boxes
+    assert outcome(accel.parse_boxes, data) == outcome(_wire.python_parse_boxes, data), data
+    # BoxDecoder and AMPConnection, with small limits now and then
+    limits: dict[str, int] = {}
+    if data[-1:] and data[-1] % 3 == 0:
+        limits = {"max_box_size": 1 + data[-1] * 2, "max_keys": 1 + data[-1] % 7}
+    for partial in (False, True):
+        with decoder_scan(accel.scan_boxes):
+            fast = decode(data, limits, partial)
+        with decoder_scan(None):
+            slow = decode(data, limits, partial)
+        assert fast == slow, (data, limits, partial, fast, slow)
+    with decoder_scan(accel.scan_boxes):
+        fast = events(data, limits)
+    with decoder_scan(None):
+        slow = events(data, limits)
+    assert fast == slow, (data, limits, fast, slow)
+    # encode_box and encode_items
+    for box in boxes_to_encode(data):
+        assert outcome(accel.encode_box, box) == outcome(python_encode_box, box), box
+        items = list(box.items())
+        with contextlib.suppress(TypeError):
+            items.sort()
+        fast_parts: list[bytes] = []
+        slow_parts: list[bytes] = []
+        fast_result = outcome(accel.encode_items, items, fast_parts)
+        slow_result = outcome(python_encode_items, items, slow_parts)
+        assert fast_result == slow_result, box
+        assert b"".join(fast_parts) == b"".join(slow_parts), box
+
+
+def random_input(rng: random.Random) -> bytes:
+    """A stream of AMP boxes, usually mangled: cut, flipped, grown, or with odd boxes in it."""
+    parts: list[bytes] = []
+    for _ in range(rng.randrange(4)):
+        box = {
+            rng.choice(_USUAL_KEYS): rng.randbytes(rng.choice((0, 1, 2, 5, 40)))
+            for _ in range(rng.randrange(5))
+        }
+        parts.append(python_encode_box(box) if box else b"\x00\x00")
+    data = bytearray(b"".join(parts))
+    mutation = rng.randrange(6)
+    if mutation == 0 and data:
+        del data[rng.randrange(len(data)) :]
+    elif mutation == 1 and data:
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    elif mutation == 2:
+        data[rng.randrange(len(data) + 1) : 0] = rng.randbytes(rng.randrange(1, 6))
+    elif mutation == 3:
+        data += b"GET / HTTP/1.1\r\n"[: rng.randrange(1, 17)]
+    return bytes(data)
+
+
+def run(accel: Any, count: int, seed: int) -> float:
+    """Check ``count`` random inputs; return the seconds it took."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    for _ in range(count):
+        check_one(accel, random_input(rng))
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=100_000, help="number of inputs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    accel = load_accelerator()
+    if accel is None:
+        print("the compiled accelerator was not built: nothing to compare", file=sys.stderr)
+        return 2
+    seconds = run(accel, args.n, args.seed)
+    print(f"{args.n:,} inputs, both implementations identical, in {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
