@@ -148,8 +148,8 @@ WORKLOADS = [
     ),
     Workload(
         "pool-cpu", "pool", "x ideal",
-        params={"fib": 26},
-        description="speed-up of a batch of fib(26) calls on all cores over 1 worker, / CPU count",
+        params={"fib": 27},
+        description="speed-up of a batch of fib(27) calls on all cores over 1 worker, / CPU count",
     ),
 ]  # fmt: skip
 WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
@@ -200,6 +200,7 @@ ROWS = [
     Row("pool-cpu", "pool-cpu", f"{TIMES} ideal", True, lambda r: r["of_ideal"]),
     Row("pool-cpu (speed-up)", "pool-cpu", TIMES, True, lambda r: r["speedup"]),
     Row("pool-cpu (vs bare)", "pool-cpu", f"{TIMES} bare", True, lambda r: r["of_bare"]),
+    Row("pool-cpu (busy)", "pool-cpu", "busy", True, lambda r: r["busy"]),
 ]  # fmt: skip
 ROW_BY_NAME = {row.name: row for row in ROWS}
 
@@ -212,8 +213,9 @@ class Settings:
     idle_connections: int
     idle_repeat: int
     big_min_calls: int
-    # pool-cpu: fib calls in its batch for each CPU.
+    # pool-cpu: fib calls in its batch for each CPU, and rounds of batches.
     cpu_calls_per_core: int
+    cpu_rounds: int
 
 
 FULL = Settings(
@@ -223,11 +225,12 @@ FULL = Settings(
     idle_connections=10_000,
     idle_repeat=3,
     big_min_calls=3,
-    cpu_calls_per_core=12,
+    cpu_calls_per_core=16,
+    cpu_rounds=3,
 )
 QUICK = Settings(
     repeat=1, warmup=0.08, duration=0.15, idle_connections=1_000, idle_repeat=1, big_min_calls=2,
-    cpu_calls_per_core=3,
+    cpu_calls_per_core=3, cpu_rounds=1,
 )  # fmt: skip
 
 
@@ -477,8 +480,13 @@ def _run_one(
         "lifetime": settings.warmup + cap + 60,
         "idle_connections": settings.idle_connections,
         "calls": settings.cpu_calls_per_core * (os.cpu_count() or 1),
+        "rounds": settings.cpu_rounds,
     }
     timeout = settings.warmup + cap + 30
+    if workload.name == "pool-cpu":
+        # Each round: two bare batches, two pools started, two timed batches.
+        params["lifetime"] += 30 * settings.cpu_rounds
+        timeout += 30 * settings.cpu_rounds
     children: list[Child] = []
     result: dict[str, Any] = {}
     stderr_texts: dict[str, str] = {}

@@ -19,9 +19,14 @@ Every implementation's workers run the functions of ``poolwork.py``.
 * ``pool-cpu``: a batch of pure-Python ``fib`` calls, all submitted at once,
   run on 1 worker and then on ``os.cpu_count()`` workers (each pool started and
   warmed up before the clock starts); the result is the speed-up and its ratio
-  to the ideal (the CPU count), and its ratio to the speed-up of plain
-  processes that share the same batch out with no pool, measured just before
-  (what the machine offers then: less than the CPU count when it is busy).
+  to the ideal (the CPU count). This machine's speed drifts by a fifth from one
+  second to the next, so one pair of batches says little: the pair is repeated
+  ``rounds`` times, each round timing the same batch on plain processes that
+  share it out with no pool at all (``bare``: what the machine offers then),
+  and the figures are the medians of the rounds. ``busy`` is the noise-free
+  figure: the CPU time the workers spent during the timed batch on all cores,
+  over the batch's wall time times the worker count (1.0: no worker ever
+  waited for work).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -192,61 +198,119 @@ def _bare_batch(workers: int, params: dict[str, Any]) -> float:
             proc.wait(10)
 
 
-def _bare_speedup(params: dict[str, Any]) -> dict[str, float]:
-    cores = os.cpu_count() or 1
-    one = _bare_batch(1, params)
-    all_cores = _bare_batch(cores, params)
-    return {"bare_seconds_1": one, "bare_seconds_all": all_cores, "bare_speedup": one / all_cores}
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
-async def _batch(impl: str, workers: int, params: dict[str, Any]) -> float:
-    """Seconds for the whole fib batch on ``workers`` workers, once they are all up."""
+def children_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each live child of this process (from ``/proc``).
+
+    Every pool here starts its workers as direct children, so this is the same
+    measurement for all of them.
+    """
+    me = os.getpid()
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name may hold spaces and parentheses: fields count from the last ')'.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == me:  # ppid
+            used[int(entry)] = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return used
+
+
+def busy(before: dict[int, float], after: dict[int, float], seconds: float, workers: int) -> float:
+    """The workers' CPU time between two :func:`children_cpu` readings, per worker-second."""
+    spent = sum(after[pid] - before.get(pid, 0.0) for pid in after)
+    return spent / (seconds * workers)
+
+
+async def _batch(impl: str, workers: int, params: dict[str, Any]) -> tuple[float, float]:
+    """Seconds for the fib batch on ``workers`` workers once they are all up, and their ``busy``."""
     pool = _new_pool(impl, workers, 1)
     try:
         await pool.start(workers)
         n, calls = params["fib"], params["calls"]
         expected = fib(n)
+        before = children_cpu()
         started = time.perf_counter()
         async with asyncio.timeout(params["cap"]):
             values = await asyncio.gather(*(pool.fib(n) for _ in range(calls)))
         seconds = time.perf_counter() - started
+        after = children_cpu()
         if any(value != expected for value in values):
             raise AssertionError(f"fib({n}) answered a wrong value")
-        return seconds
+        return seconds, busy(before, after, seconds, workers)
     finally:
         await asyncio.wait_for(pool.close(), 30)
 
 
+class Rounds:
+    """The timed batches of every round of ``pool-cpu``, and their medians."""
+
+    def __init__(self, cores: int, params: dict[str, Any]) -> None:
+        self.cores = cores
+        self.params = params
+        self.rounds: list[dict[str, float]] = []
+
+    def bare(self) -> dict[str, float]:
+        """Time the bare batch on 1 process, then on one per CPU: the start of a round."""
+        one = _bare_batch(1, self.params)
+        return {"bare_seconds_1": one, "bare_seconds_all": _bare_batch(self.cores, self.params)}
+
+    def add(self, bare: dict[str, float], one: float, all_cores: float, busy_all: float) -> None:
+        """Record a round: its bare figures, and the pool's two batches."""
+        self.rounds.append(
+            {
+                **bare,
+                "bare_speedup": bare["bare_seconds_1"] / bare["bare_seconds_all"],
+                "seconds_1_worker": one,
+                "seconds_all_workers": all_cores,
+                "speedup": one / all_cores,
+                "busy": busy_all,
+            }
+        )
+
+    def result(self, errors: list[str]) -> dict[str, Any]:
+        """The medians over the rounds, and every round."""
+        if not self.rounds:
+            return {"complete": False, "errors": [*errors, "no round finished"]}
+
+        def median(key: str) -> float:
+            return statistics.median(r[key] for r in self.rounds)
+
+        speedup = median("speedup")
+        return {
+            "complete": not errors,
+            "errors": errors,
+            "cores": self.cores,
+            "calls": self.params["calls"],
+            "fib": self.params["fib"],
+            "seconds_1_worker": median("seconds_1_worker"),
+            "seconds_all_workers": median("seconds_all_workers"),
+            "speedup": speedup,
+            "of_ideal": speedup / self.cores,
+            "bare_speedup": median("bare_speedup"),
+            "of_bare": statistics.median(r["speedup"] / r["bare_speedup"] for r in self.rounds),
+            "busy": median("busy"),
+            "rounds": self.rounds,
+        }
+
+
 async def _cpu(impl: str, params: dict[str, Any]) -> dict[str, Any]:
     warnings = common.capture_warnings("asyncio_amp", "asyncio")
-    cores = os.cpu_count() or 1
-    one = await _batch(impl, 1, params)
-    all_cores = await _batch(impl, cores, params)
-    return _cpu_result(one, all_cores, cores, params, warnings, params["bare"])
-
-
-def _cpu_result(
-    one: float,
-    all_cores: float,
-    cores: int,
-    params: dict[str, Any],
-    errors: list[str],
-    bare: dict[str, float],
-) -> dict[str, Any]:
-    speedup = one / all_cores
-    return {
-        "complete": not errors,
-        "errors": errors,
-        "cores": cores,
-        "calls": params["calls"],
-        "fib": params["fib"],
-        "seconds_1_worker": one,
-        "seconds_all_workers": all_cores,
-        "speedup": speedup,
-        "of_ideal": speedup / cores,
-        **bare,
-        "of_bare": speedup / bare["bare_speedup"],
-    }
+    rounds = Rounds(os.cpu_count() or 1, params)
+    for _ in range(params["rounds"]):
+        bare = rounds.bare()
+        one, _ = await _batch(impl, 1, params)
+        all_cores, busy_all = await _batch(impl, rounds.cores, params)
+        rounds.add(bare, one, all_cores, busy_all)
+    return rounds.result(warnings)
 
 
 # Twisted: ampoule
@@ -334,22 +398,27 @@ def _ampoule(workload: str, params: dict[str, Any]) -> dict[str, Any]:
         pool = new_pool(workers)
         yield warm(pool, workers)
         n, calls = params["fib"], params["calls"]
+        before = children_cpu()
         started = time.perf_counter()
         answers = yield defer.gatherResults(
             [pool.doWork(ampoulework.Fib, n=n) for _ in range(calls)]
         )
         seconds = time.perf_counter() - started
+        after = children_cpu()
         if any(answer["value"] != fib(n) for answer in answers):
             errors.append(f"fib({n}) answered a wrong value")
-        pool.stop()  # as above: not awaited
-        return seconds
+        pool.stop()  # as above: not awaited (an idle child uses no CPU meanwhile)
+        return seconds, busy(before, after, seconds, workers)
 
     @defer.inlineCallbacks
     def cpu() -> Any:
-        cores = os.cpu_count() or 1
-        one = yield batch(1)
-        all_cores = yield batch(cores)
-        out.update(_cpu_result(one, all_cores, cores, params, [], params["bare"]))
+        rounds = Rounds(os.cpu_count() or 1, params)
+        for _ in range(params["rounds"]):
+            bare = rounds.bare()
+            one, _ = yield batch(1)
+            all_cores, busy_all = yield batch(rounds.cores)
+            rounds.add(bare, one, all_cores, busy_all)
+        out.update(rounds.result([]))
 
     def main() -> None:
         d = cpu() if workload == "pool-cpu" else tiny_calls()
@@ -369,9 +438,6 @@ def _ampoule(workload: str, params: dict[str, Any]) -> dict[str, Any]:
 
 def run(impl: str, workload: str, params: dict[str, Any], loop: str | None) -> dict[str, Any]:
     """Run one pool workload on ``impl`` in this process."""
-    if workload == "pool-cpu":
-        # Measured first, in the same process, so each pool has its own reference.
-        params = {**params, "bare": _bare_speedup(params)}
     if impl == "twisted":
         return _ampoule(workload, params)
     if workload == "pool-cpu":
