@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_child.py"
 sys.path.insert(0, str(HERE))
 
-from impls import IMPLS  # noqa: E402
+from impls import IMPLS, PURE, child_env  # noqa: E402
 
 # Written as escapes: ruff's RUF001 would take the characters for typos of x and -.
 TIMES = "\u00d7"
@@ -52,7 +52,10 @@ DIVIDE = "\u00f7"
 DASH = "\u2013"
 
 # Table columns, in this order.
-IMPL_ORDER = ["twisted", "raw", "amp", "raw-uvloop", "amp-uvloop"]
+IMPL_ORDER = ["twisted", "raw", "amp", "raw-uvloop", "amp-uvloop", "amp-pure", "amp-uvloop-pure"]
+# The columns of asyncio-amp with its accelerator turned off run only the workloads
+# that name them: the ones whose code the accelerator replaces.
+COMMON = tuple(i for i in IMPL_ORDER if i not in PURE)
 # Variants of asyncio-amp that run only when --impl names them, in columns after
 # the others: the cost of tracing and of metrics (see impls/amp_otel.py, amp_metrics.py).
 VARIANTS = ["amp-otel", "amp-metrics"]
@@ -63,6 +66,10 @@ RATIO_PAIRS = [
     ("amp", "raw"),
     ("amp-uvloop", "twisted"),
     ("amp-uvloop", "raw-uvloop"),
+    ("amp-pure", "twisted"),
+    ("amp-pure", "raw"),
+    ("amp-uvloop-pure", "twisted"),
+    ("amp-uvloop-pure", "raw-uvloop"),
     ("amp-otel", "amp"),
     ("amp-metrics", "amp"),
 ]
@@ -77,7 +84,7 @@ class Workload:
     unit: str
     higher_is_better: bool = True
     params: dict[str, Any] = field(default_factory=dict)
-    impls: tuple[str, ...] = (*IMPL_ORDER, *VARIANTS)
+    impls: tuple[str, ...] = (*COMMON, *VARIANTS)
     description: str = ""
 
 
@@ -85,16 +92,19 @@ WORKLOADS = [
     Workload(
         "seq", "net", "calls/s",
         params={"command": "sum", "conns": 1, "inflight": 1},
+        impls=(*IMPL_ORDER, *VARIANTS),
         description="one Sum call at a time on one connection",
     ),
     Workload(
         "pipelined", "net", "calls/s",
         params={"command": "sum", "conns": 1, "inflight": 100},
+        impls=(*IMPL_ORDER, *VARIANTS),
         description="1 connection, 100 Sum calls in flight",
     ),
     Workload(
         "conns", "net", "calls/s",
         params={"command": "sum", "conns": 16, "inflight": 10},
+        impls=(*IMPL_ORDER, *VARIANTS),
         description="16 connections x 10 Sum calls in flight",
     ),
     Workload(
@@ -104,12 +114,12 @@ WORKLOADS = [
     ),
     Workload(
         "codec", "inproc", "µs", higher_is_better=False,
-        impls=("twisted", "raw", "amp"),
+        impls=("twisted", "raw", "amp", "amp-pure"),
         description="encode + parse one Sum call box, in process",
     ),
     Workload(
         "inproc", "inproc", "calls/s",
-        params={"inflight": 100},
+        params={"inflight": 100}, impls=(*IMPL_ORDER, *VARIANTS),
         description="Sum calls between client and server protocols joined in memory, 100 in flight",
     ),
     Workload(
@@ -246,9 +256,7 @@ class Child:
         self.stderr: TextIO = tempfile.TemporaryFile(  # noqa: SIM115
             "w+", encoding="utf-8", errors="replace"
         )
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")
-        }
+        env = child_env(impl, dict(os.environ))
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD), role, impl, workload, json.dumps(params)],
             stdin=subprocess.PIPE,
@@ -589,9 +597,23 @@ def _machine(cpus: tuple[int | None, int | None]) -> dict[str, Any]:
         "uvloop": version("uvloop"),
         "asyncio_amp": version("asyncio-amp"),
         "git": commit,
+        "accelerated": _accelerated(),
         "pinning": {"server_cpu": cpus[0], "client_cpu": cpus[1]},
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _accelerated() -> bool | None:
+    """Whether the ``amp`` columns' processes use the compiled accelerator (is it built?)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import asyncio_amp; print(asyncio_amp.ACCELERATED)"],
+            env=child_env("amp", dict(os.environ)), cwd=HERE, capture_output=True, text=True,
+            timeout=60, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out == "True"
 
 
 def _library_digest() -> str | None:
@@ -679,7 +701,7 @@ class Target:
 
     def reference_for(self, ours: str) -> str:
         if self.reference == "floor":
-            return "raw-uvloop" if ours.endswith("uvloop") else "raw"
+            return "raw-uvloop" if IMPLS[ours][1] == "uvloop" else "raw"
         return self.reference
 
     def ratio(self, summaries: dict[str, dict[str, Any]], ours: str) -> float | None:
@@ -699,17 +721,30 @@ def _median(summaries: dict[str, dict[str, Any]], row: str, impl: str) -> float 
     return entry["median"] if entry else None
 
 
+ASYNCIO = ("amp", "amp-pure")
+UVLOOP = ("amp-uvloop", "amp-uvloop-pure")
 TARGETS = [
+    # The second speed round's targets: the pure-Python ones hold in both modes, the
+    # accelerator's (marked "accelerated") for the accelerated columns only.
+    Target(f"seq ≥ 0.95{TIMES} the raw floor (same loop)", "seq", "floor", 0.95, ASYNCIO + UVLOOP),
+    Target(f"pipelined ≥ 15{TIMES} Twisted", "pipelined", "twisted", 15, ASYNCIO),
+    Target(f"pipelined ≥ 18{TIMES} Twisted (uvloop)", "pipelined", "twisted", 18, UVLOOP),
     Target(
-        f"seq ≥ 0.9{TIMES} the raw floor (same loop)", "seq", "floor", 0.9, ("amp", "amp-uvloop")
+        f"pipelined ≥ 20{TIMES} Twisted (uvloop, accelerated)",
+        "pipelined",
+        "twisted",
+        20,
+        ("amp-uvloop",),
     ),
-    Target(f"pipelined ≥ 10{TIMES} Twisted", "pipelined", "twisted", 10),
-    Target(f"conns ≥ 8{TIMES} Twisted", "conns", "twisted", 8),
+    Target(f"conns ≥ 10{TIMES} Twisted", "conns", "twisted", 10, ASYNCIO),
+    Target(f"conns ≥ 12{TIMES} Twisted (uvloop)", "conns", "twisted", 12, UVLOOP),
     Target(f"echo64k ≥ 0.85{TIMES} the raw floor", "echo64k", "floor", 0.85),
-    Target(f"codec ≥ 3{TIMES} Twisted (speed)", "codec", "twisted", 3),
-    Target(f"codec (parse_boxes) ≥ 5{TIMES} Twisted", "codec (parse_boxes)", "twisted", 5),
-    Target(f"inproc per call ≤ 2{TIMES} the raw floor's", "inproc", "floor", 0.5),
-    Target(f"inproc ≥ 13{TIMES} Twisted", "inproc", "twisted", 13),
+    Target(f"codec ≥ 3{TIMES} Twisted (speed)", "codec", "twisted", 3, ASYNCIO),
+    Target(f"codec ≥ 20{TIMES} Twisted (accelerated)", "codec", "twisted", 20),
+    Target(f"codec (parse_boxes) ≥ 5{TIMES} Twisted", "codec (parse_boxes)", "twisted", 5, ASYNCIO),
+    Target(f"inproc per call ≤ 2{TIMES} the raw floor's", "inproc", "floor", 0.5, ASYNCIO),
+    Target(f"inproc ≥ 13{TIMES} Twisted", "inproc", "twisted", 13, ASYNCIO),
+    Target(f"inproc ≥ 25{TIMES} Twisted (accelerated)", "inproc", "twisted", 25),
     Target(f"big ≥ 0.7{TIMES} echo64k throughput", "big", "row:echo64k", 0.7),
     # Strictly lower: the ratio (Twisted's bytes / ours) must be over 1.
     Target("idle bytes/conn below Twisted's", "idle", "twisted", 1.0 + 1e-9),
@@ -758,7 +793,7 @@ def _table(summaries: dict[str, dict[str, Any]], impls: list[str]) -> tuple[str,
 def _targets(
     summaries: dict[str, dict[str, Any]], impls: list[str]
 ) -> tuple[str, list[dict[str, Any]]]:
-    variants = [i for i in ("amp", "amp-uvloop") if i in impls]
+    variants = [i for i in (*ASYNCIO, *UVLOOP) if i in impls]
     lines = ["| target | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
     out = []
     for target in TARGETS:
@@ -788,6 +823,10 @@ def _targets(
 
 
 def _machine_line(machine: dict[str, Any]) -> str:
+    accelerator = {
+        True: "accelerator built: the amp columns use it, the -pure ones do not",
+        False: "accelerator not built: every column is pure Python",
+    }.get(machine.get("accelerated"), "accelerator unknown")
     pin = machine["pinning"]
     pinning = (
         f"server on CPU {pin['server_cpu']}, client on CPU {pin['client_cpu']}"
@@ -797,8 +836,8 @@ def _machine_line(machine: dict[str, Any]) -> str:
     return (
         f"{machine['cpu_model']}, {machine['cpu_count']} CPUs ({pinning}), {machine['memory']}, "
         f"{machine['os']}; Python {machine['python']}, Twisted {machine['twisted']}, "
-        f"uvloop {machine['uvloop']}, asyncio-amp {machine['asyncio_amp']} ({machine['git']}); "
-        f"{machine['date']}"
+        f"uvloop {machine['uvloop']}, asyncio-amp {machine['asyncio_amp']} ({machine['git']}, "
+        f"{accelerator}); {machine['date']}"
     )
 
 

@@ -22,7 +22,23 @@ IMPLS: dict[str, tuple[str, str | None]] = {
     "raw-uvloop": ("raw", "uvloop"),
     "amp": ("amp", "asyncio"),
     "amp-uvloop": ("amp", "uvloop"),
+    # asyncio-amp with its compiled accelerator turned off (ASYNCIO_AMP_NO_EXTENSIONS=1).
+    "amp-pure": ("amp", "asyncio"),
+    "amp-uvloop-pure": ("amp", "uvloop"),
     # Variants run only when named (--impl): asyncio-amp with tracing or metrics on.
     "amp-otel": ("amp_otel", "asyncio"),
     "amp-metrics": ("amp_metrics", "asyncio"),
 }
+
+# The implementations whose processes run with ASYNCIO_AMP_NO_EXTENSIONS=1 (the
+# others run without it, whatever the caller's environment says).
+PURE = frozenset({"amp-pure", "amp-uvloop-pure"})
+
+
+def child_env(impl: str, environ: dict[str, str]) -> dict[str, str]:
+    """The environment of a measured process of ``impl``: no debug modes, the right codec."""
+    env = {k: v for k, v in environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")}
+    env.pop("ASYNCIO_AMP_NO_EXTENSIONS", None)
+    if impl in PURE:
+        env["ASYNCIO_AMP_NO_EXTENSIONS"] = "1"
+    return env
