@@ -823,10 +823,13 @@ def _targets(
 
 
 def _machine_line(machine: dict[str, Any]) -> str:
-    accelerator = {
-        True: "accelerator built: the amp columns use it, the -pure ones do not",
-        False: "accelerator not built: every column is pure Python",
-    }.get(machine.get("accelerated"), "accelerator unknown")
+    accelerated = machine.get("accelerated")
+    if accelerated is None:
+        accelerator = "accelerator unknown"
+    elif accelerated:
+        accelerator = "accelerator built: the amp columns use it, the -pure ones do not"
+    else:
+        accelerator = "accelerator not built: every column is pure Python"
     pin = machine["pinning"]
     pinning = (
         f"server on CPU {pin['server_cpu']}, client on CPU {pin['client_cpu']}"
