@@ -520,11 +520,18 @@ class AMPProtocol(asyncio.BufferedProtocol):
                                     except Exception:  # the general path reports it
                                         self._responded(self._answer_for(command, tag, result))
                                     else:
-                                        if (
-                                            conn.send(data) >= WRITE_BATCH
-                                            and not self._writing_paused
-                                        ):
-                                            self._flush()
+                                        # AMPConnection.send, inline.
+                                        conn.queued_bytes += len(data)
+                                        outgoing = conn._outgoing
+                                        if outgoing is None:
+                                            conn._outgoing = [data]
+                                        else:
+                                            outgoing.append(data)
+                                            if (
+                                                len(outgoing) >= WRITE_BATCH
+                                                and not self._writing_paused
+                                            ):
+                                                self._flush()
                                         flow.working -= 1  # FlowControl.ended, inline
                                         if flow.deferred:
                                             self._schedule_release()
