@@ -475,15 +475,23 @@ class AMPConnection:
         decoder = self._decoder
         max_box_size = decoder.max_box_size
         max_keys = decoder.max_keys
+        # The most values a decoded answer (one key besides them: _answer) and a
+        # decoded call (two: _ask and _command) may have, under max_keys.
+        answer_values = max_keys - 2
+        ask_values = max_keys - 3
         pending: dict[bytes, Any] = self.pending if self.decode_values else _NO_CALLS
         ask_parsers = self.ask_parsers if self.decode_values else _NO_PARSERS
+        append = events.append
         end = len(data)
         pos = start = 0
         try:
             while pos < end:
                 start = pos
-                # Slices and indexing: cheaper here than startswith and struct.
-                if data[pos : pos + 9] == _ANSWER_HEADER:
+                # The length of the first key tells the three headers apart
+                # (_answer: 7, _ask: 4, _error: 6); slices and indexing are
+                # cheaper here than startswith and struct.
+                first_length = data[pos + 1]
+                if first_length == 7 and data[pos : pos + 9] == _ANSWER_HEADER:
                     first = ANSWER
                     p = pos + 11
                     stop = p + (data[p - 2] << 8 | data[p - 1])
@@ -495,12 +503,12 @@ class AMPConnection:
                         except Exception:
                             pass  # not the usual layout: the dict path below decides
                         else:
-                            if box_end - start <= max_box_size and len(values) < max_keys - 1:
+                            if box_end - start <= max_box_size and len(values) <= answer_values:
                                 del pending[tag]
-                                events.append((call, values))
+                                append((call, values))
                                 pos = box_end
                                 continue
-                elif data[pos : pos + 6] == _ASK_HEADER:
+                elif first_length == 4 and data[pos : pos + 6] == _ASK_HEADER:
                     first = ASK
                     p = pos + 8
                     stop = p + (data[p - 2] << 8 | data[p - 1])
@@ -515,8 +523,8 @@ class AMPConnection:
                             except Exception:
                                 pass  # not the usual layout: the dict path below decides
                             else:
-                                if box_end - start <= max_box_size and len(values) < max_keys - 2:
-                                    events.append((entry[1], tag, values))
+                                if box_end - start <= max_box_size and len(values) <= ask_values:
+                                    append((entry[1], tag, values))
                                     pos = box_end
                                     continue
                 elif data[pos : pos + 8] == _ERROR_HEADER:

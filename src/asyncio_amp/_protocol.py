@@ -49,7 +49,7 @@ from ._middleware import Chain, Middleware, build
 from ._observe import MAX_PENDING_CALLS, MAX_RESPONDERS, Observer, observer_of
 from ._switch import Upgrade
 from ._tls import StartTLS
-from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, Box, parse_boxes
+from ._wire import DEFAULT_MAX_BOX_SIZE, DEFAULT_MAX_KEYS, PREFIXES, Box, parse_boxes
 
 __all__ = ["AMPProtocol"]
 
@@ -472,6 +472,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
             return
         self._receiving = True
         flow = self._flow
+        context = self._context
         remaining = iter(events)
         try:
             for event in remaining:
@@ -491,7 +492,51 @@ class AMPProtocol(asyncio.BufferedProtocol):
                         and not self._writing_paused
                     ):
                         flow.working += 1  # FlowControl.arrive, inline
-                        self._dispatch(event)  # type: ignore[arg-type]
+                        found, tag, arguments = event  # type: ignore[misc]
+                        command, attribute, is_coroutine = found
+                        if is_coroutine or self._shutting_down or self._incoming is not None:
+                            self._dispatch(event)  # type: ignore[arg-type]
+                        else:
+                            # _dispatch, inline for a plain responder's call decoded
+                            # by the connection (its tag is never None): run it in a
+                            # fresh copy of the connection's context, encode its
+                            # answer with the compiled encoder, queue it (_responded
+                            # and _send, inline) and free its place.
+                            try:
+                                responder = (
+                                    getattr(self, attribute)
+                                    if type(attribute) is str
+                                    else attribute
+                                )
+                                result = context.copy().run(responder, **arguments)  # type: ignore[union-attr]
+                            except Exception as exc:
+                                self._responded(self._failure_answer(command, tag, exc))
+                            else:
+                                if type(result) is dict and (
+                                    (encoder := command._plain_answer) is not None
+                                ):
+                                    try:
+                                        data = b"".join(encoder(result, tag))
+                                    except Exception:  # the general path reports it
+                                        self._responded(self._answer_for(command, tag, result))
+                                    else:
+                                        # AMPConnection.send, inline.
+                                        conn.queued_bytes += len(data)
+                                        outgoing = conn._outgoing
+                                        if outgoing is None:
+                                            conn._outgoing = [data]
+                                        else:
+                                            outgoing.append(data)
+                                            if (
+                                                len(outgoing) >= WRITE_BATCH
+                                                and not self._writing_paused
+                                            ):
+                                                self._flush()
+                                        flow.working -= 1  # FlowControl.ended, inline
+                                        if flow.deferred:
+                                            self._schedule_release()
+                                else:
+                                    self._result(command, tag, result)
                     else:
                         self._arrive(event)  # type: ignore[arg-type]
                     if self._close_cause is not None:
@@ -713,14 +758,26 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if slot < 0 or self._debug or self._reading_paused or self._watching:
             self._send_call(future, cmd, parts, slot, now=not pending and not self._gather)
             return future
-        # _send_call and _send, inline for the usual call that wants an answer.
+        # _send_call and _send, inline for the usual call that wants an answer, with
+        # AMPConnection.send_call inline too: take the next tag, put it in its slot,
+        # expect the answer under it, and queue the box.
         now = not pending and not self._gather
         conn = self._conn
-        conn.send_call(parts, slot, (cmd._parse_response, future, cmd))
+        n = conn._tag_counter = conn._tag_counter + 1
+        tag = b"%x" % n
+        parts[slot] = PREFIXES[len(tag)] + tag
+        pending[tag] = (cmd._parse_response, future, cmd)
+        data = b"".join(parts)
+        queued_bytes = conn.queued_bytes = conn.queued_bytes + len(data)
+        outgoing = conn._outgoing
+        if outgoing is None:
+            outgoing = conn._outgoing = [data]
+        else:
+            outgoing.append(data)
         if self._receiving:
-            if conn.queued >= WRITE_BATCH or conn.queued_bytes >= FLUSH_BYTES:
+            if len(outgoing) >= WRITE_BATCH or queued_bytes >= FLUSH_BYTES:
                 self._flush()
-        elif now or conn.queued_bytes >= FLUSH_BYTES:
+        elif now or queued_bytes >= FLUSH_BYTES:
             self._flush()
         elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
@@ -1488,6 +1545,10 @@ class AMPProtocol(asyncio.BufferedProtocol):
         except Exception as exc:
             self._responded(self._failure_answer(command, tag, exc))
             return
+        self._result(command, tag, result)
+
+    def _result(self, command: type[Command], tag: bytes | None, result: Any) -> None:
+        """Answer with what a plain responder returned (an awaitable runs as a task)."""
         if type(result) is dict:
             encoder = command._plain_answer
             if encoder is not None and tag is not None:
