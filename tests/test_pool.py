@@ -346,6 +346,22 @@ async def test_a_waiter_cancelled_as_it_gets_room_passes_its_turn(log: Recorder)
             await b
 
 
+async def test_a_call_waiting_for_room_when_the_pool_closes_counts_as_failed(
+    log: Recorder,
+) -> None:
+    async with running(min_workers=1, max_workers=1, max_queue=1) as pool:
+        calls = [asyncio.ensure_future(pool.call_remote(Sleep, seconds=30.0)) for _ in range(3)]
+        await eventually(lambda: pool.stats()["busy"] == 1, "a call runs")
+        await eventually(lambda: pool.stats()["queued"] == 1, "a call is queued")
+        await asyncio.sleep(SHORT)  # the third waits for room
+        async with asyncio.timeout(LONG):
+            await pool.close(grace=0)
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(outcome, PoolClosedError) for outcome in outcomes)
+        # Each of the three went in and raised: each one is counted.
+        assert pool.stats()["failed"] == 3
+
+
 # Cancellation and timeouts
 
 

@@ -387,6 +387,9 @@ class ProcessPool:
             with contextlib.suppress(ValueError):
                 self._room.remove(waiter)
             if self._phase != "running":
+                # It went in and raises: counted, like a call failed in the queue.
+                call.phase = Phase.DONE
+                self._counts["failed"] += 1
                 raise self._refusal(call.command)
         # Let the next one check too: there may be room for more than one.
         self._wake_room()
