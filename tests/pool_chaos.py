@@ -55,9 +55,9 @@ from pool_worker import Die, Fail, Sleep, Sum, Worker
 #: Multiply every time bound by this (AMP_TEST_TIME_SCALE) on a slow machine.
 TIME = float(os.environ.get("AMP_TEST_TIME_SCALE", "1"))
 #: How long the calls of one scenario may take to end, all of them.
-CALL_DEADLINE = 15.0 * TIME
+CALL_DEADLINE = 25.0 * TIME
 #: The bound on close() and on the quiet-pool checks.
-PHASE_DEADLINE = 10.0 * TIME
+PHASE_DEADLINE = 8.0 * TIME
 HERE = pathlib.Path(__file__).parent
 #: The environment variable that names a worker's log of the calls it starts.
 LOG_VARIABLE = "POOL_CHAOS_LOG"
@@ -257,9 +257,18 @@ async def run_seed(seed: int) -> Report:
         pids_seen: set[int] = set()
         killed: list[int] = []
         try:
-            await pool.start()
-            pids_seen.update(pool.pids)
+            # The calls start with start(): they queue while the first workers start.
+            starting = asyncio.create_task(pool.start())
+            await asyncio.sleep(0)
             await _play(scenario, pool, began, closed_at, pids_seen, killed, problems)
+            try:
+                async with asyncio.timeout(PHASE_DEADLINE):
+                    await starting
+            except PoolClosedError:
+                if not closed_at:
+                    problems.append("start() raised PoolClosedError before close()")
+            except Exception as error:
+                problems.append(f"start() raised {error!r}")
         finally:
             try:
                 async with asyncio.timeout(PHASE_DEADLINE):
@@ -374,7 +383,7 @@ async def _play(
             await asyncio.wait(tasks.values())
     except TimeoutError:
         stuck = [p.describe() for p in scenario.plans if not tasks[p.id].done()]
-        problems.append(f"calls that never ended: {stuck}; {pool.stats()}")
+        problems.append(f"calls that never ended: {stuck}; {pool.stats()}; {_state(pool)}")
     for task in helpers:
         task.cancel()
     try:
@@ -385,6 +394,35 @@ async def _play(
     for task in [*tasks.values(), *helpers, closing]:
         task.cancel()
     await asyncio.gather(*tasks.values(), *helpers, closing, return_exceptions=True)
+
+
+def _process_state(pid: int | None) -> str:
+    """A process's state and where it waits in the kernel, as /proc says."""
+    if pid is None:
+        return "none"
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            state = file.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/wchan") as file:
+            wchan = file.read()
+    except OSError:
+        return "gone"
+    return f"{state} ({wchan})"
+
+
+def _state(pool: ProcessPool) -> str:
+    """What the pool holds, for the report of a stuck scenario."""
+    supervisor = pool._supervisor
+    workers = [
+        f"{worker!r} expected={worker.expected} reason={worker.reason!r} "
+        f"process {_process_state(worker.pid)}"
+        for worker in pool._workers
+    ]
+    return (
+        f"workers {workers}, ready {pool._ready}, queue {len(pool._queue)}, "
+        f"room waiters {len(pool._room)}, start failures {supervisor.start_failures}, "
+        f"gave up {supervisor.gave_up}, spawn timer {supervisor.spawn_handle is not None}"
+    )
 
 
 async def _check_quiet(pool: ProcessPool, scenario: Scenario, problems: list[str]) -> None:
@@ -400,7 +438,7 @@ async def _check_quiet(pool: ProcessPool, scenario: Scenario, problems: list[str
         ):
             return
         if asyncio.get_running_loop().time() > deadline:
-            problems.append(f"the pool never came back to quiet: {stats}")
+            problems.append(f"the pool never came back to quiet: {stats}; {_state(pool)}")
             return
         await asyncio.sleep(0.01)
 
