@@ -8,14 +8,16 @@ callers, each starting at a random moment with an idempotent call (``Where``)
 or not (``Record``) of a random length, some of them cancelled after a random
 delay (which lands at whatever await the call is at: waiting for a connection,
 sent, racing its answer); servers SIGKILLed and started again, or SIGSTOPped and
-SIGCONTinued, by pid, at random moments (one server always stays up); and
+SIGCONTinued, by pid, at random moments (one server always stays up), or, in
+some scenarios, every server killed at once for a moment (a blackout); and
 ``close()`` at a random moment, or after every call ended.
 
 The invariants, checked for every scenario:
 
 * every call ends, once, within a deadline: with its answer; ``CancelledError``
-  only if cancelled; ``NoConnectionError`` or ``ConnectionLostError`` for an
-  idempotent call only once ``close()`` was called (a server is always up);
+  only if cancelled; ``NoConnectionError`` only once ``close()`` was called, or
+  for a call that lived through a blackout; ``ConnectionLostError`` for an
+  idempotent call only once ``close()`` was called;
   ``ConnectionLostError`` for a non-idempotent call only when a server was
   killed during the call, or ``close()`` was called;
 * a non-idempotent call never runs twice, and an answered call ran (each server
@@ -88,8 +90,8 @@ class Plan:
 @dataclasses.dataclass
 class Event:
     at: float
-    action: str  # "kill" or "stop"
-    server: int
+    action: str  # "kill", "stop", or "blackout" (every server killed at once)
+    server: int  # (-1 for a blackout)
     back_after: float  # restart, or SIGCONT, after this long
 
 
@@ -149,6 +151,9 @@ def make_scenario(seed: int) -> Scenario:
         candidate = [*events, event]
         if all(len(out_with(candidate, e)) <= 2 for e in candidate):
             events.append(event)
+    if rng.random() < 0.2:
+        # A blackout instead: every server killed at once, and started again.
+        events = [Event(rng.uniform(0.2, 1.5), "blackout", -1, rng.uniform(0.05, 0.6))]
     events.sort(key=lambda e: e.at)
     close_at = None if rng.random() < 0.4 else rng.uniform(0.3, 2.5)
     return Scenario(seed, options, plans, events, close_at)
@@ -277,7 +282,6 @@ async def _play(scenario: Scenario, servers: list[Server], problems: list[str]) 
     # While a server is stopped, the client may take the addresses it has as they are.
     async with asyncio.timeout(PHASE_DEADLINE):
         await client.__aenter__()
-    began = loop.time()
 
     async def caller(plan: Plan) -> None:
         await asyncio.sleep(plan.start)
@@ -307,8 +311,22 @@ async def _play(scenario: Scenario, servers: list[Server], problems: list[str]) 
         await asyncio.sleep(plan.start + plan.cancel_after)
         tasks[plan.n].cancel()
 
+    # (from the first kill to the last server listening again)
+    blackouts: list[tuple[float, float]] = []
+
     async def chaos(event: Event) -> None:
         await asyncio.sleep(event.at)
+        if event.action == "blackout":
+            blackouts.append((loop.time(), float("inf")))
+            for server in servers:
+                server.deaths.append((loop.time(), float("inf")))
+                await server.kill()
+            await asyncio.sleep(event.back_after)
+            for server in servers:
+                await server.start()
+                server.deaths[-1] = (server.deaths[-1][0], loop.time())
+            blackouts[-1] = (blackouts[-1][0], loop.time())
+            return
         server = servers[event.server]
         async with server.lock:  # one event at a time on each server
             if event.action == "kill":
@@ -360,7 +378,7 @@ async def _play(scenario: Scenario, servers: list[Server], problems: list[str]) 
     entered = sum(1 for plan in scenario.plans if not plan.refused_at_entry)
     if stats["calls"] != entered:
         problems.append(f"calls = {stats['calls']}, but {entered} calls were made")
-    _check_outcomes(scenario, servers, closed_at, began, problems)
+    _check_outcomes(scenario, servers, closed_at, blackouts, problems)
 
 
 async def _check_quiet(client: amp.Client, problems: list[str]) -> None:
@@ -385,7 +403,7 @@ def _check_outcomes(
     scenario: Scenario,
     servers: list[Server],
     closed_at: list[float],
-    began: float,
+    blackouts: list[tuple[float, float]],
     problems: list[str],
 ) -> None:
     for plan in scenario.plans:
@@ -404,19 +422,22 @@ def _check_outcomes(
             if plan.cancel_after is None:
                 problems.append(f"{where}: cancelled, but nobody cancelled it")
         elif isinstance(value, amp.NoConnectionError):
-            if not after_close:
-                problems.append(f"{where}: NoConnectionError before close(): {value}")
+            # Only when every server was down during the call, or the client closed.
+            dark = any(start <= plan.ended and plan.began <= end for start, end in blackouts)
+            if not (after_close or dark):
+                problems.append(f"{where}: NoConnectionError with a server up: {value}")
         elif isinstance(value, amp.ConnectionLostError):
             if after_close:
                 continue
             if plan.idempotent:
                 problems.append(f"{where}: idempotent, and lost: {value}")
                 continue
+            # (killed during the call, or just before it, before the client saw it)
             killed = [
                 server
                 for server in servers
-                for dead, _ in server.deaths
-                if plan.began <= dead <= plan.ended
+                for dead, back in server.deaths
+                if dead <= plan.ended and plan.began <= back
             ]
             if not any(server.host in str(value) for server in killed):
                 deaths = {server.host: server.deaths for server in servers}
