@@ -730,6 +730,30 @@ async def test_close_twice_and_concurrently(log: Recorder) -> None:
     assert pool.closed
 
 
+async def test_close_again_after_a_cancelled_close_waits_for_the_workers(log: Recorder) -> None:
+    pool = ProcessPool(Worker, min_workers=2, max_workers=2, output="log")
+    await pool.start()
+    pids = pool.pids
+    calls = [asyncio.ensure_future(pool.call_remote(Sleep, seconds=LONG)) for _ in range(2)]
+    await eventually(lambda: pool.stats()["busy"] == 2, "two calls run")
+    closing = asyncio.ensure_future(pool.close(grace=LONG))
+    await asyncio.sleep(SHORT)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    # The cancelled close() killed the workers; close() again returns once they
+    # are reaped, as any close() does.
+    async with asyncio.timeout(LONG):
+        await pool.close()
+    assert pool.stats()["workers"] == 0
+    assert pool.pids == []
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222  (WNOHANG: it never blocks)
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(outcome, WorkerCrashedError) for outcome in outcomes), outcomes
+
+
 def test_public_names_are_documented() -> None:
     for name in amp_pool.__all__:
         assert getattr(amp_pool, name).__doc__, name

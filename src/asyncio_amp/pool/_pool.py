@@ -302,8 +302,18 @@ class ProcessPool:
             raise
         finally:
             self._phase = "closed"
-            if not self._closed.done():
-                self._closed.set_result(None)
+            closed = self._closed
+            pending = [task for task in self._tasks if not task.done()]
+            if pending:
+                # Cancelled: the workers' tasks still reap them, and close()
+                # called again must wait for that too.
+                def settle(_: object) -> None:
+                    if not closed.done():
+                        closed.set_result(None)
+
+                asyncio.gather(*pending, return_exceptions=True).add_done_callback(settle)
+            elif not closed.done():
+                closed.set_result(None)
             self._notify()  # start() may wait for workers
 
     def stats(self) -> dict[str, int]:
