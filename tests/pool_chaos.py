@@ -9,7 +9,8 @@ worker (``os._exit``, SIGKILL of itself), calls that hang past the timeout, call
 whose responder raises a mapped error, idempotent and non-idempotent ones. Some
 callers are cancelled after a random delay (which lands at whatever await the
 call is at); workers are SIGKILLed from outside by pid; and ``close()`` comes at
-a random moment with a random grace (or after every call ended).
+a random moment with a random grace (or after every call ended), sometimes
+cancelled and called again.
 
 The invariants, checked for every scenario:
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -133,12 +135,14 @@ class Scenario:
     kills: list[float]
     close_at: float | None  # None: after every call ended
     grace: float
+    cancel_close: float | None  # cancel close() after this long, and call it again
 
     def summary(self) -> str:
         close = "after the calls" if self.close_at is None else f"at {self.close_at:.3f}"
         return (
             f"seed {self.seed}: {self.options}, {len(self.plans)} calls, "
             f"kills at {[round(k, 3) for k in self.kills]}, close {close} grace {self.grace}"
+            f"{'' if self.cancel_close is None else f' cancelled after {self.cancel_close:.3f}'}"
         )
 
 
@@ -176,7 +180,8 @@ def make_scenario(seed: int) -> Scenario:
     kills = sorted(rng.uniform(0.1, 1.8) for _ in range(rng.choice([0, 0, 1, 2, 3])))
     close_at = None if rng.random() < 0.35 else rng.uniform(0.2, 2.2)
     grace = rng.choice([0.0, 0.05, 0.3, 1.0])
-    return Scenario(seed, options, plans, kills, close_at, grace)
+    cancel_close = rng.uniform(0, 0.3) if rng.random() < 0.15 else None
+    return Scenario(seed, options, plans, kills, close_at, grace, cancel_close)
 
 
 def children() -> set[int]:
@@ -373,7 +378,21 @@ async def _play(
             await asyncio.wait(tasks.values())
             await _check_quiet(pool, scenario, problems)
         closed_at.append(loop.time())
+        if scenario.cancel_close is not None:
+            # close() cancelled (as by a timeout around it), then called again.
+            first = asyncio.create_task(pool.close(grace=scenario.grace))
+            await asyncio.sleep(scenario.cancel_close)
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
         await pool.close(grace=scenario.grace)
+        # Right as close() returns: every worker reaped.
+        pids_seen.update(pool.pids)
+        if pool.stats()["workers"] or pids_seen & children():
+            problems.append(
+                f"close() returned with workers left: {pool.stats()}, "
+                f"children {sorted(pids_seen & children())}"
+            )
 
     helpers = [asyncio.create_task(canceller(p)) for p in scenario.plans if p.cancel_after]
     helpers.append(asyncio.create_task(killer()))

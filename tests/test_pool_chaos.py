@@ -26,8 +26,8 @@ from helpers import TIME
 SEED_BOUND = pool_chaos.CALL_DEADLINE + 3 * pool_chaos.PHASE_DEADLINE
 
 #: A few seeds of each shape: with and without min_workers, timeouts, recycling,
-#: kills, and close() during the calls or after them.
-SEEDS = [1, 5, 10, 104]
+#: kills, close() during the calls or after them, close() cancelled and called again.
+SEEDS = [1, 5, 11, 104]
 
 EXTRA = int(os.environ.get("AMP_CHAOS_SEEDS", "0"))
 
@@ -57,4 +57,5 @@ def test_scenarios_cover_every_kind_of_trouble() -> None:
     assert any(s.close_at is None for s in scenarios)
     assert any(s.close_at is not None for s in scenarios)
     assert {s.options["min_workers"] for s in scenarios} == {0, 1}
+    assert any(s.cancel_close is not None for s in scenarios)
     assert TIME > 0
