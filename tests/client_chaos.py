@@ -10,7 +10,8 @@ delay (which lands at whatever await the call is at: waiting for a connection,
 sent, racing its answer); servers SIGKILLed and started again, or SIGSTOPped and
 SIGCONTinued, by pid, at random moments (one server always stays up), or, in
 some scenarios, every server killed at once for a moment (a blackout); and
-``close()`` at a random moment, or after every call ended.
+``close()`` at a random moment, or after every call ended, sometimes cancelled
+and called again.
 
 The invariants, checked for every scenario:
 
@@ -25,7 +26,8 @@ The invariants, checked for every scenario:
 * ``stats()`` adds up: ``calls`` counts the calls made, ``pending`` and
   ``waiting`` come back to 0 once the calls end, and once every server is up
   again the client is connected to all three;
-* no callback raised in the event loop, and no task is left after ``close()``.
+* no callback raised in the event loop; once ``close()`` returns every
+  connection is closed, and no task is left.
 
 Run long from the command line, many seeds, bounded in time::
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -102,6 +105,7 @@ class Scenario:
     plans: list[Plan]
     events: list[Event]
     close_at: float | None
+    cancel_close: float | None  # cancel close() after this long, and call it again
 
     def summary(self) -> str:
         close = "after the calls" if self.close_at is None else f"at {self.close_at:.3f}"
@@ -110,6 +114,7 @@ class Scenario:
         )
         return (
             f"seed {self.seed}: {self.options}, {len(self.plans)} calls, [{events}], close {close}"
+            f"{'' if self.cancel_close is None else f' cancelled after {self.cancel_close:.3f}'}"
         )
 
 
@@ -156,7 +161,10 @@ def make_scenario(seed: int) -> Scenario:
         events = [Event(rng.uniform(0.2, 1.5), "blackout", -1, rng.uniform(0.05, 0.6))]
     events.sort(key=lambda e: e.at)
     close_at = None if rng.random() < 0.4 else rng.uniform(0.3, 2.5)
-    return Scenario(seed, options, plans, events, close_at)
+    cancel_close = rng.uniform(0, 0.05) if rng.random() < 0.2 else None
+    if cancel_close is not None:
+        options["grace"] = 2.0  # so that the cancellation lands in the drain
+    return Scenario(seed, options, plans, events, close_at, cancel_close)
 
 
 class Server:
@@ -350,7 +358,19 @@ async def _play(scenario: Scenario, servers: list[Server], problems: list[str]) 
             await asyncio.wait(chaotic)
             await _check_quiet(client, problems)
         closed_at.append(loop.time())
+        protocols = set(client.connections)
+        if scenario.cancel_close is not None:
+            # close() cancelled (as by a timeout around it), then called again.
+            first = asyncio.create_task(client.close())
+            await asyncio.sleep(scenario.cancel_close)
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
         await client.close()
+        # Right as close() returns: every connection closed.
+        still = [protocol for protocol in protocols if not protocol.closed]
+        if still or client.connections:
+            problems.append(f"close() returned with connections open: {still}, {client.stats()}")
 
     helpers = [asyncio.create_task(canceller(p)) for p in scenario.plans if p.cancel_after]
     chaotic = [asyncio.create_task(chaos(e)) for e in scenario.events] or [

@@ -23,8 +23,9 @@ import client_chaos
 #: The most one seed may take, whatever goes wrong in it.
 SEED_BOUND = client_chaos.CALL_DEADLINE + 4 * client_chaos.PHASE_DEADLINE
 
-#: Seeds with kills and stops, a blackout, close() during the calls and after them.
-SEEDS = [8, 13]
+#: Seeds with kills and stops, a blackout, close() during the calls and after them,
+#: close() cancelled and called again.
+SEEDS = [13, 42]
 
 EXTRA = int(os.environ.get("AMP_CHAOS_SEEDS", "0"))
 
@@ -54,6 +55,7 @@ def test_scenarios_cover_every_kind_of_trouble() -> None:
     assert any(plan.cancel_after for s in scenarios for plan in s.plans)
     assert any(s.close_at is None for s in scenarios)
     assert any(s.close_at is not None for s in scenarios)
+    assert any(s.cancel_close is not None for s in scenarios)
 
 
 def test_one_server_is_always_up() -> None:
