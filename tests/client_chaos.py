@@ -164,6 +164,7 @@ def make_scenario(seed: int) -> Scenario:
     cancel_close = rng.uniform(0, 0.05) if rng.random() < 0.2 else None
     if cancel_close is not None:
         options["grace"] = 2.0  # so that the cancellation lands in the drain
+    options["connections_per_address"] = rng.choice([1, 1, 2])
     return Scenario(seed, options, plans, events, close_at, cancel_close)
 
 
@@ -356,7 +357,7 @@ async def _play(scenario: Scenario, servers: list[Server], problems: list[str]) 
         else:
             await asyncio.wait(tasks.values())
             await asyncio.wait(chaotic)
-            await _check_quiet(client, problems)
+            await _check_quiet(client, scenario.options["connections_per_address"], problems)
         closed_at.append(loop.time())
         protocols = set(client.connections)
         if scenario.cancel_close is not None:
@@ -401,16 +402,16 @@ async def _play(scenario: Scenario, servers: list[Server], problems: list[str]) 
     _check_outcomes(scenario, servers, closed_at, blackouts, problems)
 
 
-async def _check_quiet(client: amp.Client, problems: list[str]) -> None:
-    """Every call ended and every server is up: nothing pending, three connections."""
+async def _check_quiet(client: amp.Client, per_address: int, problems: list[str]) -> None:
+    """Every call ended and every server is up: nothing pending, every connection back."""
     deadline = asyncio.get_running_loop().time() + PHASE_DEADLINE
     while True:
         stats = client.stats()
         if (
             stats["pending"] == 0
             and stats["waiting"] == 0
-            and stats["connected"] == 3
-            and len(client.connections) == 3
+            and stats["connected"] == 3 * per_address
+            and len(client.connections) == 3 * per_address
         ):
             return
         if asyncio.get_running_loop().time() > deadline:

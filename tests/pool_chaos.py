@@ -531,6 +531,10 @@ def _check_outcomes(
     # completed, though its caller saw the cancellation.
     if not answers <= stats["completed"] <= answers + cancelled + timed_out:
         problems.append(f"completed = {stats['completed']}, but {answers} calls were answered")
+    # Crashes are workers that died unasked: killed from outside, or by a Die call.
+    dies = sum(1 for plan in scenario.plans if plan.kind in ("exit", "kill"))
+    if stats["crashed"] > len(killed) + dies:
+        problems.append(f"crashed = {stats['crashed']}, but {len(killed)} kills and {dies} Die")
     if timed_out and stats["timed_out"] > timed_out:
         problems.append(f"timed_out = {stats['timed_out']}, but {timed_out} calls timed out")
 
