@@ -280,7 +280,9 @@ class ProcessPool:
         ``grace`` seconds (``None``: no limit); then their workers are killed and
         they fail with [`PoolClosedError`][asyncio_amp.pool.PoolClosedError]. It returns once
         every worker process has exited and been reaped; calling it again waits
-        for the same.
+        for the same. If it is cancelled, the workers are killed at once (their
+        calls in flight fail with
+        [`WorkerCrashedError`][asyncio_amp.pool.WorkerCrashedError]).
         """
         if self._phase == "new":
             self._phase = "closed"
