@@ -630,6 +630,29 @@ async def test_close_ends_the_calls_in_flight_after_grace() -> None:
         assert client.stats()["retries"] == 0
 
 
+async def test_close_cancelled_closes_the_connections_anyway() -> None:
+    async with servers_on(HOSTS[:1]) as (port, servers):
+        client = amp.Client(f"127.0.0.1:{port}", grace=LONG)
+        await client.__aenter__()
+        await eventually(lambda: len(client.connections) == 1, "connected")
+        (protocol,) = client.connections
+        call = client.call_remote(Record, n=1, delay=LONG)
+        await eventually(lambda: client.stats()["pending"] == 1, "sent")
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.sleep(SHORT)
+        closing.cancel()  # as a timeout around close() does
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        # Called again, close() returns once the connection is closed: the
+        # cancelled one aborted it rather than leaving it open for good.
+        async with asyncio.timeout(LONG):
+            await client.close()
+        assert protocol.closed
+        with pytest.raises(amp.ConnectionLostError):
+            await call
+        await eventually(lambda: not servers[HOSTS[0]].connections, "closed on the server")
+
+
 async def test_cancelling_a_call() -> None:
     async with servers_on(HOSTS[:1]) as (port, servers):
         client = amp.Client([f"127.0.0.1:{free_port()}"], connect_timeout=LONG)

@@ -346,6 +346,22 @@ async def test_a_waiter_cancelled_as_it_gets_room_passes_its_turn(log: Recorder)
             await b
 
 
+async def test_a_call_waiting_for_room_when_the_pool_closes_counts_as_failed(
+    log: Recorder,
+) -> None:
+    async with running(min_workers=1, max_workers=1, max_queue=1) as pool:
+        calls = [asyncio.ensure_future(pool.call_remote(Sleep, seconds=30.0)) for _ in range(3)]
+        await eventually(lambda: pool.stats()["busy"] == 1, "a call runs")
+        await eventually(lambda: pool.stats()["queued"] == 1, "a call is queued")
+        await asyncio.sleep(SHORT)  # the third waits for room
+        async with asyncio.timeout(LONG):
+            await pool.close(grace=0)
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(outcome, PoolClosedError) for outcome in outcomes)
+        # Each of the three went in and raised: each one is counted.
+        assert pool.stats()["failed"] == 3
+
+
 # Cancellation and timeouts
 
 
@@ -712,6 +728,30 @@ async def test_close_twice_and_concurrently(log: Recorder) -> None:
         await asyncio.gather(pool.close(), pool.close())
         await pool.close()
     assert pool.closed
+
+
+async def test_close_again_after_a_cancelled_close_waits_for_the_workers(log: Recorder) -> None:
+    pool = ProcessPool(Worker, min_workers=2, max_workers=2, output="log")
+    await pool.start()
+    pids = pool.pids
+    calls = [asyncio.ensure_future(pool.call_remote(Sleep, seconds=LONG)) for _ in range(2)]
+    await eventually(lambda: pool.stats()["busy"] == 2, "two calls run")
+    closing = asyncio.ensure_future(pool.close(grace=LONG))
+    await asyncio.sleep(SHORT)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    # The cancelled close() killed the workers; close() again returns once they
+    # are reaped, as any close() does.
+    async with asyncio.timeout(LONG):
+        await pool.close()
+    assert pool.stats()["workers"] == 0
+    assert pool.pids == []
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222  (WNOHANG: it never blocks)
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(outcome, WorkerCrashedError) for outcome in outcomes), outcomes
 
 
 def test_public_names_are_documented() -> None:

@@ -548,20 +548,22 @@ class Client:
         the client's ``grace``: the calls in flight get their answers for up
         to ``grace`` seconds, then fail with [`ConnectionLostError`][] (and are
         not sent again). Returns once every connection is closed; calling it
-        again waits for the same.
+        again waits for the same. If it is cancelled, the connections are
+        aborted at once (their calls in flight fail with
+        [`ConnectionLostError`][]).
         """
         if self._closed is not None:
             await asyncio.shield(self._closed)
             return
         loop = asyncio.get_running_loop()
-        self._closed = loop.create_future()
+        closed = self._closed = loop.create_future()
         self._closing = True
+        tasks: list[asyncio.Task[Any]] = []
+        protocols: list[AMPProtocol] = []
         try:
             if self._ready_event is not None:
                 self._ready_event.set()  # the waiting calls see the client closing
             self._ready.clear()
-            tasks: list[asyncio.Task[Any]] = []
-            protocols: list[AMPProtocol] = []
             for endpoint in self._endpoints:
                 for task in (endpoint.task, endpoint.resolving):
                     if task is not None:
@@ -582,8 +584,23 @@ class Client:
                 return_exceptions=True,
             )
             logger.info("client of %s closed", self._describe())
-        finally:
-            self._closed.set_result(None)
+        except BaseException:
+            # Cancelled: abort the connections at once rather than leave them
+            # open; close() called again returns once they are closed.
+            for protocol in protocols:
+                _abort(protocol)
+            ends = [asyncio.ensure_future(protocol.wait_closed()) for protocol in protocols]
+
+            def settle(_: object) -> None:
+                if not closed.done():
+                    closed.set_result(None)
+
+            asyncio.gather(*ends, *tasks, *self._drains, return_exceptions=True).add_done_callback(
+                settle
+            )
+            raise
+        else:
+            closed.set_result(None)
 
     @property
     def closed(self) -> bool:

@@ -280,7 +280,9 @@ class ProcessPool:
         ``grace`` seconds (``None``: no limit); then their workers are killed and
         they fail with [`PoolClosedError`][asyncio_amp.pool.PoolClosedError]. It returns once
         every worker process has exited and been reaped; calling it again waits
-        for the same.
+        for the same. If it is cancelled, the workers are killed at once (their
+        calls in flight fail with
+        [`WorkerCrashedError`][asyncio_amp.pool.WorkerCrashedError]).
         """
         if self._phase == "new":
             self._phase = "closed"
@@ -302,8 +304,18 @@ class ProcessPool:
             raise
         finally:
             self._phase = "closed"
-            if not self._closed.done():
-                self._closed.set_result(None)
+            closed = self._closed
+            pending = [task for task in self._tasks if not task.done()]
+            if pending:
+                # Cancelled: the workers' tasks still reap them, and close()
+                # called again must wait for that too.
+                def settle(_: object) -> None:
+                    if not closed.done():
+                        closed.set_result(None)
+
+                asyncio.gather(*pending, return_exceptions=True).add_done_callback(settle)
+            elif not closed.done():
+                closed.set_result(None)
             self._notify()  # start() may wait for workers
 
     def stats(self) -> dict[str, int]:
@@ -387,6 +399,9 @@ class ProcessPool:
             with contextlib.suppress(ValueError):
                 self._room.remove(waiter)
             if self._phase != "running":
+                # It went in and raises: counted, like a call failed in the queue.
+                call.phase = Phase.DONE
+                self._counts["failed"] += 1
                 raise self._refusal(call.command)
         # Let the next one check too: there may be room for more than one.
         self._wake_room()
