@@ -315,6 +315,20 @@ async def test_max_queue_makes_callers_wait(log: Recorder) -> None:
         assert pool.stats()["completed"] == 6
 
 
+async def test_callers_waiting_for_room_count_as_demand(log: Recorder) -> None:
+    # A small queue must not hide the demand: the callers waiting for room get
+    # workers started for them too, at once, not one start after another.
+    async with running(min_workers=0, max_workers=3, max_queue=1) as pool:
+        calls = [asyncio.ensure_future(pool.call_remote(Sleep, seconds=0.2)) for _ in range(3)]
+        for _ in range(5):
+            await asyncio.sleep(0)  # every caller has queued or is waiting for room
+        stats = pool.stats()
+        assert (stats["queued"], stats["busy"], stats["idle"]) == (1, 0, 0)  # none ready yet
+        assert stats["workers"] == 3
+        # (Which worker runs which call depends on how fast each starts.)
+        assert len(await asyncio.gather(*calls)) == 3
+
+
 async def test_a_waiter_cancelled_as_it_gets_room_passes_its_turn(log: Recorder) -> None:
     tasks: dict[str, asyncio.Task[Any]] = {}
 

@@ -84,7 +84,8 @@ class ProcessPool:
         min_workers: Workers started by
             [`start`][asyncio_amp.pool.ProcessPool.start] and kept running.
         max_workers: The most workers running at once (default: the CPU count,
-            at least ``min_workers``). More start as calls queue up. Workers that
+            at least ``min_workers``). More start as calls queue up or wait for
+            room in the queue. Workers that
             are being stopped or killed do not count.
         concurrency: Calls in flight at once on each worker (pipelined on its
             connection). With more than 1, a worker's responders run concurrently
@@ -389,6 +390,7 @@ class ProcessPool:
         while self._queued >= self.max_queue and not self._has_room_now():
             waiter = loop.create_future()
             self._room.append(waiter)
+            self._supervisor.ensure_workers()  # a caller waiting for room is demand too
             try:
                 await waiter
             except asyncio.CancelledError:

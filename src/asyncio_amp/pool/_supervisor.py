@@ -5,9 +5,10 @@ The pool decides which call goes where (``_pool``); this module decides when a
 worker starts and when an idle one stops:
 
 * **Sizing.** ``ensure_workers`` starts workers for ``min_workers`` and for the
-  calls waiting in the queue (each starting worker will take ``concurrency`` of
-  them), never above ``max_workers``. The pool calls it after every event that
-  may change the need: a call queued, a worker killed, retired or dead.
+  calls waiting in the queue or for room in it (each starting worker will take
+  ``concurrency`` of them), never above ``max_workers``. The pool calls it after
+  every event that may change the need: a call queued or waiting for room, a
+  worker killed, retired or dead.
 * **Failed starts and crash loops.** A worker that dies before it is ready, or
   soon after without having been given a call, failed to start. After a failed
   start the next one waits (doubling from ``BACKOFF_FIRST`` up to
@@ -92,16 +93,18 @@ class Supervisor:
             pool._fail_queue(error)
 
     def ensure_workers(self) -> None:
-        """Start workers for min_workers and for the queued calls, up to max_workers."""
+        """Start workers for min_workers and for the waiting calls, up to max_workers."""
         pool = self.pool
         if pool._phase != "running" or self.gave_up:
             return
         live = [w for w in pool._workers if w.state in (State.STARTING, State.READY)]
         starting = sum(1 for w in live if w.state is State.STARTING)
         wanted = pool.min_workers - len(live)
-        if pool._queued:
-            # Each starting worker will take `concurrency` of the queued calls.
-            extra = pool._queued - starting * pool.concurrency
+        # The callers waiting for room in a full queue are demand too.
+        waiting = pool._queued + len(pool._room)
+        if waiting:
+            # Each starting worker will take `concurrency` of the waiting calls.
+            extra = waiting - starting * pool.concurrency
             wanted = max(wanted, -(-extra // pool.concurrency))
         wanted = min(wanted, pool.max_workers - len(live))
         if wanted <= 0:
