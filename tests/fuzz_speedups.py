@@ -5,9 +5,11 @@ Each input is fed to both implementations, which must give identical boxes, even
 errors (same type, same message), and leave their decoders in the same state:
 
 - ``parse_boxes`` on the input as a whole;
-- a ``BoxDecoder`` fed the input in pieces (split where the input's own bytes say),
-  through ``receive_data`` and ``receive_data_partial``, then ``end_of_stream``;
-- an ``AMPConnection`` fed the same pieces (its events);
+- a ``BoxDecoder`` fed the input in pieces (split where the input's own bytes say: whole,
+  byte by byte, or at random cuts), through ``receive_data`` and ``receive_data_partial``,
+  then ``end_of_stream``: the compiled ``BoxDecoder`` type, and the pure-Python class with
+  and without the compiled whole-box scan;
+- an ``AMPConnection`` fed the same pieces (its events), on each of those decoders;
 - ``encode_box`` and ``encode_items`` on a box made of the input's pairs, and on its
   odd variants (a key too long or empty, a value too long, values that are not bytes).
 
@@ -25,9 +27,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from asyncio_amp import _wire
+from asyncio_amp import _connection, _wire
 from asyncio_amp._connection import AMPConnection, Failure
-from asyncio_amp._wire import BoxDecoder, python_encode_box, python_encode_items
+from asyncio_amp._errors import ProtocolError
+from asyncio_amp._wire import PythonBoxDecoder, python_encode_box, python_encode_items
 
 _USUAL_KEYS = [b"_ask", b"_answer", b"_command", b"_error", b"a", b"b", b"total", b"data"]
 
@@ -41,18 +44,23 @@ def load_accelerator() -> Any:
     _speedups.setup(
         python_encode_box, python_encode_items, _wire._parse_boxes_reference, _wire.PREFIXES
     )
+    _speedups.setup_decoder(ProtocolError, _wire._describe_start)
     return _speedups
 
 
 @contextlib.contextmanager
-def decoder_scan(scan: Any) -> Iterator[None]:
-    """Run BoxDecoder with ``scan`` as its whole-box scan (None: the pure-Python decoder)."""
-    kept = _wire._scan_boxes
+def decoder_scan(scan: Any, decoder_class: Any = PythonBoxDecoder) -> Iterator[None]:
+    """
+    Decode with ``decoder_class`` (the connection's too), and ``scan`` as the whole-box
+    scan of the pure-Python class (None: no compiled code at all).
+    """
+    kept = _wire._scan_boxes, _connection.BoxDecoder
     _wire._scan_boxes = scan
+    _connection.BoxDecoder = decoder_class
     try:
         yield
     finally:
-        _wire._scan_boxes = kept
+        _wire._scan_boxes, _connection.BoxDecoder = kept
 
 
 def outcome(function: Any, *args: Any) -> Any:
@@ -61,6 +69,11 @@ def outcome(function: Any, *args: Any) -> Any:
         return ("ok", function(*args))
     except Exception as exc:
         return ("error", type(exc).__name__, str(exc))
+
+
+def copy(rest: bytearray | None) -> bytes | None:
+    """The decoder's buffered bytes as they are now (the bytearray itself may grow later)."""
+    return None if rest is None else bytes(rest)
 
 
 def pieces_of(data: bytes) -> list[bytes]:
@@ -84,7 +97,7 @@ def pieces_of(data: bytes) -> list[bytes]:
 
 def decode(data: bytes, limits: dict[str, int], partial: bool) -> list[Any]:
     """Everything a BoxDecoder says about ``data`` fed in pieces, and its state after each."""
-    decoder = BoxDecoder(**limits)
+    decoder = _connection.BoxDecoder(**limits)
     said: list[Any] = []
     for piece in pieces_of(data):
         if partial:
@@ -92,7 +105,15 @@ def decode(data: bytes, limits: dict[str, int], partial: bool) -> list[Any]:
             said.append((boxes, None if error is None else (type(error), str(error))))
         else:
             said.append(outcome(decoder.receive_data, piece))
-        said.append((decoder.in_box, decoder.buffered, decoder._offset, decoder._at_boundary))
+        said.append(
+            (
+                decoder.in_box,
+                decoder.buffered,
+                decoder._offset,
+                decoder._at_boundary,
+                copy(decoder._rest),
+            )
+        )
     error = decoder.end_of_stream()
     said.append(None if error is None else str(error))
     return said
@@ -151,16 +172,22 @@ def check_one(accel: Any, data: bytes) -> None:
     if data[-1:] and data[-1] % 3 == 0:
         limits = {"max_box_size": 1 + data[-1] * 2, "max_keys": 1 + data[-1] % 7}
     for partial in (False, True):
-        with decoder_scan(accel.scan_boxes):
-            fast = decode(data, limits, partial)
         with decoder_scan(None):
             slow = decode(data, limits, partial)
+        with decoder_scan(accel.scan_boxes):
+            fast = decode(data, limits, partial)
         assert fast == slow, (data, limits, partial, fast, slow)
-    with decoder_scan(accel.scan_boxes):
-        fast = events(data, limits)
+        with decoder_scan(None, accel.BoxDecoder):
+            fast = decode(data, limits, partial)
+        assert fast == slow, ("C BoxDecoder", data, limits, partial, fast, slow)
     with decoder_scan(None):
         slow = events(data, limits)
+    with decoder_scan(accel.scan_boxes):
+        fast = events(data, limits)
     assert fast == slow, (data, limits, fast, slow)
+    with decoder_scan(None, accel.BoxDecoder):
+        fast = events(data, limits)
+    assert fast == slow, ("C BoxDecoder", data, limits, fast, slow)
     # encode_box and encode_items
     for box in boxes_to_encode(data):
         assert outcome(accel.encode_box, box) == outcome(python_encode_box, box), box
@@ -180,7 +207,7 @@ def random_input(rng: random.Random) -> bytes:
     parts: list[bytes] = []
     for _ in range(rng.randrange(4)):
         box = {
-            rng.choice(_USUAL_KEYS): rng.randbytes(rng.choice((0, 1, 2, 5, 40)))
+            rng.choice(_USUAL_KEYS): rng.randbytes(rng.choice((0, 1, 2, 5, 40, 300)))
             for _ in range(rng.randrange(5))
         }
         parts.append(python_encode_box(box) if box else b"\x00\x00")
