@@ -11,7 +11,10 @@ errors (same type, same message), and leave their decoders in the same state:
   and without the compiled whole-box scan;
 - an ``AMPConnection`` fed the same pieces (its events), on each of those decoders;
 - ``encode_box`` and ``encode_items`` on a box made of the input's pairs, and on its
-  odd variants (a key too long or empty, a value too long, values that are not bytes).
+  odd variants (a key too long or empty, a value too long, values that are not bytes);
+- a Command's compiled parser and the generated Python one it mirrors, from every offset
+  of the input: the same values and end, or both raising (the same exception when a
+  value does not decode).
 
 Run it as a script for a long run (``python tests/fuzz_speedups.py -n 1000000``); the
 test suite runs a bounded number of inputs (tests/test_speedups.py).
@@ -27,12 +30,49 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from asyncio_amp import _connection, _wire
+from asyncio_amp import Bytes, Command, Integer, String, _commands, _connection, _wire
 from asyncio_amp._connection import AMPConnection, Failure
 from asyncio_amp._errors import ProtocolError
 from asyncio_amp._wire import PythonBoxDecoder, python_encode_box, python_encode_items
 
 _USUAL_KEYS = [b"_ask", b"_answer", b"_command", b"_error", b"a", b"b", b"total", b"data"]
+
+
+class Fuzzed(Command):
+    """A schema whose keys the random inputs use: required, optional, and each inline kind."""
+
+    arguments = [
+        ("a", Integer()),
+        ("b", Integer(optional=True)),
+        ("data", Bytes()),
+        ("total", String(optional=True)),
+    ]
+
+
+def both_parsers(accel: Any) -> tuple[Any, Any]:
+    """The generated Python parser of Fuzzed's arguments, and the compiled mirror of it."""
+    fields = Fuzzed._arguments_schema.fields
+    kept = _commands._speedups
+    try:
+        _commands._speedups = None
+        slow = _commands._compile_parser("Fuzzed", fields)
+        _commands._speedups = accel
+        fast = _commands._accelerated_parser(slow, fields)
+    finally:
+        _commands._speedups = kept
+    return slow, fast
+
+
+_parsers: dict[Any, tuple[Any, Any]] = {}
+
+
+def parse_outcome(parse: Any, data: bytes, p: int) -> Any:
+    """What a parser returns (its values by repr: NaN), or the exception it raises."""
+    try:
+        values, end = parse(data, p)
+    except Exception as exc:
+        return ("error", exc)
+    return ("ok", repr(values), end)
 
 
 def load_accelerator() -> Any:
@@ -188,6 +228,17 @@ def check_one(accel: Any, data: bytes) -> None:
     with decoder_scan(None, accel.BoxDecoder):
         fast = events(data, limits)
     assert fast == slow, ("C BoxDecoder", data, limits, fast, slow)
+    # The compiled parser of a Command's usual layout, from every offset
+    if accel not in _parsers:
+        _parsers[accel] = both_parsers(accel)
+    slow_parse, fast_parse = _parsers[accel]
+    for p in range(len(data) + 1):
+        expected = parse_outcome(slow_parse, data, p)
+        got = parse_outcome(fast_parse, data, p)
+        if expected[0] == "ok" or got[0] == "ok":
+            assert got == expected, (data, p)
+        elif not isinstance(got[1], LookupError):
+            assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1])), (data, p)
     # encode_box and encode_items
     for box in boxes_to_encode(data):
         assert outcome(accel.encode_box, box) == outcome(python_encode_box, box), box
@@ -210,6 +261,13 @@ def random_input(rng: random.Random) -> bytes:
             rng.choice(_USUAL_KEYS): rng.randbytes(rng.choice((0, 1, 2, 5, 40, 300)))
             for _ in range(rng.randrange(5))
         }
+        if rng.random() < 0.3:
+            # Fuzzed's arguments, usually well-formed (for its parsers).
+            box = {b"a": b"%d" % rng.randrange(-(10**20), 10**20), b"data": rng.randbytes(3)}
+            if rng.random() < 0.5:
+                box[b"b"] = rng.choice((b"7", b"-0", b"x", b" 1", b"1_0", b""))
+            if rng.random() < 0.5:
+                box[b"total"] = rng.choice((b"t", "\u00e9".encode(), b"\xff", b""))
         parts.append(python_encode_box(box) if box else b"\x00\x00")
     data = bytearray(b"".join(parts))
     mutation = rng.randrange(6)

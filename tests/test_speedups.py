@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asyncio_amp
-from asyncio_amp import _wire
+from asyncio_amp import Boolean, Bytes, Command, Float, Integer, String, _commands, _wire
 from asyncio_amp._wire import BoxDecoder, encode_box, parse_boxes
 from fuzz_speedups import check_one, copy, load_accelerator, random_input
 from helpers import LONG
@@ -354,3 +354,162 @@ def test_box_decoder_is_the_compiled_type_when_accelerated() -> None:
         assert "incrementally" in _wire.BoxDecoder.__doc__
     else:
         assert _wire.BoxDecoder is _wire.PythonBoxDecoder
+
+
+# The compiled per-Command parser: the same values where the generated Python one decodes
+# the usual layout, an exception wherever it raises
+
+
+class Mixed(Command):
+    arguments = [
+        ("count", Integer()),
+        ("name", String()),
+        ("blob", Bytes()),
+        ("ratio", Float()),
+        ("flag", Boolean()),
+        ("when", Integer(optional=True)),
+        ("note", String(optional=True)),
+    ]
+    response = [("total", Integer())]
+
+
+def both_parsers(command: type[Command]) -> tuple[Any, Any]:
+    """The generated Python parser of ``command``'s arguments, and the compiled mirror of it."""
+    fields = command._arguments_schema.fields
+    kept = _commands._speedups
+    try:
+        _commands._speedups = None
+        slow = _commands._compile_parser(command.__name__, fields)
+        _commands._speedups = ACCEL
+        fast = _commands._accelerated_parser(slow, fields)
+    finally:
+        _commands._speedups = kept
+    assert type(fast) is ACCEL.Parser
+    return slow, fast
+
+
+def parse_outcome(parse: Any, data: Any, p: Any) -> Any:
+    try:
+        values, end = parse(data, p)
+    except Exception as exc:
+        return ("error", exc)
+    # repr: a float NaN is not equal to itself.
+    return ("ok", repr(values), [type(v) for v in values.values()], end)
+
+
+def assert_same_parse_at(slow: Any, fast: Any, data: Any, p: Any) -> None:
+    expected = parse_outcome(slow, data, p)
+    got = parse_outcome(fast, data, p)
+    if expected[0] == "ok" or got[0] == "ok":
+        assert got == expected, (data, p)
+    elif not isinstance(got[1], LookupError):
+        # A value that does not decode: the same exception, from the same code.
+        assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1])), (data, p)
+
+
+def mixed_box(values: dict[str, Any]) -> bytes:
+    """The wire form of a Mixed call's arguments (without the _ask and _command keys)."""
+    fields = Mixed._arguments_schema.by_name
+    return encode_box(
+        {name.encode(): fields[name].argument.to_bytes(v) for name, v in values.items()}
+    )
+
+
+MIXED_VALUES = [
+    {"count": 12, "name": "é", "blob": b"", "ratio": 1.5, "flag": True},
+    {
+        "count": -(10**30),
+        "name": "",
+        "blob": b"\x00" * 300,
+        "ratio": float("nan"),
+        "flag": False,
+        "when": 0,
+    },
+    {
+        "count": 0,
+        "name": "x" * 40,
+        "blob": b"b",
+        "ratio": -0.0,
+        "flag": True,
+        "note": "n",
+        "when": 10**17,
+    },
+]
+
+
+@needs_build
+@pytest.mark.parametrize("values", MIXED_VALUES)
+def test_compiled_parser_matches_at_every_start_and_cut(values: dict[str, Any]) -> None:
+    slow, fast = both_parsers(Mixed)
+    data = mixed_box(values)
+    assert parse_outcome(fast, data, 0) == parse_outcome(slow, data, 0)
+    assert parse_outcome(fast, data, 0)[0] == "ok"
+    for cut in range(len(data) + 1):
+        for start in range(cut + 1):
+            assert_same_parse_at(slow, fast, data[:cut] + b"\x00" * (start % 2), start)
+
+
+@needs_build
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(MIXED_VALUES), st.integers(0, 400), st.integers(0, 255), st.data())
+def test_compiled_parser_matches_on_mangled_boxes(
+    values: dict[str, Any], where: int, byte: int, data: st.DataObject
+) -> None:
+    slow, fast = both_parsers(Mixed)
+    box = bytearray(mixed_box(values))
+    if where < len(box):
+        box[where] = byte
+    start = data.draw(st.integers(0, len(box)))
+    assert_same_parse_at(slow, fast, bytes(box), start)
+    assert_same_parse_at(slow, fast, bytes(box), 0)
+
+
+@needs_build
+@pytest.mark.parametrize(
+    "digits",
+    [
+        b"0",
+        b"-0",
+        b"007",
+        b"-12",
+        b"+5",
+        b" 5 ",
+        b"1_000",
+        b"",
+        b"-",
+        b"12a",
+        b"\xd9\xa3",
+        b"9" * 18,
+        b"9" * 19,
+        b"-" + b"9" * 18,
+        b"--1",
+        b"1e3",
+    ],
+)
+def test_compiled_parser_decodes_integers_as_int_does(digits: bytes) -> None:
+    slow, fast = both_parsers(Mixed)
+    data = encode_box(
+        {b"blob": b"", b"count": digits, b"flag": b"True", b"name": b"", b"ratio": b"1"}
+    )
+    assert_same_parse_at(slow, fast, data, 0)
+    expected = parse_outcome(slow, data, 0)
+    assert parse_outcome(fast, data, 0)[0] == expected[0]
+
+
+@needs_build
+def test_compiled_parser_hands_odd_arguments_to_the_python_one() -> None:
+    slow, fast = both_parsers(Mixed)
+    data = mixed_box(MIXED_VALUES[0])
+    for odd in ((bytearray(data), 0), (memoryview(data), 0), (data, -1), (data, True)):
+        expected, got = parse_outcome(slow, *odd), parse_outcome(fast, *odd)
+        if expected[0] == "ok":
+            assert got == expected, odd
+        else:
+            assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1])), odd
+    with pytest.raises(TypeError):
+        fast(data)
+
+
+def test_commands_use_the_compiled_parser_when_accelerated() -> None:
+    parser = Mixed._parse_arguments
+    assert (type(parser).__name__ == "Parser") is asyncio_amp.ACCELERATED

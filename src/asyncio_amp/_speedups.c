@@ -1169,6 +1169,269 @@ py_setup_decoder(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/*
+ * Parser: mirrors the function _commands._compile_parser generates for one schema (the
+ * arguments or the response of a Command), which decodes the rest of a box straight
+ * from the received bytes when it has the usual layout: each field's key in order (an
+ * optional one may be absent), then the empty key that ends the box. It returns the
+ * values and the offset just past the box, or raises for anything else, as the
+ * generated code does (its caller then parses the box the general way, which reports
+ * any fault). Where the generated code would raise, this raises too: the same
+ * exception when a value does not decode, a LookupError when the layout is not the
+ * usual one or the bytes stop short.
+ */
+
+/* How a field's value is decoded: _commands._INLINE_DECODE, or the argument's from_bytes. */
+enum { KIND_CALL = 0, KIND_INTEGER = 1, KIND_BYTES = 2, KIND_STRING = 3, KIND_FLOAT = 4 };
+
+typedef struct {
+    PyObject *name;    /* the Python name (a str) */
+    PyObject *header;  /* the key's length prefix and bytes */
+    PyObject *convert; /* argument.from_bytes, for KIND_CALL */
+    int kind;
+    int optional;
+} ParserField;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *python_parse; /* the generated function: for arguments other than (bytes, int) */
+    Py_ssize_t count;
+    ParserField *fields;
+} Parser;
+
+static int
+parser_traverse(Parser *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->python_parse);
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        Py_VISIT(self->fields[i].name);
+        Py_VISIT(self->fields[i].header);
+        Py_VISIT(self->fields[i].convert);
+    }
+    return 0;
+}
+
+static int
+parser_clear(Parser *self)
+{
+    Py_CLEAR(self->python_parse);
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        Py_CLEAR(self->fields[i].name);
+        Py_CLEAR(self->fields[i].header);
+        Py_CLEAR(self->fields[i].convert);
+    }
+    return 0;
+}
+
+static void
+parser_dealloc(Parser *self)
+{
+    PyObject_GC_UnTrack(self);
+    parser_clear(self);
+    PyMem_Free(self->fields);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* int(data[s:p]) (as _INLINE_DECODE's Integer), with plain decimal digits done here. */
+static PyObject *
+decode_integer(const unsigned char *digits, Py_ssize_t n)
+{
+    Py_ssize_t i = n > 0 && digits[0] == '-';
+    if (n - i >= 1 && n - i <= 18) {
+        long long value = 0;
+        Py_ssize_t j = i;
+        while (j < n && digits[j] >= '0' && digits[j] <= '9') {
+            value = value * 10 + (digits[j] - '0');
+            j++;
+        }
+        if (j == n) {
+            return PyLong_FromLongLong(i ? -value : value);
+        }
+    }
+    /* Anything else (a sign, spaces, underscores, a fault): int() itself says. */
+    PyObject *text = PyBytes_FromStringAndSize((const char *)digits, n);
+    if (text == NULL) {
+        return NULL;
+    }
+    PyObject *value = PyNumber_Long(text);
+    Py_DECREF(text);
+    return value;
+}
+
+static PyObject *
+decode_value(ParserField *field, const unsigned char *buf, Py_ssize_t n)
+{
+    if (field->kind == KIND_INTEGER) {
+        return decode_integer(buf, n);
+    }
+    if (field->kind == KIND_STRING) {
+        return PyUnicode_DecodeUTF8((const char *)buf, n, NULL); /* .decode("utf-8") */
+    }
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)buf, n);
+    if (raw == NULL || field->kind == KIND_BYTES) {
+        return raw;
+    }
+    PyObject *value =
+        field->kind == KIND_FLOAT ? PyNumber_Float(raw) : PyObject_CallOneArg(field->convert, raw);
+    Py_DECREF(raw);
+    return value;
+}
+
+static PyObject *
+not_usual(void)
+{
+    PyErr_SetString(PyExc_LookupError, "not the usual layout");
+    return NULL;
+}
+
+/* Mirrors the generated `parse(data, p)`, line by line. */
+static PyObject *
+parser_vectorcall(Parser *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t p = -1;
+    if (nargs == 2 && kwnames == NULL && PyLong_CheckExact(args[1])) {
+        p = PyLong_AsSsize_t(args[1]);
+        if (p == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+    }
+    if (p < 0 || !PyBytes_CheckExact(args[0])) {
+        return PyObject_Vectorcall(self->python_parse, args, nargsf, kwnames);
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t len = PyBytes_GET_SIZE(args[0]);
+    PyObject *values = PyDict_New();
+    if (values == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        ParserField *field = &self->fields[i];
+        Py_ssize_t size = PyBytes_GET_SIZE(field->header);
+        Py_ssize_t s = p + size + 2;
+        PyObject *value;
+        /* if data[p : s - 2] == header */
+        if (p + size <= len && memcmp(data + p, PyBytes_AS_STRING(field->header), size) == 0) {
+            if (s > len) {
+                Py_DECREF(values);
+                return not_usual(); /* data[s - 1]: IndexError */
+            }
+            Py_ssize_t stop = s + ((Py_ssize_t)data[s - 2] << 8 | data[s - 1]);
+            if (stop > len) {
+                Py_DECREF(values);
+                return not_usual(); /* a long value not all here, or the end past the data */
+            }
+            value = decode_value(field, data + s, stop - s);
+            if (value == NULL) {
+                Py_DECREF(values);
+                return NULL;
+            }
+            p = stop;
+        }
+        else if (field->optional) {
+            Py_INCREF(Py_None);
+            value = Py_None;
+        }
+        else {
+            Py_DECREF(values);
+            return not_usual();
+        }
+        int set = PyDict_SetItem(values, field->name, value);
+        Py_DECREF(value);
+        if (set < 0) {
+            Py_DECREF(values);
+            return NULL;
+        }
+    }
+    /* The empty key that ends the box. */
+    if (p + 2 > len || data[p] || data[p + 1]) {
+        Py_DECREF(values);
+        return not_usual();
+    }
+    PyObject *end = PyLong_FromSsize_t(p + 2);
+    if (end == NULL) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(values);
+        Py_DECREF(end);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, values);
+    PyTuple_SET_ITEM(result, 1, end);
+    return result;
+}
+
+/* Parser(python_parse, fields): fields is a tuple of (name, header, kind, from_bytes, optional). */
+static PyObject *
+parser_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *python_parse, *fields;
+    if (!PyArg_ParseTuple(args, "OO!:Parser", &python_parse, &PyTuple_Type, &fields)) {
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(fields);
+    Parser *self = (Parser *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = (vectorcallfunc)parser_vectorcall;
+    Py_INCREF(python_parse);
+    self->python_parse = python_parse;
+    self->fields = PyMem_Calloc(count ? count : 1, sizeof(ParserField));
+    if (self->fields == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name, *header, *convert;
+        int kind, optional;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(fields, i), "UO!iOp:Parser field", &name,
+                              &PyBytes_Type, &header, &kind, &convert, &optional)) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        if (kind < KIND_CALL || kind > KIND_FLOAT || PyBytes_GET_SIZE(header) < 3) {
+            PyErr_SetString(PyExc_ValueError, "Parser: bad field");
+            Py_DECREF(self);
+            return NULL;
+        }
+        ParserField *field = &self->fields[i];
+        Py_INCREF(name);
+        field->name = name;
+        Py_INCREF(header);
+        field->header = header;
+        Py_INCREF(convert);
+        field->convert = convert;
+        field->kind = kind;
+        field->optional = optional;
+        self->count = i + 1;
+    }
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(parser_doc,
+"Parser(python_parse, fields, /)\n--\n\n"
+"A Command schema's parser of the usual box layout: mirrors the function\n"
+"_commands._compile_parser generates (python_parse), called as parse(data, p).");
+
+static PyTypeObject ParserType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncio_amp._speedups.Parser",
+    .tp_basicsize = sizeof(Parser),
+    .tp_dealloc = (destructor)parser_dealloc,
+    .tp_vectorcall_offset = sizeof(PyObject), /* Parser.vectorcall comes first after the head */
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = parser_doc,
+    .tp_traverse = (traverseproc)parser_traverse,
+    .tp_clear = (inquiry)parser_clear,
+    .tp_new = parser_new,
+};
+
 PyDoc_STRVAR(setup_doc,
 "setup($module, encode_box, encode_items, parse_boxes_reference, prefixes, /)\n--\n\n"
 "Give the module the pure-Python functions it hands the unusual input to (_wire calls it).");
@@ -1230,6 +1493,16 @@ PyInit__speedups(void)
     }
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&ParserType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&ParserType);
+    if (PyModule_AddObject(module, "Parser", (PyObject *)&ParserType) < 0) {
+        Py_DECREF(&ParserType);
+        Py_DECREF(module);
         return NULL;
     }
     Py_INCREF(&DecoderType);
