@@ -780,12 +780,14 @@ decoder_parse(Decoder *self, const unsigned char *buf, Py_ssize_t end, Py_ssize_
         size += pair;
         pos = stop;
     }
-    self->box = box;
+    /* XSETREF, not `=`: should code run by an allocation (a finalizer) have fed this
+       decoder meanwhile, its box is dropped, not leaked. */
+    Py_XSETREF(self->box, box);
     self->box_size = size;
     self->offset += pos;
     if (pos < end) {
         /* self._rest = bytearray(data[pos:]): the caller has no rest buffered now. */
-        assert(self->rest_len == 0);
+        self->rest_len = 0;
         return rest_append(self, buf + pos, end - pos) < 0 ? -2 : 0;
     }
     return 0;
@@ -796,7 +798,7 @@ failed:
 
 crashed:
     /* As when a Python statement fails halfway: what was added to the box stays. */
-    self->box = box;
+    Py_XSETREF(self->box, box);
     return -2;
 }
 
