@@ -5,11 +5,16 @@ Each input is fed to both implementations, which must give identical boxes, even
 errors (same type, same message), and leave their decoders in the same state:
 
 - ``parse_boxes`` on the input as a whole;
-- a ``BoxDecoder`` fed the input in pieces (split where the input's own bytes say),
-  through ``receive_data`` and ``receive_data_partial``, then ``end_of_stream``;
-- an ``AMPConnection`` fed the same pieces (its events);
+- a ``BoxDecoder`` fed the input in pieces (split where the input's own bytes say: whole,
+  byte by byte, or at random cuts), through ``receive_data`` and ``receive_data_partial``,
+  then ``end_of_stream``: the compiled ``BoxDecoder`` type, and the pure-Python class with
+  and without the compiled whole-box scan;
+- an ``AMPConnection`` fed the same pieces (its events), on each of those decoders;
 - ``encode_box`` and ``encode_items`` on a box made of the input's pairs, and on its
-  odd variants (a key too long or empty, a value too long, values that are not bytes).
+  odd variants (a key too long or empty, a value too long, values that are not bytes);
+- a Command's compiled parser and the generated Python one it mirrors, from every offset
+  of the input: the same values and end, or both raising (the same exception when a
+  value does not decode).
 
 Run it as a script for a long run (``python tests/fuzz_speedups.py -n 1000000``); the
 test suite runs a bounded number of inputs (tests/test_speedups.py).
@@ -25,11 +30,49 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from asyncio_amp import _wire
+from asyncio_amp import Bytes, Command, Integer, String, _commands, _connection, _wire
 from asyncio_amp._connection import AMPConnection, Failure
-from asyncio_amp._wire import BoxDecoder, python_encode_box, python_encode_items
+from asyncio_amp._errors import ProtocolError
+from asyncio_amp._wire import PythonBoxDecoder, python_encode_box, python_encode_items
 
 _USUAL_KEYS = [b"_ask", b"_answer", b"_command", b"_error", b"a", b"b", b"total", b"data"]
+
+
+class Fuzzed(Command):
+    """A schema whose keys the random inputs use: required, optional, and each inline kind."""
+
+    arguments = [
+        ("a", Integer()),
+        ("b", Integer(optional=True)),
+        ("data", Bytes()),
+        ("total", String(optional=True)),
+    ]
+
+
+def both_parsers(accel: Any) -> tuple[Any, Any]:
+    """The generated Python parser of Fuzzed's arguments, and the compiled mirror of it."""
+    fields = Fuzzed._arguments_schema.fields
+    kept = _commands._speedups
+    try:
+        _commands._speedups = None
+        slow = _commands._compile_parser("Fuzzed", fields)
+        _commands._speedups = accel
+        fast = _commands._accelerated_parser(slow, fields)
+    finally:
+        _commands._speedups = kept
+    return slow, fast
+
+
+_parsers: dict[Any, tuple[Any, Any]] = {}
+
+
+def parse_outcome(parse: Any, data: bytes, p: int) -> Any:
+    """What a parser returns (its values by repr: NaN), or the exception it raises."""
+    try:
+        values, end = parse(data, p)
+    except Exception as exc:
+        return ("error", exc)
+    return ("ok", repr(values), end)
 
 
 def load_accelerator() -> Any:
@@ -41,18 +84,23 @@ def load_accelerator() -> Any:
     _speedups.setup(
         python_encode_box, python_encode_items, _wire._parse_boxes_reference, _wire.PREFIXES
     )
+    _speedups.setup_decoder(ProtocolError, _wire._describe_start)
     return _speedups
 
 
 @contextlib.contextmanager
-def decoder_scan(scan: Any) -> Iterator[None]:
-    """Run BoxDecoder with ``scan`` as its whole-box scan (None: the pure-Python decoder)."""
-    kept = _wire._scan_boxes
+def decoder_scan(scan: Any, decoder_class: Any = PythonBoxDecoder) -> Iterator[None]:
+    """
+    Decode with ``decoder_class`` (the connection's too), and ``scan`` as the whole-box
+    scan of the pure-Python class (None: no compiled code at all).
+    """
+    kept = _wire._scan_boxes, _connection.BoxDecoder
     _wire._scan_boxes = scan
+    _connection.BoxDecoder = decoder_class
     try:
         yield
     finally:
-        _wire._scan_boxes = kept
+        _wire._scan_boxes, _connection.BoxDecoder = kept
 
 
 def outcome(function: Any, *args: Any) -> Any:
@@ -61,6 +109,11 @@ def outcome(function: Any, *args: Any) -> Any:
         return ("ok", function(*args))
     except Exception as exc:
         return ("error", type(exc).__name__, str(exc))
+
+
+def copy(rest: bytearray | None) -> bytes | None:
+    """The decoder's buffered bytes as they are now (the bytearray itself may grow later)."""
+    return None if rest is None else bytes(rest)
 
 
 def pieces_of(data: bytes) -> list[bytes]:
@@ -84,7 +137,7 @@ def pieces_of(data: bytes) -> list[bytes]:
 
 def decode(data: bytes, limits: dict[str, int], partial: bool) -> list[Any]:
     """Everything a BoxDecoder says about ``data`` fed in pieces, and its state after each."""
-    decoder = BoxDecoder(**limits)
+    decoder = _connection.BoxDecoder(**limits)
     said: list[Any] = []
     for piece in pieces_of(data):
         if partial:
@@ -92,7 +145,15 @@ def decode(data: bytes, limits: dict[str, int], partial: bool) -> list[Any]:
             said.append((boxes, None if error is None else (type(error), str(error))))
         else:
             said.append(outcome(decoder.receive_data, piece))
-        said.append((decoder.in_box, decoder.buffered, decoder._offset, decoder._at_boundary))
+        said.append(
+            (
+                decoder.in_box,
+                decoder.buffered,
+                decoder._offset,
+                decoder._at_boundary,
+                copy(decoder._rest),
+            )
+        )
     error = decoder.end_of_stream()
     said.append(None if error is None else str(error))
     return said
@@ -151,16 +212,33 @@ def check_one(accel: Any, data: bytes) -> None:
     if data[-1:] and data[-1] % 3 == 0:
         limits = {"max_box_size": 1 + data[-1] * 2, "max_keys": 1 + data[-1] % 7}
     for partial in (False, True):
-        with decoder_scan(accel.scan_boxes):
-            fast = decode(data, limits, partial)
         with decoder_scan(None):
             slow = decode(data, limits, partial)
+        with decoder_scan(accel.scan_boxes):
+            fast = decode(data, limits, partial)
         assert fast == slow, (data, limits, partial, fast, slow)
-    with decoder_scan(accel.scan_boxes):
-        fast = events(data, limits)
+        with decoder_scan(None, accel.BoxDecoder):
+            fast = decode(data, limits, partial)
+        assert fast == slow, ("C BoxDecoder", data, limits, partial, fast, slow)
     with decoder_scan(None):
         slow = events(data, limits)
+    with decoder_scan(accel.scan_boxes):
+        fast = events(data, limits)
     assert fast == slow, (data, limits, fast, slow)
+    with decoder_scan(None, accel.BoxDecoder):
+        fast = events(data, limits)
+    assert fast == slow, ("C BoxDecoder", data, limits, fast, slow)
+    # The compiled parser of a Command's usual layout, from every offset
+    if accel not in _parsers:
+        _parsers[accel] = both_parsers(accel)
+    slow_parse, fast_parse = _parsers[accel]
+    for p in range(len(data) + 1):
+        expected = parse_outcome(slow_parse, data, p)
+        got = parse_outcome(fast_parse, data, p)
+        if expected[0] == "ok" or got[0] == "ok":
+            assert got == expected, (data, p)
+        elif not isinstance(got[1], LookupError):
+            assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1])), (data, p)
     # encode_box and encode_items
     for box in boxes_to_encode(data):
         assert outcome(accel.encode_box, box) == outcome(python_encode_box, box), box
@@ -180,9 +258,16 @@ def random_input(rng: random.Random) -> bytes:
     parts: list[bytes] = []
     for _ in range(rng.randrange(4)):
         box = {
-            rng.choice(_USUAL_KEYS): rng.randbytes(rng.choice((0, 1, 2, 5, 40)))
+            rng.choice(_USUAL_KEYS): rng.randbytes(rng.choice((0, 1, 2, 5, 40, 300)))
             for _ in range(rng.randrange(5))
         }
+        if rng.random() < 0.3:
+            # Fuzzed's arguments, usually well-formed (for its parsers).
+            box = {b"a": b"%d" % rng.randrange(-(10**20), 10**20), b"data": rng.randbytes(3)}
+            if rng.random() < 0.5:
+                box[b"b"] = rng.choice((b"7", b"-0", b"x", b" 1", b"1_0", b""))
+            if rng.random() < 0.5:
+                box[b"total"] = rng.choice((b"t", "\u00e9".encode(), b"\xff", b""))
         parts.append(python_encode_box(box) if box else b"\x00\x00")
     data = bytearray(b"".join(parts))
     mutation = rng.randrange(6)

@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import asyncio_amp
-from asyncio_amp import _wire
-from asyncio_amp._wire import BoxDecoder, encode_box
-from fuzz_speedups import check_one, load_accelerator, random_input
+from asyncio_amp import Boolean, Bytes, Command, Float, Integer, String, _commands, _wire
+from asyncio_amp._wire import BoxDecoder, encode_box, parse_boxes
+from fuzz_speedups import check_one, copy, load_accelerator, random_input
 from helpers import LONG
 
 ACCEL: Any = load_accelerator()
@@ -138,3 +138,378 @@ def test_limits_past_the_machine_size_are_no_limit() -> None:
     # Python ints have no size; the compiled scan must not take them for an error.
     decoder = BoxDecoder(max_box_size=10**30, max_keys=2**63)
     assert decoder.receive_data(encode_box({b"a": b"1"})) == [{b"a": b"1"}]
+
+
+# The compiled BoxDecoder: every cut of the same bytes, against the pure-Python class
+
+SUM_ASK = encode_box({b"_ask": b"1f", b"_command": b"Sum", b"a": b"1234", b"b": b"5678"})
+BIG = encode_box({b"_answer": b"1", b"data": b"x" * 65_535})
+
+# Streams with something to say at every cut: whole boxes, a repeated key, a key and a
+# value over the table of prefixes, each fault the decoder reports, text, and a value
+# longer than the stream (a pair that never completes).
+STREAMS = [
+    SUM_ASK * 3,
+    b"\x00\x01a\x00\x011\x00\x01a\x00\x012\x00\x00",
+    encode_box({b"k" * 255: b"v" * 1500}) + SUM_ASK,
+    SUM_ASK + b"\x00\x00" + SUM_ASK,
+    SUM_ASK[:-2] + b"\x01\x00rest",
+    SUM_ASK + b"GET / HTTP/1.1\r\nHost: x\r\n",
+    b"\x00\x01a\xff\xff" + b"x" * 40,
+]
+LIMITS = [{}, {"max_box_size": 20}, {"max_keys": 2}, {"max_box_size": 40, "max_keys": 3}]
+
+
+def decoder_story(decoder_class: Any, pieces: list[bytes], limits: dict[str, int]) -> list[Any]:
+    """What a decoder says about each piece, through both entry points, and its state."""
+    said: list[Any] = []
+    for partial in (False, True):
+        decoder = decoder_class(**limits)
+        for piece in pieces:
+            if partial:
+                boxes, error = decoder.receive_data_partial(piece)
+                said.append((boxes, None if error is None else (type(error), str(error))))
+            else:
+                try:
+                    said.append(decoder.receive_data(piece))
+                except Exception as exc:
+                    said.append((type(exc), str(exc)))
+            said.append(
+                (
+                    decoder.in_box,
+                    decoder.buffered,
+                    decoder._offset,
+                    decoder._at_boundary,
+                    copy(decoder._rest),
+                )
+            )
+        end = decoder.end_of_stream()
+        said.append(None if end is None else (type(end), str(end)))
+    return said
+
+
+def assert_same_story(pieces: list[bytes], limits: dict[str, int]) -> None:
+    expected = decoder_story(_wire.PythonBoxDecoder, pieces, limits)
+    assert decoder_story(ACCEL.BoxDecoder, pieces, limits) == expected, (pieces, limits)
+
+
+@needs_build
+@pytest.mark.parametrize("limits", LIMITS)
+@pytest.mark.parametrize("stream", STREAMS)
+def test_compiled_decoder_matches_at_every_cut(stream: bytes, limits: dict[str, int]) -> None:
+    for cut in range(len(stream) + 1):
+        assert_same_story([stream[:cut], stream[cut:]], limits)
+
+
+@needs_build
+@pytest.mark.parametrize("stream", STREAMS[:2] + STREAMS[3:5])
+def test_compiled_decoder_matches_at_every_pair_of_cuts(stream: bytes) -> None:
+    for first in range(len(stream) + 1):
+        for second in range(first, len(stream) + 1):
+            pieces = [stream[:first], stream[first:second], stream[second:]]
+            assert_same_story(pieces, {"max_keys": 3})
+
+
+@needs_build
+@pytest.mark.parametrize("limits", LIMITS)
+@pytest.mark.parametrize("stream", STREAMS)
+def test_compiled_decoder_matches_byte_by_byte(stream: bytes, limits: dict[str, int]) -> None:
+    assert_same_story([stream[i : i + 1] for i in range(len(stream))], limits)
+
+
+@needs_build
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(STREAMS), st.lists(st.integers(0, 2000), max_size=12), st.sampled_from(LIMITS)
+)
+def test_compiled_decoder_matches_at_random_cuts(
+    stream: bytes, cuts: list[int], limits: dict[str, int]
+) -> None:
+    points = sorted(cut for cut in cuts if cut <= len(stream))
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert_same_story(pieces, limits)
+
+
+@needs_build
+def test_compiled_decoder_takes_a_big_value_in_small_reads() -> None:
+    # 65,535 bytes of value in reads of 7, then a box: the same state as Python's at each read.
+    stream = BIG + SUM_ASK
+    fast, slow = ACCEL.BoxDecoder(), _wire.PythonBoxDecoder()
+    boxes: list[Any] = []
+    for i in range(0, len(stream), 7):
+        read = fast.receive_data(stream[i : i + 7])
+        assert read == slow.receive_data(stream[i : i + 7])
+        assert (fast.buffered, fast._rest, fast._offset) == (
+            slow.buffered,
+            slow._rest,
+            slow._offset,
+        )
+        boxes += read
+    assert boxes == parse_boxes(stream)
+    assert fast._at_boundary
+    assert (fast.buffered, fast._rest, fast._offset) == (0, None, len(stream))
+
+
+@needs_build
+def test_compiled_decoder_raises_the_same_error_again() -> None:
+    decoder = ACCEL.BoxDecoder()
+    with pytest.raises(_wire.ProtocolError, match="key length 256") as first:
+        decoder.receive_data(SUM_ASK + b"\x01\x00")
+    with pytest.raises(_wire.ProtocolError) as again:
+        decoder.receive_data(SUM_ASK)
+    assert again.value is first.value
+    assert decoder.receive_data_partial(SUM_ASK) == ([], first.value)
+    assert decoder._error is first.value
+    assert decoder.end_of_stream() is None
+    assert not decoder._at_boundary
+
+
+@needs_build
+def test_compiled_decoder_limits_and_defaults_are_the_python_ones() -> None:
+    fast, slow = ACCEL.BoxDecoder(), _wire.PythonBoxDecoder()
+    assert (fast.max_box_size, fast.max_keys) == (slow.max_box_size, slow.max_keys)
+    assert (fast.max_box_size, fast.max_keys) == (
+        _wire.DEFAULT_MAX_BOX_SIZE,
+        _wire.DEFAULT_MAX_KEYS,
+    )
+    for name in ("max_box_size", "max_keys"):
+        for bad in (0, -1, -(10**30), True, 1.5, "3", None):
+            errors = []
+            for decoder in (fast, slow):
+                with pytest.raises(ValueError) as raised:
+                    setattr(decoder, name, bad)
+                errors.append(str(raised.value))
+                with pytest.raises(ValueError):
+                    type(decoder)(**{name: bad})
+            assert errors[0] == errors[1] == f"{name} must be a positive int, not {bad!r}"
+        huge = 10**30
+        setattr(fast, name, huge)
+        assert getattr(fast, name) is huge
+    with pytest.raises(TypeError):
+        ACCEL.BoxDecoder(100)  # the limits are keyword-only, as in Python
+
+
+@needs_build
+def test_compiled_decoder_reports_limits_as_set() -> None:
+    # The messages print the limits as they were set, even past the machine's sizes.
+    for decoder_class in (ACCEL.BoxDecoder, _wire.PythonBoxDecoder):
+        decoder = decoder_class(max_box_size=10**30, max_keys=1)
+        _, error = decoder.receive_data_partial(SUM_ASK)
+        assert str(error) == "box at stream offset 0 has more than 1 keys"
+
+
+@needs_build
+def test_compiled_decoder_init_starts_afresh() -> None:
+    decoder = ACCEL.BoxDecoder()
+    decoder.receive_data(SUM_ASK[:9])
+    decoder.__init__(max_keys=5)  # type: ignore[misc]
+    assert (decoder._at_boundary, decoder._offset, decoder.max_keys) == (True, 0, 5)
+    assert decoder.receive_data(SUM_ASK) == parse_boxes(SUM_ASK)
+
+
+@needs_build
+def test_compiled_decoder_reads_other_bytes_like_objects_as_bytes() -> None:
+    # Transports give bytes; a bytearray or a memoryview is read as the same bytes.
+    for data in (bytearray(SUM_ASK), memoryview(SUM_ASK)):
+        [box] = ACCEL.BoxDecoder().receive_data(data)
+        assert box == parse_boxes(SUM_ASK)[0]
+        assert all(type(k) is bytes and type(v) is bytes for k, v in box.items())
+    with pytest.raises(TypeError):
+        ACCEL.BoxDecoder().receive_data("text")
+
+
+def test_box_decoder_can_be_subclassed() -> None:
+    # Whichever class BoxDecoder is, it can be subclassed, with or without slots, and a
+    # subclass's override of a public method is what its callers get.
+    class Logging(BoxDecoder):
+        __slots__ = ("seen",)
+
+        def __init__(self, **limits: int) -> None:
+            super().__init__(**limits)
+            self.seen: list[int] = []
+
+        def receive_data(self, data: bytes) -> list[Any]:
+            self.seen.append(len(data))
+            return super().receive_data(data)
+
+    class Plain(BoxDecoder):
+        pass
+
+    decoder = Logging(max_keys=10)
+    assert decoder.receive_data(SUM_ASK) == parse_boxes(SUM_ASK)
+    assert decoder.seen == [len(SUM_ASK)]
+    assert decoder.max_keys == 10
+    assert isinstance(decoder, BoxDecoder)
+    assert isinstance(decoder, asyncio_amp.BoxDecoder)
+    plain = Plain()
+    plain.note = 1  # type: ignore[attr-defined]
+    assert plain.receive_data_partial(SUM_ASK) == (parse_boxes(SUM_ASK), None)
+
+
+def test_box_decoder_is_the_compiled_type_when_accelerated() -> None:
+    assert asyncio_amp.BoxDecoder is _wire.BoxDecoder
+    if asyncio_amp.ACCELERATED:
+        assert _wire.BoxDecoder is ACCEL.BoxDecoder
+        assert _wire.BoxDecoder.__doc__ is not None
+        assert "incrementally" in _wire.BoxDecoder.__doc__
+    else:
+        assert _wire.BoxDecoder is _wire.PythonBoxDecoder
+
+
+# The compiled per-Command parser: the same values where the generated Python one decodes
+# the usual layout, an exception wherever it raises
+
+
+class Mixed(Command):
+    arguments = [
+        ("count", Integer()),
+        ("name", String()),
+        ("blob", Bytes()),
+        ("ratio", Float()),
+        ("flag", Boolean()),
+        ("when", Integer(optional=True)),
+        ("note", String(optional=True)),
+    ]
+    response = [("total", Integer())]
+
+
+def both_parsers(command: type[Command]) -> tuple[Any, Any]:
+    """The generated Python parser of ``command``'s arguments, and the compiled mirror of it."""
+    fields = command._arguments_schema.fields
+    kept = _commands._speedups
+    try:
+        _commands._speedups = None
+        slow = _commands._compile_parser(command.__name__, fields)
+        _commands._speedups = ACCEL
+        fast = _commands._accelerated_parser(slow, fields)
+    finally:
+        _commands._speedups = kept
+    assert type(fast) is ACCEL.Parser
+    return slow, fast
+
+
+def parse_outcome(parse: Any, data: Any, p: Any) -> Any:
+    try:
+        values, end = parse(data, p)
+    except Exception as exc:
+        return ("error", exc)
+    # repr: a float NaN is not equal to itself.
+    return ("ok", repr(values), [type(v) for v in values.values()], end)
+
+
+def assert_same_parse_at(slow: Any, fast: Any, data: Any, p: Any) -> None:
+    expected = parse_outcome(slow, data, p)
+    got = parse_outcome(fast, data, p)
+    if expected[0] == "ok" or got[0] == "ok":
+        assert got == expected, (data, p)
+    elif not isinstance(got[1], LookupError):
+        # A value that does not decode: the same exception, from the same code.
+        assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1])), (data, p)
+
+
+def mixed_box(values: dict[str, Any]) -> bytes:
+    """The wire form of a Mixed call's arguments (without the _ask and _command keys)."""
+    fields = Mixed._arguments_schema.by_name
+    return encode_box(
+        {name.encode(): fields[name].argument.to_bytes(v) for name, v in values.items()}
+    )
+
+
+MIXED_VALUES = [
+    {"count": 12, "name": "é", "blob": b"", "ratio": 1.5, "flag": True},
+    {
+        "count": -(10**30),
+        "name": "",
+        "blob": b"\x00" * 300,
+        "ratio": float("nan"),
+        "flag": False,
+        "when": 0,
+    },
+    {
+        "count": 0,
+        "name": "x" * 40,
+        "blob": b"b",
+        "ratio": -0.0,
+        "flag": True,
+        "note": "n",
+        "when": 10**17,
+    },
+]
+
+
+@needs_build
+@pytest.mark.parametrize("values", MIXED_VALUES)
+def test_compiled_parser_matches_at_every_start_and_cut(values: dict[str, Any]) -> None:
+    slow, fast = both_parsers(Mixed)
+    data = mixed_box(values)
+    assert parse_outcome(fast, data, 0) == parse_outcome(slow, data, 0)
+    assert parse_outcome(fast, data, 0)[0] == "ok"
+    for cut in range(len(data) + 1):
+        for start in range(cut + 1):
+            assert_same_parse_at(slow, fast, data[:cut] + b"\x00" * (start % 2), start)
+
+
+@needs_build
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(MIXED_VALUES), st.integers(0, 400), st.integers(0, 255), st.data())
+def test_compiled_parser_matches_on_mangled_boxes(
+    values: dict[str, Any], where: int, byte: int, data: st.DataObject
+) -> None:
+    slow, fast = both_parsers(Mixed)
+    box = bytearray(mixed_box(values))
+    if where < len(box):
+        box[where] = byte
+    start = data.draw(st.integers(0, len(box)))
+    assert_same_parse_at(slow, fast, bytes(box), start)
+    assert_same_parse_at(slow, fast, bytes(box), 0)
+
+
+@needs_build
+@pytest.mark.parametrize(
+    "digits",
+    [
+        b"0",
+        b"-0",
+        b"007",
+        b"-12",
+        b"+5",
+        b" 5 ",
+        b"1_000",
+        b"",
+        b"-",
+        b"12a",
+        b"\xd9\xa3",
+        b"9" * 18,
+        b"9" * 19,
+        b"-" + b"9" * 18,
+        b"--1",
+        b"1e3",
+    ],
+)
+def test_compiled_parser_decodes_integers_as_int_does(digits: bytes) -> None:
+    slow, fast = both_parsers(Mixed)
+    data = encode_box(
+        {b"blob": b"", b"count": digits, b"flag": b"True", b"name": b"", b"ratio": b"1"}
+    )
+    assert_same_parse_at(slow, fast, data, 0)
+    expected = parse_outcome(slow, data, 0)
+    assert parse_outcome(fast, data, 0)[0] == expected[0]
+
+
+@needs_build
+def test_compiled_parser_hands_odd_arguments_to_the_python_one() -> None:
+    slow, fast = both_parsers(Mixed)
+    data = mixed_box(MIXED_VALUES[0])
+    for odd in ((bytearray(data), 0), (memoryview(data), 0), (data, -1), (data, True)):
+        expected, got = parse_outcome(slow, *odd), parse_outcome(fast, *odd)
+        if expected[0] == "ok":
+            assert got == expected, odd
+        else:
+            assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1])), odd
+    with pytest.raises(TypeError):
+        fast(data)
+
+
+def test_commands_use_the_compiled_parser_when_accelerated() -> None:
+    parser = Mixed._parse_arguments
+    assert (type(parser).__name__ == "Parser") is asyncio_amp.ACCELERATED

@@ -2,11 +2,13 @@
  * The optional compiled accelerator of asyncio_amp._wire: the box codec's hot paths in C.
  *
  * _wire.py is the reference; this file mirrors it and never the other way round. Each
- * function below names the Python code it mirrors. It handles only the usual input
- * (exact bytes, well-formed boxes, within the limits) and hands everything else to the
- * Python function it mirrors, so that every error, message and odd argument type
- * comes from one place: the behaviour is the same with or without this module, which
- * tests/test_speedups.py and tests/fuzz_speedups.py check by feeding both the same input.
+ * function below names the Python code it mirrors. The functions handle only the usual
+ * input (exact bytes, well-formed boxes, within the limits) and hand everything else to
+ * the Python function they mirror, so that every error, message and odd argument type
+ * comes from one place. The BoxDecoder type, which keeps a partial box between reads,
+ * mirrors the whole Python class instead, errors included. The behaviour is the same
+ * with or without this module, which tests/test_speedups.py and tests/fuzz_speedups.py
+ * check by feeding both the same input.
  *
  * Like _wire.py it does no I/O and imports nothing (the sans-I/O rule).
  */
@@ -223,6 +225,67 @@ PyDoc_STRVAR(encode_box_doc,
  * (another mapping, keys that do not sort, another type, a length over its limit) goes
  * to the Python encode_box, which writes it or raises the error.
  */
+/*
+ * py_encode_box's shortcut for a box built in sorted key order (as the usual boxes are,
+ * and as boxes decoded from Twisted's wire are): if iterating the dict gives its keys
+ * in strictly increasing byte order, that is sorted(box), and the box is written in two
+ * passes over the dict, with no list of keys to sort and no lookups. Returns the bytes;
+ * or NULL with no exception set if the box is not such a box of usual pairs (then
+ * py_encode_box takes the general way), or NULL with an exception set.
+ */
+static PyObject *
+encode_sorted_dict(PyObject *box)
+{
+    Py_ssize_t i = 0;
+    PyObject *key, *value;
+    const char *previous = NULL;
+    Py_ssize_t previous_len = 0;
+    Py_ssize_t total = 2; /* BOX_END */
+    while (PyDict_Next(box, &i, &key, &value)) {
+        if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(value)) {
+            return NULL;
+        }
+        Py_ssize_t klen = PyBytes_GET_SIZE(key);
+        Py_ssize_t vlen = PyBytes_GET_SIZE(value);
+        if (klen < 1 || klen > MAX_KEY_LENGTH || vlen > MAX_VALUE_LENGTH) {
+            return NULL;
+        }
+        const char *k = PyBytes_AS_STRING(key);
+        if (previous != NULL) {
+            /* bytes order: byte by byte, then the shorter first (keys are never equal) */
+            int order = memcmp(previous, k, previous_len < klen ? previous_len : klen);
+            if (order > 0 || (order == 0 && previous_len > klen)) {
+                return NULL;
+            }
+        }
+        previous = k;
+        previous_len = klen;
+        total += 4 + klen + vlen;
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL) {
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(result);
+    i = 0;
+    /* Bytes keys and values run no code: the dict is as the first pass saw it. */
+    while (PyDict_Next(box, &i, &key, &value)) {
+        Py_ssize_t klen = PyBytes_GET_SIZE(key);
+        Py_ssize_t vlen = PyBytes_GET_SIZE(value);
+        *out++ = 0;
+        *out++ = (char)klen;
+        memcpy(out, PyBytes_AS_STRING(key), klen);
+        out += klen;
+        *out++ = (char)(vlen >> 8);
+        *out++ = (char)(vlen & 0xff);
+        memcpy(out, PyBytes_AS_STRING(value), vlen);
+        out += vlen;
+    }
+    out[0] = 0;
+    out[1] = 0;
+    return result;
+}
+
 static PyObject *
 py_encode_box(PyObject *module, PyObject *box)
 {
@@ -231,6 +294,10 @@ py_encode_box(PyObject *module, PyObject *box)
     }
     if (!PyDict_CheckExact(box)) {
         return PyObject_CallOneArg(python_encode_box, box);
+    }
+    PyObject *encoded = encode_sorted_dict(box);
+    if (encoded != NULL || PyErr_Occurred()) {
+        return encoded;
     }
     PyObject *keys = PyDict_Keys(box); /* sorted(box) */
     if (keys == NULL) {
@@ -364,6 +431,1009 @@ py_encode_items(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/*
+ * BoxDecoder: mirrors the class _wire.BoxDecoder (the pure-Python one, _wire.PythonBoxDecoder),
+ * method by method, with the same state: the box being built (a dict), the wire bytes of
+ * its complete pairs, the start of an incomplete pair (a C buffer here, a bytearray
+ * there), how many bytes that pair needs, the stream offset of the first unparsed byte,
+ * and the error that broke the stream. Unlike the functions above it takes every input
+ * itself, errors included, because it owns its state: each error is built as _error_at
+ * builds it, with the same type and message (tests/test_speedups.py and
+ * tests/fuzz_speedups.py feed both classes the same bytes, cut everywhere).
+ *
+ * Buffering: the incomplete pair is at most 2 + 255 + 2 + 65,535 bytes, and its buffer
+ * is allocated at the size the pair needs once its length is known, so a big value that
+ * arrives in many small reads is copied into it once (no reallocation, no re-parsing),
+ * as _complete_pair does.
+ */
+
+/* Mirrors _wire.DEFAULT_MAX_BOX_SIZE and _wire.DEFAULT_MAX_KEYS (tests check they agree). */
+#define DEFAULT_MAX_BOX_SIZE (16 * 1024 * 1024)
+#define DEFAULT_MAX_KEYS 1024
+
+static PyObject *protocol_error = NULL; /* _errors.ProtocolError, given by setup_decoder() */
+static PyObject *describe_start = NULL; /* _wire._describe_start */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *max_box_size_obj; /* the ints as set, for the properties and the messages */
+    PyObject *max_keys_obj;
+    Py_ssize_t max_box_size; /* the same, as C sizes (limit_of: past the C size, no limit) */
+    Py_ssize_t max_keys;
+    PyObject *box;         /* _box: the box being built, or NULL (None, or an empty dict) */
+    Py_ssize_t box_size;   /* _box_size */
+    unsigned char *rest;   /* _rest: rest_len bytes, in a buffer of rest_cap bytes */
+    Py_ssize_t rest_len;
+    Py_ssize_t rest_cap;
+    Py_ssize_t need;       /* _need */
+    Py_ssize_t offset;     /* _offset */
+    PyObject *error;       /* _error: a ProtocolError, or NULL */
+} Decoder;
+
+static int
+decoder_traverse(Decoder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->max_box_size_obj);
+    Py_VISIT(self->max_keys_obj);
+    Py_VISIT(self->box);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int
+decoder_clear(Decoder *self)
+{
+    Py_CLEAR(self->max_box_size_obj);
+    Py_CLEAR(self->max_keys_obj);
+    Py_CLEAR(self->box);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
+static void
+decoder_drop_rest(Decoder *self)
+{
+    PyMem_Free(self->rest);
+    self->rest = NULL;
+    self->rest_len = 0;
+    self->rest_cap = 0;
+}
+
+static void
+decoder_dealloc(Decoder *self)
+{
+    PyObject_GC_UnTrack(self);
+    decoder_clear(self);
+    decoder_drop_rest(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Sets a limit as the setters of max_box_size and max_keys do (their checks, their message). */
+static int
+set_limit(PyObject *value, const char *name, PyObject **obj, Py_ssize_t *limit)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
+        return -1;
+    }
+    /* not isinstance(value, int) or isinstance(value, bool) or value < 1 */
+    int positive = 0;
+    if (PyLong_Check(value) && !PyBool_Check(value)) {
+        PyObject *zero = PyLong_FromLong(0);
+        if (zero == NULL) {
+            return -1;
+        }
+        positive = PyObject_RichCompareBool(value, zero, Py_GT);
+        Py_DECREF(zero);
+        if (positive < 0) {
+            return -1;
+        }
+    }
+    if (!positive) {
+        PyErr_Format(PyExc_ValueError, "%s must be a positive int, not %R", name, value);
+        return -1;
+    }
+    Py_ssize_t as_size = limit_of(value);
+    if (as_size == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(*obj, value);
+    *limit = as_size;
+    return 0;
+}
+
+static PyObject *
+decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Decoder *self = (Decoder *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    /* The defaults, so that an instance whose __init__ was not run is still usable. */
+    self->max_box_size_obj = PyLong_FromLong(DEFAULT_MAX_BOX_SIZE);
+    self->max_keys_obj = PyLong_FromLong(DEFAULT_MAX_KEYS);
+    if (self->max_box_size_obj == NULL || self->max_keys_obj == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->max_box_size = DEFAULT_MAX_BOX_SIZE;
+    self->max_keys = DEFAULT_MAX_KEYS;
+    return (PyObject *)self;
+}
+
+/* Mirrors BoxDecoder.__init__ (keyword-only limits; a second call starts afresh too). */
+static int
+decoder_init(Decoder *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"max_box_size", "max_keys", NULL};
+    PyObject *max_box_size = NULL;
+    PyObject *max_keys = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OO:BoxDecoder", keywords, &max_box_size,
+                                     &max_keys)) {
+        return -1;
+    }
+    PyObject *default_size = NULL;
+    PyObject *default_keys = NULL;
+    if (max_box_size == NULL) {
+        max_box_size = default_size = PyLong_FromLong(DEFAULT_MAX_BOX_SIZE);
+    }
+    if (max_keys == NULL) {
+        max_keys = default_keys = PyLong_FromLong(DEFAULT_MAX_KEYS);
+    }
+    int failed = max_box_size == NULL || max_keys == NULL ||
+                 set_limit(max_box_size, "max_box_size", &self->max_box_size_obj,
+                           &self->max_box_size) < 0 ||
+                 set_limit(max_keys, "max_keys", &self->max_keys_obj, &self->max_keys) < 0;
+    Py_XDECREF(default_size);
+    Py_XDECREF(default_keys);
+    if (failed) {
+        return -1;
+    }
+    Py_CLEAR(self->box);
+    self->box_size = 0;
+    decoder_drop_rest(self);
+    self->need = 0;
+    self->offset = 0;
+    Py_CLEAR(self->error);
+    return 0;
+}
+
+/* Copies buf[0:n] to the end of the buffered partial pair, which has room for `need` bytes. */
+static int
+rest_append(Decoder *self, const unsigned char *buf, Py_ssize_t n)
+{
+    Py_ssize_t size = self->rest_len + n;
+    if (size > self->rest_cap) {
+        /* The pair needs self->need bytes in all (at most 65,794): room for all of them. */
+        Py_ssize_t cap = self->need > size ? self->need : size;
+        unsigned char *grown = PyMem_Realloc(self->rest, cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->rest = grown;
+        self->rest_cap = cap;
+    }
+    memcpy(self->rest + self->rest_len, buf, n);
+    self->rest_len = size;
+    return 0;
+}
+
+/*
+ * Mirrors BoxDecoder._error_at: the ProtocolError for what is wrong at buf[pos], as a new
+ * reference (NULL with an exception set if even that failed). `what` is 'e' (an empty box),
+ * 'k' (a key length over 255) or 'l' (a limit).
+ */
+static PyObject *
+error_at(Decoder *self, const unsigned char *buf, Py_ssize_t end, Py_ssize_t pos, char what,
+         Py_ssize_t size, Py_ssize_t pair)
+{
+    Py_ssize_t offset = self->offset + pos;
+    PyObject *message;
+    if (what == 'e') {
+        message = PyUnicode_FromFormat(
+            "empty box at stream offset %zd: a box needs at least one key", offset);
+    }
+    else if (what == 'k') {
+        /* _describe_start(data[pos:]) looks at 24 bytes at most (text_head). */
+        Py_ssize_t klen = (Py_ssize_t)buf[pos] << 8 | buf[pos + 1];
+        Py_ssize_t head = end - pos < 24 ? end - pos : 24;
+        PyObject *start = PyBytes_FromStringAndSize((const char *)buf + pos, head);
+        PyObject *described = start ? PyObject_CallOneArg(describe_start, start) : NULL;
+        Py_XDECREF(start);
+        if (described == NULL) {
+            return NULL;
+        }
+        message = PyUnicode_FromFormat(
+            "key length %zd at stream offset %zd is over the AMP limit of %d%U", klen, offset,
+            MAX_KEY_LENGTH, described);
+        Py_DECREF(described);
+    }
+    else if (size + pair > self->max_box_size) {
+        Py_ssize_t klen = buf[pos + 1];
+        PyObject *key = PyBytes_FromStringAndSize((const char *)buf + pos + 2, klen);
+        if (key == NULL) {
+            return NULL;
+        }
+        message = PyUnicode_FromFormat(
+            "box at stream offset %zd is over the limit of %S bytes (key %R brings it to %zd)",
+            offset - size, self->max_box_size_obj, key, size + pair);
+        Py_DECREF(key);
+    }
+    else {
+        message = PyUnicode_FromFormat("box at stream offset %zd has more than %S keys",
+                                       offset - size, self->max_keys_obj);
+    }
+    if (message == NULL) {
+        return NULL;
+    }
+    PyObject *error = PyObject_CallOneArg(protocol_error, message);
+    Py_DECREF(message);
+    return error;
+}
+
+/*
+ * The keys decoded lately, so that the usual keys are neither allocated nor hashed again
+ * in every box (a bytes object keeps its hash once computed). A bytes object cannot
+ * change, so handing out the one kept for an equal key is the same as making a new one.
+ * One slot per (length, first byte, last byte) class; a new key takes its class's slot.
+ */
+#define KEY_CACHE_SIZE 256
+#define KEY_CACHE_MAX_LENGTH 32
+static PyObject *key_cache[KEY_CACHE_SIZE];
+
+/* data[start:stop] for a key (1 to 255 bytes), as a new reference. */
+static PyObject *
+key_at(const unsigned char *key, Py_ssize_t klen)
+{
+    if (klen > KEY_CACHE_MAX_LENGTH) {
+        return PyBytes_FromStringAndSize((const char *)key, klen);
+    }
+    size_t slot = ((size_t)klen * 61 + (size_t)key[0] * 7 + key[klen - 1]) % KEY_CACHE_SIZE;
+    PyObject *kept = key_cache[slot];
+    if (kept != NULL && PyBytes_GET_SIZE(kept) == klen &&
+        memcmp(PyBytes_AS_STRING(kept), key, klen) == 0) {
+        Py_INCREF(kept);
+        return kept;
+    }
+    PyObject *made = PyBytes_FromStringAndSize((const char *)key, klen);
+    if (made != NULL) {
+        Py_INCREF(made);
+        Py_XSETREF(key_cache[slot], made);
+    }
+    return made;
+}
+
+/*
+ * Mirrors BoxDecoder._parse: buf[start:end] pair by pair, from the next byte of the stream.
+ * (The Python method takes the whole boxes at the start of a box in one pass, then
+ * checks the limits once for all of them; here every pair is checked as it is added,
+ * which is what that pass is equivalent to, and cheap in C.)
+ *
+ * Returns 0; or -1 with *fault set to the ProtocolError (the stream is bad: the caller
+ * records it); or -2 with an exception set (no memory...).
+ */
+static int
+decoder_parse(Decoder *self, const unsigned char *buf, Py_ssize_t end, Py_ssize_t start,
+              PyObject *boxes, PyObject **fault)
+{
+    PyObject *box = self->box; /* owned by this function until it is put back */
+    self->box = NULL;
+    Py_ssize_t size = self->box_size;
+    Py_ssize_t max_box_size = self->max_box_size;
+    Py_ssize_t max_keys = self->max_keys;
+    if (start) {
+        self->offset -= start; /* stream offsets are counted from buf[0] while parsing */
+    }
+    Py_ssize_t pos = start;
+    self->need = 2;
+    while (end - pos >= 2) {
+        /* A key length's first byte is 0, or the key is over MAX_KEY_LENGTH (255). */
+        if (buf[pos]) {
+            *fault = error_at(self, buf, end, pos, 'k', 0, 0);
+            goto failed;
+        }
+        Py_ssize_t klen = buf[pos + 1];
+        if (!klen) {
+            if (box == NULL || PyDict_GET_SIZE(box) == 0) {
+                *fault = error_at(self, buf, end, pos, 'e', 0, 0);
+                goto failed;
+            }
+            int appended = PyList_Append(boxes, box);
+            Py_CLEAR(box);
+            if (appended < 0) {
+                goto crashed;
+            }
+            size = 0;
+            pos += 2;
+            continue;
+        }
+        Py_ssize_t vpos = pos + 2 + klen;
+        if (end - vpos < 2) {
+            self->need = vpos + 2 - pos;
+            break;
+        }
+        Py_ssize_t stop = vpos + 2 + ((Py_ssize_t)buf[vpos] << 8 | buf[vpos + 1]);
+        Py_ssize_t pair = stop - pos;
+        if (size + pair > max_box_size || (box != NULL && PyDict_GET_SIZE(box) >= max_keys)) {
+            *fault = error_at(self, buf, end, pos, 'l', size, pair);
+            goto failed;
+        }
+        if (stop > end) {
+            self->need = pair;
+            break;
+        }
+        if (box == NULL && (box = PyDict_New()) == NULL) {
+            goto crashed;
+        }
+        /* box[data[pos + 2 : vpos]] = data[vpos + 2 : stop] */
+        PyObject *key = key_at(buf + pos + 2, klen);
+        PyObject *value =
+            key ? PyBytes_FromStringAndSize((const char *)buf + vpos + 2, stop - vpos - 2) : NULL;
+        int added = value ? PyDict_SetItem(box, key, value) : -1;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (added < 0) {
+            goto crashed;
+        }
+        size += pair;
+        pos = stop;
+    }
+    /* XSETREF, not `=`: should code run by an allocation (a finalizer) have fed this
+       decoder meanwhile, its box is dropped, not leaked. */
+    Py_XSETREF(self->box, box);
+    self->box_size = size;
+    self->offset += pos;
+    if (pos < end) {
+        /* self._rest = bytearray(data[pos:]): the caller has no rest buffered now. */
+        self->rest_len = 0;
+        return rest_append(self, buf + pos, end - pos) < 0 ? -2 : 0;
+    }
+    return 0;
+
+failed:
+    Py_XDECREF(box);
+    return *fault == NULL ? -2 : -1;
+
+crashed:
+    /* As when a Python statement fails halfway: what was added to the box stays. */
+    Py_XSETREF(self->box, box);
+    return -2;
+}
+
+/*
+ * Mirrors BoxDecoder._complete_pair: completes the buffered partial pair with just the
+ * bytes of buf it needs, parsing it (alone) each time a part of it is complete. Returns
+ * where the rest of buf starts, -1 if all of it went into the buffer, or -2/-3 as
+ * decoder_parse returns -1/-2.
+ */
+static Py_ssize_t
+decoder_complete_pair(Decoder *self, const unsigned char *buf, Py_ssize_t len, PyObject *boxes,
+                      PyObject **fault)
+{
+    Py_ssize_t start = 0;
+    while (self->rest_len) {
+        Py_ssize_t take = self->need - self->rest_len;
+        if (take > len - start) {
+            return rest_append(self, buf + start, len - start) < 0 ? -3 : -1;
+        }
+        if (rest_append(self, buf + start, take) < 0) {
+            return -3;
+        }
+        start += take;
+        /* self._rest = None; self._parse(bytes(rest), boxes): the buffer is parsed alone. */
+        unsigned char *pair = self->rest;
+        Py_ssize_t pair_len = self->rest_len;
+        self->rest = NULL;
+        self->rest_len = 0;
+        self->rest_cap = 0;
+        int parsed = decoder_parse(self, pair, pair_len, 0, boxes, fault);
+        PyMem_Free(pair);
+        if (parsed < 0) {
+            return parsed - 1;
+        }
+    }
+    return start;
+}
+
+/* The stream is broken: mirrors the `except ProtocolError` blocks of receive_data(_partial). */
+static void
+decoder_break(Decoder *self, PyObject *fault)
+{
+    Py_XSETREF(self->error, fault); /* steals fault */
+    Py_CLEAR(self->box);
+    self->box_size = 0;
+    decoder_drop_rest(self);
+}
+
+/*
+ * Mirrors BoxDecoder.receive_data_partial. Returns 0 (*fault NULL, or the new reference to
+ * the error that stopped the stream) or -1 with an exception set.
+ */
+static int
+decoder_feed(Decoder *self, PyObject *data, PyObject *boxes, PyObject **fault)
+{
+    *fault = NULL;
+    if (self->error != NULL) {
+        Py_INCREF(self->error);
+        *fault = self->error;
+        return 0;
+    }
+    if (protocol_error == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "asyncio_amp._speedups: setup_decoder() was not called");
+        return -1;
+    }
+    Py_buffer view;
+    const unsigned char *buf;
+    Py_ssize_t len;
+    int viewed = 0;
+    if (PyBytes_Check(data)) {
+        buf = (const unsigned char *)PyBytes_AS_STRING(data);
+        len = PyBytes_GET_SIZE(data);
+    }
+    else {
+        /* Another bytes-like object: read as bytes (keys and values are bytes). */
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+            return -1;
+        }
+        viewed = 1;
+        buf = view.buf;
+        len = view.len;
+    }
+    int result;
+    if (!self->rest_len) {
+        result = decoder_parse(self, buf, len, 0, boxes, fault);
+    }
+    else {
+        Py_ssize_t start = decoder_complete_pair(self, buf, len, boxes, fault);
+        if (start >= 0 && start < len) {
+            result = decoder_parse(self, buf, len, start, boxes, fault);
+        }
+        else {
+            result = start < -1 ? (int)start + 1 : 0;
+        }
+    }
+    if (viewed) {
+        PyBuffer_Release(&view);
+    }
+    if (result == -1) {
+        Py_INCREF(*fault);
+        decoder_break(self, *fault);
+        return 0;
+    }
+    return result < 0 ? -1 : 0;
+}
+
+PyDoc_STRVAR(receive_data_doc,
+"receive_data($self, data, /)\n--\n\n"
+"Parse ``data`` and return the boxes it completes, in order.\n\n"
+"Raises:\n"
+"    ProtocolError: The stream is not valid AMP or breaks a limit. The boxes\n"
+"        completed before the bad bytes are lost to the caller; use\n"
+"        [`receive_data_partial`][] to keep them.");
+
+/* Mirrors BoxDecoder.receive_data. */
+static PyObject *
+decoder_receive_data(Decoder *self, PyObject *data)
+{
+    PyObject *boxes = PyList_New(0);
+    if (boxes == NULL) {
+        return NULL;
+    }
+    PyObject *fault;
+    if (decoder_feed(self, data, boxes, &fault) < 0) {
+        Py_DECREF(boxes);
+        return NULL;
+    }
+    if (fault != NULL) {
+        Py_DECREF(boxes);
+        /* raise error: the same exception object every time */
+        PyErr_SetObject((PyObject *)Py_TYPE(fault), fault);
+        Py_DECREF(fault);
+        return NULL;
+    }
+    return boxes;
+}
+
+PyDoc_STRVAR(receive_data_partial_doc,
+"receive_data_partial($self, data, /)\n--\n\n"
+"Parse ``data``; return the boxes it completes and the error that stopped it, if any.\n\n"
+"The boxes that came before bad bytes are returned with the error, so a\n"
+"connection can act on everything the peer sent correctly before it failed.");
+
+/* Mirrors BoxDecoder.receive_data_partial. */
+static PyObject *
+decoder_receive_data_partial(Decoder *self, PyObject *data)
+{
+    PyObject *boxes = PyList_New(0);
+    if (boxes == NULL) {
+        return NULL;
+    }
+    PyObject *fault;
+    if (decoder_feed(self, data, boxes, &fault) < 0) {
+        Py_DECREF(boxes);
+        return NULL;
+    }
+    if (fault == NULL) {
+        Py_INCREF(Py_None);
+        fault = Py_None;
+    }
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(boxes);
+        Py_DECREF(fault);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, boxes);
+    PyTuple_SET_ITEM(result, 1, fault);
+    return result;
+}
+
+static int
+decoder_in_box(Decoder *self)
+{
+    return (self->box != NULL && PyDict_GET_SIZE(self->box) > 0) || self->rest_len > 0;
+}
+
+PyDoc_STRVAR(end_of_stream_doc,
+"end_of_stream($self, /)\n--\n\n"
+"Report whether the stream stopped in the middle of a box.\n\n"
+"Returns:\n"
+"    A [`ProtocolError`][] describing the unfinished box, or ``None`` if\n"
+"    the stream ended on a box boundary.");
+
+/* Mirrors BoxDecoder.end_of_stream. */
+static PyObject *
+decoder_end_of_stream(Decoder *self, PyObject *unused)
+{
+    if (self->error != NULL || !decoder_in_box(self)) {
+        Py_RETURN_NONE;
+    }
+    if (protocol_error == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "asyncio_amp._speedups: setup_decoder() was not called");
+        return NULL;
+    }
+    PyObject *message = PyUnicode_FromFormat(
+        "the stream ended inside a box (%zd bytes of it received, %zd complete keys)",
+        self->box_size + self->rest_len, self->box ? PyDict_GET_SIZE(self->box) : 0);
+    if (message == NULL) {
+        return NULL;
+    }
+    PyObject *error = PyObject_CallOneArg(protocol_error, message);
+    Py_DECREF(message);
+    return error;
+}
+
+PyDoc_STRVAR(skip_doc,
+"_skip($self, nbytes, /)\n--\n\n"
+"Account for ``nbytes`` of whole boxes that were parsed without the decoder.");
+
+/* Mirrors BoxDecoder._skip. */
+static PyObject *
+decoder_skip(Decoder *self, PyObject *nbytes)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(nbytes);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    self->offset += n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+decoder_get_max_box_size(Decoder *self, void *closure)
+{
+    Py_INCREF(self->max_box_size_obj);
+    return self->max_box_size_obj;
+}
+
+static int
+decoder_set_max_box_size(Decoder *self, PyObject *value, void *closure)
+{
+    return set_limit(value, "max_box_size", &self->max_box_size_obj, &self->max_box_size);
+}
+
+static PyObject *
+decoder_get_max_keys(Decoder *self, void *closure)
+{
+    Py_INCREF(self->max_keys_obj);
+    return self->max_keys_obj;
+}
+
+static int
+decoder_set_max_keys(Decoder *self, PyObject *value, void *closure)
+{
+    return set_limit(value, "max_keys", &self->max_keys_obj, &self->max_keys);
+}
+
+static PyObject *
+decoder_get_in_box(Decoder *self, void *closure)
+{
+    return PyBool_FromLong(decoder_in_box(self));
+}
+
+static PyObject *
+decoder_get_buffered(Decoder *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->box_size + self->rest_len);
+}
+
+static PyObject *
+decoder_get_at_boundary(Decoder *self, void *closure)
+{
+    return PyBool_FromLong(!decoder_in_box(self) && self->error == NULL);
+}
+
+static PyObject *
+decoder_get_rest(Decoder *self, void *closure)
+{
+    if (!self->rest_len) {
+        Py_RETURN_NONE;
+    }
+    /* A copy: the buffer stays the decoder's. */
+    return PyByteArray_FromStringAndSize((const char *)self->rest, self->rest_len);
+}
+
+static PyObject *
+decoder_get_offset(Decoder *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->offset);
+}
+
+static PyObject *
+decoder_get_error(Decoder *self, void *closure)
+{
+    PyObject *error = self->error ? self->error : Py_None;
+    Py_INCREF(error);
+    return error;
+}
+
+static PyGetSetDef decoder_getset[] = {
+    {"max_box_size", (getter)decoder_get_max_box_size, (setter)decoder_set_max_box_size,
+     "The most bytes the keys and values of one box may take (settable).", NULL},
+    {"max_keys", (getter)decoder_get_max_keys, (setter)decoder_set_max_keys,
+     "The most keys one box may have (settable).", NULL},
+    {"in_box", (getter)decoder_get_in_box, NULL,
+     "``True`` if part of a box has been received and its end has not.", NULL},
+    {"buffered", (getter)decoder_get_buffered, NULL,
+     "Bytes received that belong to the unfinished box.", NULL},
+    {"_at_boundary", (getter)decoder_get_at_boundary, NULL,
+     "``True`` if the decoder is between boxes and not broken (nothing is buffered).", NULL},
+    {"_rest", (getter)decoder_get_rest, NULL,
+     "A copy of the start of an incomplete pair, or ``None``.", NULL},
+    {"_offset", (getter)decoder_get_offset, NULL,
+     "The stream offset of the first byte not parsed yet.", NULL},
+    {"_error", (getter)decoder_get_error, NULL,
+     "The error that broke the stream, or ``None``.", NULL},
+    {NULL},
+};
+
+static PyMethodDef decoder_methods[] = {
+    {"receive_data", (PyCFunction)decoder_receive_data, METH_O, receive_data_doc},
+    {"receive_data_partial", (PyCFunction)decoder_receive_data_partial, METH_O,
+     receive_data_partial_doc},
+    {"end_of_stream", (PyCFunction)decoder_end_of_stream, METH_NOARGS, end_of_stream_doc},
+    {"_skip", (PyCFunction)decoder_skip, METH_O, skip_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+/* The docstring of _wire.BoxDecoder. */
+PyDoc_STRVAR(decoder_doc,
+"BoxDecoder(*, max_box_size=16777216, max_keys=1024)\n--\n\n"
+"Turn a byte stream into boxes, incrementally.\n\n"
+"Feed it bytes as they arrive with [`receive_data`][]; it returns the boxes\n"
+"completed by those bytes. A partial box is kept between calls: each complete\n"
+"key/value pair is moved into the box being built as soon as it has arrived, so\n"
+"only one partial pair (at most 65,797 bytes) is ever buffered, and a stream fed\n"
+"one byte at a time is still decoded in time proportional to its length.\n\n"
+"After a [`ProtocolError`][] the decoder is broken: every later call raises\n"
+"the same error.\n\n"
+"Args:\n"
+"    max_box_size: The most bytes the keys and values of one box may take on\n"
+"        the wire, their length prefixes included (the 2-byte end marker is not\n"
+"        counted). Checked as soon as a value's length is known, before its\n"
+"        bytes are buffered.\n"
+"    max_keys: The most keys one box may have.");
+
+static PyTypeObject DecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncio_amp._wire.BoxDecoder",
+    .tp_basicsize = sizeof(Decoder),
+    .tp_dealloc = (destructor)decoder_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = decoder_doc,
+    .tp_traverse = (traverseproc)decoder_traverse,
+    .tp_clear = (inquiry)decoder_clear,
+    .tp_methods = decoder_methods,
+    .tp_getset = decoder_getset,
+    .tp_init = (initproc)decoder_init,
+    .tp_new = decoder_new,
+};
+
+PyDoc_STRVAR(setup_decoder_doc,
+"setup_decoder($module, protocol_error, describe_start, /)\n--\n\n"
+"Give BoxDecoder the error type it raises and _wire._describe_start (_wire calls it).");
+
+static PyObject *
+py_setup_decoder(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyExceptionClass_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "setup_decoder(protocol_error, describe_start)");
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(protocol_error, args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(describe_start, args[1]);
+    Py_RETURN_NONE;
+}
+
+/*
+ * Parser: mirrors the function _commands._compile_parser generates for one schema (the
+ * arguments or the response of a Command), which decodes the rest of a box straight
+ * from the received bytes when it has the usual layout: each field's key in order (an
+ * optional one may be absent), then the empty key that ends the box. It returns the
+ * values and the offset just past the box, or raises for anything else, as the
+ * generated code does (its caller then parses the box the general way, which reports
+ * any fault). Where the generated code would raise, this raises too: the same
+ * exception when a value does not decode, a LookupError when the layout is not the
+ * usual one or the bytes stop short.
+ */
+
+/* How a field's value is decoded: _commands._INLINE_DECODE, or the argument's from_bytes. */
+enum { KIND_CALL = 0, KIND_INTEGER = 1, KIND_BYTES = 2, KIND_STRING = 3, KIND_FLOAT = 4 };
+
+typedef struct {
+    PyObject *name;    /* the Python name (a str) */
+    PyObject *header;  /* the key's length prefix and bytes */
+    PyObject *convert; /* argument.from_bytes, for KIND_CALL */
+    int kind;
+    int optional;
+} ParserField;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *python_parse; /* the generated function: for arguments other than (bytes, int) */
+    Py_ssize_t count;
+    ParserField *fields;
+} Parser;
+
+static int
+parser_traverse(Parser *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->python_parse);
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        Py_VISIT(self->fields[i].name);
+        Py_VISIT(self->fields[i].header);
+        Py_VISIT(self->fields[i].convert);
+    }
+    return 0;
+}
+
+static int
+parser_clear(Parser *self)
+{
+    Py_CLEAR(self->python_parse);
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        Py_CLEAR(self->fields[i].name);
+        Py_CLEAR(self->fields[i].header);
+        Py_CLEAR(self->fields[i].convert);
+    }
+    return 0;
+}
+
+static void
+parser_dealloc(Parser *self)
+{
+    PyObject_GC_UnTrack(self);
+    parser_clear(self);
+    PyMem_Free(self->fields);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* int(data[s:p]) (as _INLINE_DECODE's Integer), with plain decimal digits done here. */
+static PyObject *
+decode_integer(const unsigned char *digits, Py_ssize_t n)
+{
+    Py_ssize_t i = n > 0 && digits[0] == '-';
+    if (n - i >= 1 && n - i <= 18) {
+        long long value = 0;
+        Py_ssize_t j = i;
+        while (j < n && digits[j] >= '0' && digits[j] <= '9') {
+            value = value * 10 + (digits[j] - '0');
+            j++;
+        }
+        if (j == n) {
+            return PyLong_FromLongLong(i ? -value : value);
+        }
+    }
+    /* Anything else (a sign, spaces, underscores, a fault): int() itself says. */
+    PyObject *text = PyBytes_FromStringAndSize((const char *)digits, n);
+    if (text == NULL) {
+        return NULL;
+    }
+    PyObject *value = PyNumber_Long(text);
+    Py_DECREF(text);
+    return value;
+}
+
+static PyObject *
+decode_value(ParserField *field, const unsigned char *buf, Py_ssize_t n)
+{
+    if (field->kind == KIND_INTEGER) {
+        return decode_integer(buf, n);
+    }
+    if (field->kind == KIND_STRING) {
+        return PyUnicode_DecodeUTF8((const char *)buf, n, NULL); /* .decode("utf-8") */
+    }
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)buf, n);
+    if (raw == NULL || field->kind == KIND_BYTES) {
+        return raw;
+    }
+    PyObject *value =
+        field->kind == KIND_FLOAT ? PyNumber_Float(raw) : PyObject_CallOneArg(field->convert, raw);
+    Py_DECREF(raw);
+    return value;
+}
+
+static PyObject *
+not_usual(void)
+{
+    PyErr_SetString(PyExc_LookupError, "not the usual layout");
+    return NULL;
+}
+
+/* Mirrors the generated `parse(data, p)`, line by line. */
+static PyObject *
+parser_vectorcall(Parser *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t p = -1;
+    if (nargs == 2 && kwnames == NULL && PyLong_CheckExact(args[1])) {
+        p = PyLong_AsSsize_t(args[1]);
+        if (p == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+    }
+    if (p < 0 || !PyBytes_CheckExact(args[0])) {
+        return PyObject_Vectorcall(self->python_parse, args, nargsf, kwnames);
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t len = PyBytes_GET_SIZE(args[0]);
+    PyObject *values = PyDict_New();
+    if (values == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        ParserField *field = &self->fields[i];
+        Py_ssize_t size = PyBytes_GET_SIZE(field->header);
+        Py_ssize_t s = p + size + 2;
+        PyObject *value;
+        /* if data[p : s - 2] == header */
+        if (p + size <= len && memcmp(data + p, PyBytes_AS_STRING(field->header), size) == 0) {
+            if (s > len) {
+                Py_DECREF(values);
+                return not_usual(); /* data[s - 1]: IndexError */
+            }
+            Py_ssize_t stop = s + ((Py_ssize_t)data[s - 2] << 8 | data[s - 1]);
+            if (stop > len) {
+                Py_DECREF(values);
+                return not_usual(); /* a long value not all here, or the end past the data */
+            }
+            value = decode_value(field, data + s, stop - s);
+            if (value == NULL) {
+                Py_DECREF(values);
+                return NULL;
+            }
+            p = stop;
+        }
+        else if (field->optional) {
+            Py_INCREF(Py_None);
+            value = Py_None;
+        }
+        else {
+            Py_DECREF(values);
+            return not_usual();
+        }
+        int set = PyDict_SetItem(values, field->name, value);
+        Py_DECREF(value);
+        if (set < 0) {
+            Py_DECREF(values);
+            return NULL;
+        }
+    }
+    /* The empty key that ends the box. */
+    if (p + 2 > len || data[p] || data[p + 1]) {
+        Py_DECREF(values);
+        return not_usual();
+    }
+    PyObject *end = PyLong_FromSsize_t(p + 2);
+    if (end == NULL) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(values);
+        Py_DECREF(end);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, values);
+    PyTuple_SET_ITEM(result, 1, end);
+    return result;
+}
+
+/* Parser(python_parse, fields): fields is a tuple of (name, header, kind, from_bytes, optional). */
+static PyObject *
+parser_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *python_parse, *fields;
+    if (!PyArg_ParseTuple(args, "OO!:Parser", &python_parse, &PyTuple_Type, &fields)) {
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(fields);
+    Parser *self = (Parser *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = (vectorcallfunc)parser_vectorcall;
+    Py_INCREF(python_parse);
+    self->python_parse = python_parse;
+    self->fields = PyMem_Calloc(count ? count : 1, sizeof(ParserField));
+    if (self->fields == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name, *header, *convert;
+        int kind, optional;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(fields, i), "UO!iOp:Parser field", &name,
+                              &PyBytes_Type, &header, &kind, &convert, &optional)) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        if (kind < KIND_CALL || kind > KIND_FLOAT || PyBytes_GET_SIZE(header) < 3) {
+            PyErr_SetString(PyExc_ValueError, "Parser: bad field");
+            Py_DECREF(self);
+            return NULL;
+        }
+        ParserField *field = &self->fields[i];
+        Py_INCREF(name);
+        field->name = name;
+        Py_INCREF(header);
+        field->header = header;
+        Py_INCREF(convert);
+        field->convert = convert;
+        field->kind = kind;
+        field->optional = optional;
+        self->count = i + 1;
+    }
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(parser_doc,
+"Parser(python_parse, fields, /)\n--\n\n"
+"A Command schema's parser of the usual box layout: mirrors the function\n"
+"_commands._compile_parser generates (python_parse), called as parse(data, p).");
+
+static PyTypeObject ParserType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncio_amp._speedups.Parser",
+    .tp_basicsize = sizeof(Parser),
+    .tp_dealloc = (destructor)parser_dealloc,
+    .tp_vectorcall_offset = sizeof(PyObject), /* Parser.vectorcall comes first after the head */
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = parser_doc,
+    .tp_traverse = (traverseproc)parser_traverse,
+    .tp_clear = (inquiry)parser_clear,
+    .tp_new = parser_new,
+};
+
 PyDoc_STRVAR(setup_doc,
 "setup($module, encode_box, encode_items, parse_boxes_reference, prefixes, /)\n--\n\n"
 "Give the module the pure-Python functions it hands the unusual input to (_wire calls it).");
@@ -404,6 +1474,8 @@ static PyMethodDef speedups_methods[] = {
     {"parse_boxes", (PyCFunction)py_parse_boxes, METH_O, parse_boxes_doc},
     {"scan_boxes", (PyCFunction)(void (*)(void))py_scan_boxes, METH_FASTCALL, scan_boxes_doc},
     {"setup", (PyCFunction)(void (*)(void))py_setup, METH_FASTCALL, setup_doc},
+    {"setup_decoder", (PyCFunction)(void (*)(void))py_setup_decoder, METH_FASTCALL,
+     setup_decoder_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -418,5 +1490,28 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    return PyModule_Create(&speedups_module);
+    if (PyType_Ready(&DecoderType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&ParserType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&ParserType);
+    if (PyModule_AddObject(module, "Parser", (PyObject *)&ParserType) < 0) {
+        Py_DECREF(&ParserType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&DecoderType);
+    if (PyModule_AddObject(module, "BoxDecoder", (PyObject *)&DecoderType) < 0) {
+        Py_DECREF(&DecoderType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -512,6 +512,11 @@ class BoxDecoder:
         )
 
 
+# The pure-Python BoxDecoder, whichever class the name BoxDecoder is bound to in the end
+# (see the accelerator at the bottom of this module).
+PythonBoxDecoder = BoxDecoder
+
+
 def parse_boxes(data: bytes) -> list[Box]:
     """
     Parse a complete AMP byte stream into its boxes.
@@ -559,7 +564,7 @@ def parse_boxes(data: bytes) -> list[Box]:
 def _parse_boxes_reference(data: bytes) -> list[Box]:
     """[`parse_boxes`][] through a [`BoxDecoder`][]: what the one-pass parse falls back to."""
     # Limits no stream of len(data) bytes can reach: parse_boxes has none.
-    decoder = BoxDecoder(max_box_size=len(data) + 1, max_keys=len(data) + 1)
+    decoder = PythonBoxDecoder(max_box_size=len(data) + 1, max_keys=len(data) + 1)
     boxes = decoder.receive_data(data)
     error = decoder.end_of_stream()
     if error is not None:
@@ -628,3 +633,7 @@ if _speedups is not None:
     encode_box = _speedups.encode_box
     encode_items = _speedups.encode_items
     parse_boxes = _speedups.parse_boxes
+    # The decoder as a C type that mirrors the class above, method by method; the class
+    # stays available as PythonBoxDecoder.
+    _speedups.setup_decoder(ProtocolError, _describe_start)
+    BoxDecoder = _speedups.BoxDecoder  # type: ignore[misc]  # the same API, in C
