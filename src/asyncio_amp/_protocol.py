@@ -45,7 +45,7 @@ from ._keepalive import (
     seconds_value,
 )
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
-from ._middleware import Chain, Middleware, build
+from ._middleware import Chain, Middleware, build, check_arguments
 from ._observe import MAX_PENDING_CALLS, MAX_RESPONDERS, Observer, observer_of
 from ._switch import Upgrade
 from ._tls import StartTLS
@@ -681,6 +681,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if not self._accepting:
             raise self._refusal(cmd.__qualname__)
         if self._outgoing is not None:
+            check_arguments(self, cmd, arguments)  # before the chain, as without it
             return self._outgoing.call(self, cmd, cmd.wire_name, arguments)
         encoder = cmd._plain_ask
         if encoder is not None:
