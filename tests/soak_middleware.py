@@ -55,6 +55,8 @@ from soak import HOST, TIME, _bounded_poll, _loop_factory, protocol_state, quiet
 CALL_DEADLINE = 6.0 * TIME
 #: The bound on each of the other phases (idle, fresh calls, closing).
 PHASE_DEADLINE = 3.0 * TIME
+#: How long the Client of "client" scenarios waits for a connection.
+CONNECT_TIMEOUT = 1.0 * TIME
 #: The keepalive timeout of both sides: far above any pause of a live peer here.
 KEEPALIVE_TIMEOUT = 1.5 * TIME
 
@@ -223,7 +225,7 @@ def make_scenario(seed: int) -> Scenario:
     layers = {side: rng.randint(0, 3) for side in "AB"}
     scenario = Scenario(
         seed=seed,
-        transport=rng.choice(["tcp", "unix"]),
+        transport=rng.choice(["tcp", "unix", "client"]),
         layers=layers,
         max_responders={side: rng.randint(1, 4) for side in "AB"},
         max_pending_calls={side: rng.randint(1, 4) for side in "AB"},
@@ -423,8 +425,14 @@ class Report:
         return "\n".join(lines)
 
 
-async def _connect(scenario: Scenario) -> tuple[Peer, Peer, list[Any]]:
-    """Connect A (the client) and B (the server); return them and what to close later."""
+async def _connect(scenario: Scenario) -> tuple[Peer, Peer, amp.Client | None, list[Any]]:
+    """
+    Connect A (the client) and B (the server).
+
+    Returns:
+        A, B, the ``Client`` that A's calls go through (in "client" scenarios),
+        and the servers to close later.
+    """
     loop = asyncio.get_running_loop()
     made: asyncio.Future[Peer] = loop.create_future()
 
@@ -443,13 +451,35 @@ async def _connect(scenario: Scenario) -> tuple[Peer, Peer, list[Any]]:
             left.close()
             right.close()
             raise
-        return a, b, []
+        return a, b, None, []
     server = await loop.create_server(server_side, HOST, 0)
     port = server.sockets[0].getsockname()[1]
+    if scenario.transport == "client":
+        keepalive = scenario.keepalive["A"]
+        client = amp.Client(
+            f"{HOST}:{port}",
+            protocol_factory=Peer,
+            middleware=[PlanLayer(i) for i in range(scenario.layers["A"])],
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            max_responders=scenario.max_responders["A"],
+            max_pending_calls=scenario.max_pending_calls["A"],
+            resolve_interval=None,
+            # When the scenario closes the connection, calls that wait for a new
+            # one (the server is closed) fail after this.
+            connect_timeout=CONNECT_TIMEOUT,
+            **({} if keepalive is None else {"keepalive": keepalive}),
+        )
+        # Its first call opens its connection.
+        await client.call_remote(Echo, n=0)
+        (a,) = client.connections
+        assert isinstance(a, Peer)
+        b = await made
+        server.close()
+        return a, b, client, [server]
     _, a = await loop.create_connection(lambda: make_peer(scenario, "A"), HOST, port)
     b = await made
     server.close()
-    return a, b, [server]
+    return a, b, None, [server]
 
 
 def idle_state(protocol: amp.AMPProtocol) -> list[str]:
@@ -477,7 +507,7 @@ def idle_state(protocol: amp.AMPProtocol) -> list[str]:
 
 
 async def _drive(
-    protocol: Peer, spec: CallSpec, outcomes: dict[int, list[Any]], cancelled: set[int]
+    protocol: Any, spec: CallSpec, outcomes: dict[int, list[Any]], cancelled: set[int]
 ) -> None:
     """Make one call and record what it resolved to."""
     if spec.start:
@@ -515,6 +545,7 @@ def _show(outcome: Any) -> str:
 async def _round(
     report: Report,
     peers: dict[str, Peer],
+    callers: dict[str, Any],
     calls: list[CallSpec],
     changes: list[tuple[float, str, str, Any]],
     *,
@@ -530,7 +561,8 @@ async def _round(
         for delay, side, attribute, value in changes
     ]
     tasks = [
-        asyncio.create_task(_drive(peers[spec.caller], spec, outcomes, cancelled)) for spec in calls
+        asyncio.create_task(_drive(callers[spec.caller], spec, outcomes, cancelled))
+        for spec in calls
     ]
     report.calls += len(calls)
     if closing is not None:
@@ -560,7 +592,7 @@ async def _round(
         if closing is not None:
             # The connection closes under the call: at the caller, or under the
             # peer's responder (UNKNOWN), or refused before it is sent.
-            allowed |= {amp.ConnectionLostError, amp.UnknownRemoteError}
+            allowed |= {amp.ConnectionLostError, amp.UnknownRemoteError, amp.NoConnectionError}
         if result not in allowed:
             fail(f"[outcome] {spec.describe()}: got {_show(result)}, expected {_show(want)}")
 
@@ -573,12 +605,27 @@ async def _round(
                 fail(f"[idle] {side}: {', '.join(idle_state(protocol))}")
     me = asyncio.current_task()
 
+    def left() -> list[asyncio.Task[Any]]:
+        # The tasks of the run's Client that keep its connection are not the calls'.
+        return [
+            t
+            for t in asyncio.all_tasks()
+            if t is not me
+            and not t.done()
+            and not getattr(t.get_coro(), "__qualname__", "").startswith("Client._run")
+        ]
+
     def no_tasks() -> bool:
-        return not [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        return not left()
 
     if not await _bounded_poll(no_tasks, PHASE_DEADLINE):
-        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        fail(f"[tasks] {len(left)} tasks left: " + "; ".join(repr(t)[:200] for t in left[:5]))
+        tasks = left()
+        fail(f"[tasks] {len(tasks)} tasks left: " + "; ".join(repr(t)[:200] for t in tasks[:5]))
+    client = callers["A"] if isinstance(callers["A"], amp.Client) else None
+    if client is not None and closing is None:
+        busy = [slot.pending for slot in client._ready if slot.pending]
+        if busy:
+            fail(f"[idle] the Client still counts calls in flight: {busy}")
 
     # Each responder ran at most once, and exactly once where it had to.
     for spec in calls:
@@ -602,13 +649,13 @@ async def _round(
         if protocol._lost or protocol.transport is None or protocol.transport.is_closing():
             fail(f"[open] {side} closed: {cause!r}")
             return
-    for side, protocol in peers.items():
+    for side, caller in callers.items():
         try:
             async with asyncio.timeout(PHASE_DEADLINE):
-                echo = await protocol.call_remote(Echo, n=41)
+                echo = await caller.call_remote(Echo, n=41)
                 plan = {"o": [["pass"]] * report.scenario.layers[side], "d": 0, "r": "ok"}
                 plan["i"] = [["pass"]] * report.scenario.layers[_other(side)]
-                work = await protocol.call_remote(Work, plan=json.dumps(plan), n=1)
+                work = await caller.call_remote(Work, plan=json.dumps(plan), n=1)
         except Exception as exc:
             fail(f"[fresh] a fresh call from {side} failed: {exc!r}")
         else:
@@ -619,16 +666,23 @@ async def _round(
 async def run_scenario(scenario: Scenario) -> Report:
     """Run every round of ``scenario`` and check its invariants."""
     report = Report(scenario)
-    a, b, closers = await _connect(scenario)
+    a, b, client, closers = await _connect(scenario)
     peers = {"A": a, "B": b}
+    callers: dict[str, Any] = {"A": a if client is None else client, "B": b}
     try:
         for index, calls in enumerate(scenario.rounds):
             last = index == len(scenario.rounds) - 1
             closing = scenario.close_at_end if last else None
-            await _round(report, peers, calls, scenario.changes[index], closing=closing)
+            await _round(report, peers, callers, calls, scenario.changes[index], closing=closing)
             if report.failures:
                 break
     finally:
+        if client is not None:
+            try:
+                async with asyncio.timeout(PHASE_DEADLINE):
+                    await client.close()
+            except TimeoutError:
+                report.failures.append("[close] the Client did not close")
         for protocol in peers.values():
             protocol.close()
         try:
