@@ -40,11 +40,14 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
+import functools
 import gc
 import json
 import random
 import socket
 import sys
+import termios
 import time
 from typing import Any
 
@@ -68,7 +71,7 @@ class MappedError(Exception):
 class Work(amp.Command):
     """The soak's call: its plan says what each middleware layer and the responder do."""
 
-    arguments = [("plan", amp.String()), ("n", amp.Integer())]
+    arguments = [("plan", amp.String()), ("n", amp.Integer()), ("payload", amp.BigBytes())]
     response = [("n", amp.Integer())]
     errors = {MappedError: "MAPPED"}
 
@@ -76,7 +79,7 @@ class Work(amp.Command):
 class Note(amp.Command):
     """A call without an answer: its plan says what the layers do, as for Work."""
 
-    arguments = [("plan", amp.String()), ("n", amp.Integer())]
+    arguments = [("plan", amp.String()), ("n", amp.Integer()), ("payload", amp.BigBytes())]
     requires_answer = False
 
 
@@ -106,6 +109,11 @@ Outcome = int | type[BaseException]
 
 # The value a bad_args layer puts in a call's n: a TypeError where it is used.
 BAD: Any = "not a number"
+
+
+def blob(size: int) -> bytes:
+    """The payload of ``size`` bytes that a call carries."""
+    return bytes(range(256)) * (size // 256) + bytes(range(size % 256))
 
 
 def _other(side: str) -> str:
@@ -205,6 +213,7 @@ class Scenario:
     max_responders: dict[str, int]
     max_pending_calls: dict[str, int]
     keepalive: dict[str, float | None]
+    high: dict[str, int | None]  # the transport's high-water mark, if set
     rounds: list[list[CallSpec]]
     # Per round: (seconds after it starts, side, attribute, value) set on a live peer.
     changes: list[list[tuple[float, str, str, Any]]]
@@ -214,7 +223,7 @@ class Scenario:
         return (
             f"seed {self.seed}: {self.transport}, layers {self.layers}, "
             f"max_responders {self.max_responders}, max_pending_calls {self.max_pending_calls}, "
-            f"keepalive {self.keepalive}, rounds {[len(r) for r in self.rounds]}, "
+            f"keepalive {self.keepalive}, high {self.high}, rounds {[len(r) for r in self.rounds]}, "
             f"close {self.close_at_end}"
         )
 
@@ -229,8 +238,9 @@ def make_scenario(seed: int) -> Scenario:
         layers=layers,
         max_responders={side: rng.randint(1, 4) for side in "AB"},
         max_pending_calls={side: rng.randint(1, 4) for side in "AB"},
+        high={side: rng.choice([None, None, 0, 1024, 16384]) for side in "AB"},
         keepalive={
-            side: rng.choice([None, 0.002, 0.01, 0.03, 0.1]) if rng.random() < 0.3 else 0.01
+            side: rng.choice([None, 0.002, 0.01, 0.03, 0.1]) if rng.random() < 0.3 else 0.005
             for side in "AB"
         },
         rounds=[],
@@ -249,6 +259,7 @@ def make_scenario(seed: int) -> Scenario:
                 "i": [_action(rng, IN_KINDS) for _ in range(layers[callee])],
                 "r": rng.choice(RESPONDER_KINDS),
                 "d": round(rng.choice([0, 0, 0.001, 0.01]), 3),
+                "p": rng.choice([0, 0, 0, 100, 20_000, 200_000]),
             }
             if plan["r"] == "nested":
                 # The responder calls the caller back: out of the callee's layers,
@@ -258,6 +269,7 @@ def make_scenario(seed: int) -> Scenario:
                     "i": [_action(rng, NESTED_KINDS) for _ in range(layers[caller])],
                     "r": rng.choice(["ok", "ok", "mapped"]),
                     "d": 0,
+                    "p": rng.choice([0, 50_000]),
                     "n": rng.randint(0, 1000),
                 }
             ids += 1
@@ -287,7 +299,7 @@ def make_scenario(seed: int) -> Scenario:
 def _action(rng: random.Random, kinds: list[str]) -> list[Any]:
     kind = rng.choice(kinds)
     if kind == "sleep":
-        return [kind, round(rng.choice([0, 0.001, 0.005, 0.02]), 3)]
+        return [kind, round(rng.choice([0, 0.001, 0.005, 0.02, 0.05]), 3)]
     if kind in ("args", "answer", "own"):
         return [kind, rng.randint(1, 99)]
     return [kind]
@@ -344,21 +356,37 @@ class PlanLayer(amp.Middleware):
 class Peer(amp.AMPProtocol):
     """A side of the soak: answers Work as its plan says, and Echo at once."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, high: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.high = high
         # How many times the responder ran, by call id.
         self.ran: dict[int, int] = {}
         # What went wrong inside the responders.
         self.errors: list[str] = []
 
-    def _enter(self, steps: dict[str, Any]) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.high is not None and self.transport is not None:
+            # Small buffers, in the transport and the kernel: writing pauses often.
+            self.transport.set_write_buffer_limits(high=self.high)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+                if sock.family == socket.AF_UNIX:
+                    # Not on TCP: a receive window shrunk after the handshake
+                    # stalls loopback TCP for seconds (retransmission backoff).
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+
+    def _enter(self, steps: dict[str, Any], payload: bytes) -> None:
+        if len(payload) != steps["p"] or payload != blob(steps["p"]):
+            self.errors.append(f"[payload] {steps} came with {len(payload)} bytes")
         if "id" in steps:
             self.ran[steps["id"]] = self.ran.get(steps["id"], 0) + 1
 
     @Work.responder
-    async def work(self, plan: str, n: int) -> dict[str, int]:
+    async def work(self, plan: str, n: int, payload: bytes) -> dict[str, int]:
         steps = json.loads(plan)
-        self._enter(steps)
+        self._enter(steps, payload)
         if steps["d"]:
             await asyncio.sleep(steps["d"])
         if steps["r"] == "mapped":
@@ -367,7 +395,9 @@ class Peer(amp.AMPProtocol):
             nest = steps["nest"]
             want = expected(nest, nest["n"])
             try:
-                answer = await self.call_remote(Work, plan=json.dumps(nest), n=nest["n"])
+                answer = await self.call_remote(
+                    Work, plan=json.dumps(nest), n=nest["n"], payload=blob(nest["p"])
+                )
                 got: Any = answer["n"]
             except amp.ConnectionLostError:
                 got = want  # the scenario closes the connection
@@ -381,9 +411,9 @@ class Peer(amp.AMPProtocol):
         return {"n": n + 1}
 
     @Note.responder
-    async def note(self, plan: str, n: int) -> None:
+    async def note(self, plan: str, n: int, payload: bytes) -> None:
         steps = json.loads(plan)
-        self._enter(steps)
+        self._enter(steps, payload)
         if steps["d"]:
             await asyncio.sleep(steps["d"])
 
@@ -394,6 +424,7 @@ class Peer(amp.AMPProtocol):
 
 def make_peer(scenario: Scenario, side: str) -> Peer:
     return Peer(
+        high=scenario.high[side],
         max_responders=scenario.max_responders[side],
         max_pending_calls=scenario.max_pending_calls[side],
         keepalive=scenario.keepalive[side],
@@ -458,7 +489,7 @@ async def _connect(scenario: Scenario) -> tuple[Peer, Peer, amp.Client | None, l
         keepalive = scenario.keepalive["A"]
         client = amp.Client(
             f"{HOST}:{port}",
-            protocol_factory=Peer,
+            protocol_factory=functools.partial(Peer, high=scenario.high["A"]),
             middleware=[PlanLayer(i) for i in range(scenario.layers["A"])],
             keepalive_timeout=KEEPALIVE_TIMEOUT,
             max_responders=scenario.max_responders["A"],
@@ -480,6 +511,23 @@ async def _connect(scenario: Scenario) -> tuple[Peer, Peer, amp.Client | None, l
     b = await made
     server.close()
     return a, b, None, [server]
+
+
+def kernel_state(protocol: amp.AMPProtocol) -> str:
+    """The bytes in the socket's queues: sent and not acknowledged, received and not read."""
+    transport = protocol.transport
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None:
+        return "no socket"
+    try:
+        unsent = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return "socket closed"
+    return (
+        f"kernel unsent={int.from_bytes(unsent, sys.byteorder)} "
+        f"unread={int.from_bytes(unread, sys.byteorder)}"
+    )
 
 
 def idle_state(protocol: amp.AMPProtocol) -> list[str]:
@@ -518,7 +566,9 @@ async def _drive(
     handle = None
     try:
         command = Note if spec.plan["c"] == "note" else Work
-        future = protocol.call_remote(command, plan=json.dumps(spec.plan), n=spec.n)
+        future = protocol.call_remote(
+            command, plan=json.dumps(spec.plan), n=spec.n, payload=blob(spec.plan["p"])
+        )
         if spec.cancel is not None:
             cancelled.add(spec.id)
             handle = loop.call_later(spec.cancel, me.cancel)
@@ -576,7 +626,7 @@ async def _round(
     if stuck:
         fail(
             f"[stuck] {len(stuck)} calls unresolved after {CALL_DEADLINE} s: "
-            + "; ".join(protocol_state(p) for p in peers.values())
+            + "; ".join(f"{protocol_state(p)} {kernel_state(p)}" for p in peers.values())
         )
     await asyncio.gather(*tasks, return_exceptions=True)
     # Every call resolved exactly once, with its outcome.
@@ -653,9 +703,9 @@ async def _round(
         try:
             async with asyncio.timeout(PHASE_DEADLINE):
                 echo = await caller.call_remote(Echo, n=41)
-                plan = {"o": [["pass"]] * report.scenario.layers[side], "d": 0, "r": "ok"}
+                plan = {"o": [["pass"]] * report.scenario.layers[side], "d": 0, "r": "ok", "p": 0}
                 plan["i"] = [["pass"]] * report.scenario.layers[_other(side)]
-                work = await caller.call_remote(Work, plan=json.dumps(plan), n=1)
+                work = await caller.call_remote(Work, plan=json.dumps(plan), n=1, payload=b"")
         except Exception as exc:
             fail(f"[fresh] a fresh call from {side} failed: {exc!r}")
         else:

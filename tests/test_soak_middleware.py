@@ -24,8 +24,9 @@ from helpers import TIME
 SEED_BOUND = 30 * TIME
 
 #: Seeds run on every test run: between them, every layer action, notes, calls
-#: back from responders, live changes of the limits and closing on purpose.
-SEEDS = [1, 3, 7, 8, 12, 20]
+#: back from responders, live changes of the limits, closing on purpose, big
+#: payloads over small buffers, and each transport (TCP, UNIX, a Client).
+SEEDS = [2, 18, 19, 23, 47, 73]
 
 
 async def _run(seed: int) -> None:
@@ -55,6 +56,9 @@ def test_the_seeds_cover_every_kind() -> None:
     assert any(changes for s in scenarios for changes in s.changes)
     assert any(call.cancel is not None for s in scenarios for r in s.rounds for call in r)
     assert any(call.plan["c"] == "note" for s in scenarios for r in s.rounds for call in r)
+    assert {s.transport for s in scenarios} == {"tcp", "unix", "client"}
+    assert any(high is not None for s in scenarios for high in s.high.values())
+    assert any(call.plan["p"] for s in scenarios for r in s.rounds for call in r)
 
 
 def test_scenarios_follow_from_their_seed() -> None:
