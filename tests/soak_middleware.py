@@ -94,10 +94,11 @@ class Echo(amp.Command):
 #   pass, sleep s, mapped, unmapped, cancelled (raise CancelledError),
 #   self_cancel (cancel its own task, then await), callback (call the peer's Echo
 #   first), args k (add k to n), answer k (add k to the answer's n), own k
-#   (answer {"n": k} without passing the call on), bad_args (outgoing only: n
-#   becomes a str, which the encoding refuses).
+#   (answer {"n": k} without passing the call on), timeout s (pass the call on
+#   under asyncio.timeout(s); if it expires, answer {"n": 0}), bad_args
+#   (outgoing only: n becomes a str, which the encoding refuses).
 OUT_KINDS = ["pass", "pass", "sleep", "sleep", "mapped", "unmapped", "cancelled", "self_cancel"]
-OUT_KINDS += ["callback", "args", "answer", "own", "bad_args"]
+OUT_KINDS += ["callback", "args", "answer", "own", "timeout", "bad_args"]
 IN_KINDS = [kind for kind in OUT_KINDS if kind != "bad_args"]
 RESPONDER_KINDS = ["ok", "ok", "later", "mapped", "nested"]
 # What the layers do with a responder's call back to the caller.
@@ -158,14 +159,35 @@ def simulate(plan: dict[str, Any], n: int) -> tuple[Outcome | None, bool]:
 
 
 def expected(plan: dict[str, Any], n: int) -> Outcome | None:
-    """What a call with ``plan`` and ``n`` resolves to."""
+    """What a call with ``plan`` and ``n`` resolves to, if no timeout layer expires."""
     return simulate(plan, n)[0]
+
+
+def possible(plan: dict[str, Any], n: int) -> tuple[set[Any], set[bool]]:
+    """
+    What a call may resolve to, and whether its responder may run.
+
+    Each timeout layer either lets the call through or expires and answers
+    ``{"n": 0}``; expiring after the responder started, it may leave it run.
+    """
+    slots = [(way, i) for way in ("o", "i") for i, a in enumerate(plan[way]) if a[0] == "timeout"]
+    results, runs = set(), set()
+    for mask in range(2 ** len(slots)):
+        variant = {**plan, "o": list(plan["o"]), "i": list(plan["i"])}
+        for bit, (way, i) in enumerate(slots):
+            variant[way][i] = ["own", 0] if mask >> bit & 1 else ["pass"]
+        result, ran = simulate(variant, n)
+        results.add(result)
+        runs.add(ran)
+    if slots and True in runs:
+        runs.add(False)  # a timeout may expire before the responder starts
+    return results, runs
 
 
 def layer(action: list[Any], n: Any, rest: Any) -> Outcome | None:
     """What one layer makes of the call, ``rest`` being the layers after it."""
     kind = action[0]
-    if kind in ("pass", "sleep", "callback"):
+    if kind in ("pass", "sleep", "callback", "timeout"):
         return rest(n)  # type: ignore[no-any-return]
     if kind == "mapped":
         return MappedError
@@ -298,7 +320,7 @@ def make_scenario(seed: int) -> Scenario:
 
 def _action(rng: random.Random, kinds: list[str]) -> list[Any]:
     kind = rng.choice(kinds)
-    if kind == "sleep":
+    if kind in ("sleep", "timeout"):
         return [kind, round(rng.choice([0, 0.001, 0.005, 0.02, 0.05]), 3)]
     if kind in ("args", "answer", "own"):
         return [kind, rng.randint(1, 99)]
@@ -347,6 +369,12 @@ class PlanLayer(amp.Middleware):
             call.arguments["n"] = BAD
         elif kind == "own":
             return {"n": action[1]}
+        elif kind == "timeout":
+            try:
+                async with asyncio.timeout(action[1]):
+                    return await call_next(call)
+            except TimeoutError:
+                return {"n": 0}
         answer = await call_next(call)
         if kind == "answer" and call.requires_answer:
             answer = {**answer, "n": answer["n"] + action[1]}
@@ -636,7 +664,7 @@ async def _round(
             fail(f"[once] {spec.describe()} resolved {len(got)} times: {got}")
             continue
         result, want = got[0], spec.expected()
-        allowed = {want}
+        allowed = possible(spec.plan, spec.n)[0]
         if spec.id in cancelled:
             allowed.add(asyncio.CancelledError)
         if closing is not None:
@@ -677,14 +705,27 @@ async def _round(
         if busy:
             fail(f"[idle] the Client still counts calls in flight: {busy}")
 
-    # Each responder ran at most once, and exactly once where it had to.
+    # Each responder ran at most once, and exactly once where it had to (a Note
+    # may still be on its way: its caller is done when it is handed to the transport).
+    def must_run(spec: CallSpec) -> bool:
+        return False not in possible(spec.plan, spec.n)[1] and spec.id not in cancelled
+
+    def all_ran() -> bool:
+        return all(
+            any(peer.ran.get(spec.id) for peer in peers.values())
+            for spec in calls
+            if must_run(spec)
+        )
+
+    if closing is None:
+        await _bounded_poll(all_ran, PHASE_DEADLINE)
     for spec in calls:
         runs = sum(peer.ran.pop(spec.id, 0) for peer in peers.values())
-        ran = simulate(spec.plan, spec.n)[1]
+        may_run = possible(spec.plan, spec.n)[1]
         if (
             runs > 1
-            or (not ran and runs)
-            or (ran and runs != 1 and spec.id not in cancelled and closing is None)
+            or (True not in may_run and runs)
+            or (must_run(spec) and runs != 1 and not closing)
         ):
             fail(f"[ran] {spec.describe()}: the responder ran {runs} times")
     for peer in peers.values():

@@ -116,3 +116,12 @@ def test_the_model_of_a_note(
     # The caller of a call without an answer learns only what happens before it goes out.
     plan = {"c": "note", "o": out, "i": into, "r": "ok", "d": 0}
     assert soak.simulate(plan, 10) == (outcome, ran)
+
+
+def test_the_model_of_timeouts() -> None:
+    # A timeout layer lets the call through, or expires and answers {"n": 0}.
+    plan = {"o": [["answer", 5], ["timeout", 0.01]], "i": [], "r": "ok", "d": 0}
+    assert soak.possible(plan, 10) == ({16, 5}, {True, False})
+    # The model allows both, even where one cannot happen (the error comes first).
+    plan = {"o": [], "i": [["timeout", 0.01], ["mapped"]], "r": "ok", "d": 0}
+    assert soak.possible(plan, 10) == ({soak.MappedError, 0}, {False})
