@@ -240,13 +240,15 @@ class Scenario:
     # Per round: (seconds after it starts, side, attribute, value) set on a live peer.
     changes: list[list[tuple[float, str, str, Any]]]
     close_at_end: str | None  # the side that closes the connection in the last round
+    # How: "close", or "shutdown" with this grace period (seconds).
+    close_how: tuple[str, float]
 
     def summary(self) -> str:
         return (
             f"seed {self.seed}: {self.transport}, layers {self.layers}, "
             f"max_responders {self.max_responders}, max_pending_calls {self.max_pending_calls}, "
             f"keepalive {self.keepalive}, high {self.high}, rounds {[len(r) for r in self.rounds]}, "
-            f"close {self.close_at_end}"
+            f"close {self.close_at_end} {self.close_how if self.close_at_end else ''}"
         )
 
 
@@ -268,6 +270,7 @@ def make_scenario(seed: int) -> Scenario:
         rounds=[],
         changes=[],
         close_at_end=rng.choice(["A", "B"]) if rng.random() < 0.3 else None,
+        close_how=(rng.choice(["close", "shutdown"]), rng.choice([0.0, 0.01, 0.1])),
     )
     ids = 0
     for _ in range(rng.randint(2, 4)):
@@ -645,7 +648,11 @@ async def _round(
     report.calls += len(calls)
     if closing is not None:
         await asyncio.sleep(random.Random(report.scenario.seed).uniform(0, 0.02))
-        peers[closing].close()
+        how, grace = report.scenario.close_how
+        if how == "close":
+            peers[closing].close()
+        else:
+            tasks.append(asyncio.create_task(peers[closing].shutdown(grace)))
     _, stuck = await asyncio.wait(tasks, timeout=CALL_DEADLINE)
     for handle in handles:
         handle.cancel()
@@ -658,6 +665,9 @@ async def _round(
         )
     await asyncio.gather(*tasks, return_exceptions=True)
     # Every call resolved exactly once, with its outcome.
+    for task in tasks[len(calls) :]:
+        if not task.cancelled() and task.exception() is not None:
+            fail(f"[shutdown] shutdown() raised {task.exception()!r}")
     for spec in calls:
         got = outcomes.get(spec.id, [])
         if len(got) != 1:
@@ -671,6 +681,7 @@ async def _round(
             # The connection closes under the call: at the caller, or under the
             # peer's responder (UNKNOWN), or refused before it is sent.
             allowed |= {amp.ConnectionLostError, amp.UnknownRemoteError, amp.NoConnectionError}
+            allowed.add(amp.RemoteAmpError)  # SHUTDOWN
         if result not in allowed:
             fail(f"[outcome] {spec.describe()}: got {_show(result)}, expected {_show(want)}")
 
