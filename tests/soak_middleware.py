@@ -104,6 +104,16 @@ RESPONDER_KINDS = ["ok", "ok", "later", "mapped", "nested"]
 # What the layers do with a responder's call back to the caller.
 NESTED_KINDS = ["pass", "pass", "sleep", "mapped", "args", "answer", "own", "callback", "timeout"]
 
+# What a call may resolve to when the scenario closes the connection under it: it
+# closes at the caller, or under the peer's responder (UNKNOWN), or the Client
+# finds no connection to send it on, or the peer refuses it while it shuts down.
+CLOSING_OUTCOMES = {
+    amp.ConnectionLostError,
+    amp.UnknownRemoteError,
+    amp.NoConnectionError,
+    amp.RemoteAmpError,
+}
+
 # What a call resolved to: an int (the answer's n) or an exception type.
 Outcome = int | type[BaseException]
 
@@ -394,6 +404,8 @@ class Peer(amp.AMPProtocol):
         self.ran: dict[int, int] = {}
         # What went wrong inside the responders.
         self.errors: list[str] = []
+        # What went wrong in a way that closing the connection explains.
+        self.closing_errors: list[str] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -430,12 +442,11 @@ class Peer(amp.AMPProtocol):
                     Work, plan=json.dumps(nest), n=nest["n"], payload=blob(nest["p"])
                 )
                 got: Any = answer["n"]
-            except amp.ConnectionLostError:
-                got = None  # the scenario closes the connection
             except Exception as exc:
                 got = type(exc)
-            if got is not None and got not in want:
-                self.errors.append(
+            if got not in want:
+                # Kept apart when the scenario closes the connection (see _round).
+                (self.closing_errors if got in CLOSING_OUTCOMES else self.errors).append(
                     f"[nested] #{steps['id']}'s call back {nest}: got {_show(got)}, "
                     f"expected one of {', '.join(map(_show, want))}"
                 )
@@ -678,10 +689,7 @@ async def _round(
         if spec.id in cancelled:
             allowed.add(asyncio.CancelledError)
         if closing is not None:
-            # The connection closes under the call: at the caller, or under the
-            # peer's responder (UNKNOWN), or refused before it is sent.
-            allowed |= {amp.ConnectionLostError, amp.UnknownRemoteError, amp.NoConnectionError}
-            allowed.add(amp.RemoteAmpError)  # SHUTDOWN
+            allowed |= CLOSING_OUTCOMES
         if result not in allowed:
             fail(f"[outcome] {spec.describe()}: got {_show(result)}, expected {_show(want)}")
 
@@ -741,7 +749,10 @@ async def _round(
             fail(f"[ran] {spec.describe()}: the responder ran {runs} times")
     for peer in peers.values():
         report.failures += peer.errors
+        if closing is None:
+            report.failures += peer.closing_errors
         peer.errors.clear()
+        peer.closing_errors.clear()
 
     if closing is not None:
         return
