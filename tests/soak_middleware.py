@@ -49,6 +49,7 @@ import socket
 import sys
 import termios
 import time
+import weakref
 from typing import Any
 
 import asyncio_amp as amp
@@ -96,9 +97,10 @@ class Echo(amp.Command):
 #   first), args k (add k to n), answer k (add k to the answer's n), own k
 #   (answer {"n": k} without passing the call on), timeout s (pass the call on
 #   under asyncio.timeout(s); if it expires, answer {"n": 0}), bad_args
-#   (outgoing only: n becomes a str, which the encoding refuses).
+#   (outgoing only: n becomes a str, which the encoding refuses), extra (going
+#   out, add a key to the box: the peer then decodes the call from its box).
 OUT_KINDS = ["pass", "pass", "sleep", "sleep", "mapped", "unmapped", "cancelled", "self_cancel"]
-OUT_KINDS += ["callback", "args", "answer", "own", "timeout", "bad_args"]
+OUT_KINDS += ["callback", "args", "answer", "own", "timeout", "extra", "bad_args"]
 IN_KINDS = [kind for kind in OUT_KINDS if kind != "bad_args"]
 RESPONDER_KINDS = ["ok", "ok", "later", "mapped", "nested"]
 # What the layers do with a responder's call back to the caller.
@@ -197,7 +199,7 @@ def possible(plan: dict[str, Any], n: int) -> tuple[set[Any], set[bool]]:
 def layer(action: list[Any], n: Any, rest: Any) -> Outcome | None:
     """What one layer makes of the call, ``rest`` being the layers after it."""
     kind = action[0]
-    if kind in ("pass", "sleep", "callback", "timeout"):
+    if kind in ("pass", "sleep", "callback", "timeout", "extra"):
         return rest(n)  # type: ignore[no-any-return]
     if kind == "mapped":
         return MappedError
@@ -380,6 +382,14 @@ class PlanLayer(amp.Middleware):
             call.arguments["n"] += action[1]
         elif kind == "bad_args":
             call.arguments["n"] = BAD
+        elif kind == "extra" and call.direction == "outgoing":
+            call.extra[b"soak-layer-%d" % self.index] = b"%d" % self.index
+        elif kind == "extra":
+            # Coming in: the keys the caller's layers added, and no other.
+            caller = json.loads(call.arguments["plan"])["o"]
+            added = {b"soak-layer-%d" % i: b"%d" % i for i, a in enumerate(caller) if a[0] == kind}
+            if call.extra != added:
+                raise AssertionError(f"extra keys {call.extra}, expected {added}")
         elif kind == "own":
             return {"n": action[1]}
         elif kind == "timeout":
@@ -394,12 +404,17 @@ class PlanLayer(amp.Middleware):
         return answer
 
 
+#: The protocols of the runs: none may outlive its run.
+LIVE: weakref.WeakSet[Peer] = weakref.WeakSet()
+
+
 class Peer(amp.AMPProtocol):
     """A side of the soak: answers Work as its plan says, and Echo at once."""
 
     def __init__(self, high: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.high = high
+        LIVE.add(self)
         # How many times the responder ran, by call id.
         self.ran: dict[int, int] = {}
         # What went wrong inside the responders.
@@ -819,6 +834,13 @@ async def run_seed(seed: int) -> Report:
     with quiet_logs() as logged:
         report = await run_scenario(make_scenario(seed))
     report.failures += [f"[asyncio-log] {message}" for message in logged.messages]
+
+    def freed() -> bool:
+        gc.collect()
+        return not LIVE
+
+    if not await _bounded_poll(freed, PHASE_DEADLINE):
+        report.failures.append(f"[memory] {len(LIVE)} protocols of the run are still alive")
     return report
 
 
