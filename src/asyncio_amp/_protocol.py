@@ -572,7 +572,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._keepalive.resumed()
         if self._debug:
             logger.debug("= writing to %s resumed", self._peer)
-        if self._lost:
+        if not self._lost:
+            # Not from inside the transport's drain, where this is called: when a
+            # write made there fails, asyncio's selector transport (before
+            # CPython gh-156512) calls connection_lost twice.
+            self._loop.call_soon(self._resumed)  # type: ignore[union-attr]
+
+    def _resumed(self) -> None:
+        """Writing resumed: send what was held back."""
+        if self._lost or self._writing_paused:
             return
         self._flush()
         if (self._waiting or self._waiting_nested) and not self._writing_paused:
