@@ -28,6 +28,11 @@ SEED_BOUND = 30 * TIME
 #: payloads over small buffers, and each transport (TCP, UNIX, a Client).
 SEEDS = [2, 18, 19, 23, 47, 73]
 
+#: Seeds that failed a long soak, with what failed (each has its own regression test).
+REGRESSIONS = [
+    90397,  # pure Python: connection_lost twice, a write from resume_writing() failing
+]
+
 
 async def _run(seed: int) -> None:
     async with asyncio.timeout(SEED_BOUND):
@@ -35,7 +40,7 @@ async def _run(seed: int) -> None:
     assert report.ok, report.describe()
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", SEEDS + REGRESSIONS)
 async def test_soak_seed(seed: int) -> None:
     await _run(seed)
 
