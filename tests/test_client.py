@@ -554,6 +554,38 @@ async def test_middleware_runs_on_every_connection_of_the_client() -> None:
     assert (stats["calls"], stats["retries"]) == (32, 0)
 
 
+class Spoils(amp.Middleware):
+    """Makes the ``n`` of every Where call a str, which its encoding refuses."""
+
+    async def outgoing(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, object]:
+        if call.command is Where:
+            call.arguments["n"] = "x"
+        return await call_next(call)
+
+
+async def test_arguments_are_checked_before_the_middleware_and_again_when_encoded() -> None:
+    # The same rule as AMPProtocol's: a bad call fails at once; a middleware's
+    # bad change fails the call when it is encoded, and is not sent again.
+    served = Served()
+
+    class Counted(Named):
+        def __init__(self) -> None:
+            super().__init__(middleware=[served])
+
+    async with servers_on(HOSTS[:1], Counted) as (port, _):
+        client = amp.Client(f"127.0.0.1:{port}", middleware=[Spoils()])
+        async with client:
+            with pytest.raises(TypeError, match="expected an int"):
+                client.call_remote(Where, n="x", delay=0)
+            with pytest.raises(TypeError, match="expected an int"):
+                await client.call_remote(Where, n=1, delay=0)
+            answer = await client.call_remote(Record, n=1, delay=0)
+            stats = client.stats()
+    assert answer["n"] == 1
+    assert served.count == 1
+    assert stats["retries"] == 0
+
+
 async def test_a_call_sent_again_goes_through_the_middleware_again() -> None:
     class Aborts(Named):
         @Where.responder

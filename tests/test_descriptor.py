@@ -495,3 +495,39 @@ async def test_the_late_answer_to_a_cancelled_call_closes_its_descriptors(
             await asyncio.wait_for(client.wait_closed(), LONG)
     await asyncio.sleep(0)
     assert open_fds() == before
+
+
+class Passes(amp.Middleware):
+    async def outgoing(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, Any]:
+        return await call_next(call)
+
+
+@pytest.mark.asyncio_loop_only
+async def test_calls_through_middleware_are_checked_at_once(
+    tmp_path: pathlib.Path, amp_loop: str
+) -> None:
+    # The check before the middleware duplicates no descriptor for good and takes
+    # no ordinal: the one call that goes out sends descriptor number 0.
+    path = str(tmp_path / "amp.sock")
+    server = await amp.serve(Server, path=path)
+    try:
+        client = await amp.connect(path=path, middleware=[Passes()])
+        read_end, write_end = os.pipe()
+        before = open_fds()
+        with pytest.raises(TypeError):
+            client.call_remote(WriteTo, fd=write_end, text="not bytes")
+        with pytest.raises(TypeError, match="file descriptor"):
+            client.call_remote(WriteTo, fd=-1, text=b"")
+        assert open_fds() == before
+        assert await asyncio.wait_for(
+            client.call_remote(WriteTo, fd=write_end, text=b"ok"), LONG
+        ) == {"written": 2}
+        assert client._fds is not None and client._fds.exchange._next_out == 1
+        os.close(write_end)
+        assert read_all(read_end) == b"ok"
+        os.close(read_end)
+        client.close()
+        await asyncio.wait_for(client.wait_closed(), LONG)
+    finally:
+        server.close()
+        await server.wait_closed()

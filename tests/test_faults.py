@@ -1251,3 +1251,64 @@ async def test_box_over_a_receive_limit_closes_the_connection(
     [warning] = amp_records(caplog, logging.WARNING)
     assert f"closing the connection with {peer_name(writer)}" in warning.getMessage()
     assert reason in warning.getMessage()
+
+
+class Upload(amp.Command):
+    arguments = [("data", amp.BigBytes())]
+    response = [("size", amp.Integer())]
+
+
+class GoesAway(amp.AMPProtocol):
+    """Its peer closes just as writing resumes: between the drain and our next write."""
+
+    def __init__(self, peer: socket.socket) -> None:
+        super().__init__()
+        self.raw_peer: socket.socket | None = peer
+        self.lost: list[Exception | None] = []
+
+    def resume_writing(self) -> None:
+        if self.raw_peer is not None:
+            self.raw_peer.close()
+            self.raw_peer = None
+        super().resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+        super().connection_lost(exc)
+
+
+async def test_a_peer_gone_as_writing_resumes_loses_the_connection_once() -> None:
+    # Writing from resume_writing() while the transport is still in its drain
+    # made asyncio's selector transport (before gh-156512) call connection_lost
+    # twice when that write failed; the second call raised in the loop.
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setblocking(False)
+    try:
+        _, proto = await loop.create_connection(lambda: GoesAway(theirs), sock=ours)
+        assert proto.transport is not None
+        proto.transport.set_write_buffer_limits(high=0)
+        first = proto.call_remote(Upload, data=b"x" * 2_000_000)
+        assert proto._writing_paused
+        second = proto.call_remote(Upload, data=b"y")  # waits for writing to resume
+        # A heartbeat: its answer waits in our queue for writing to resume.
+        theirs.send(encode_box({b"_ask": b"1", b"_command": b"asyncio-amp:heartbeat"}))
+        await eventually(lambda: proto._conn.queued > 0, "the heartbeat's answer waits")
+        async with asyncio.timeout(LONG):
+            while proto.raw_peer is not None:
+                with contextlib.suppress(BlockingIOError):
+                    theirs.recv(1 << 20)
+                await asyncio.sleep(0)
+            for call in (first, second):
+                with pytest.raises(amp.ConnectionLostError):
+                    await call
+            await proto.wait_closed()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        theirs.close()
+    assert len(proto.lost) == 1
+    assert errors == []

@@ -404,6 +404,52 @@ async def test_bad_extra_keys_are_refused_before_sending(key: Any, error: type[E
         assert not proto._pending
 
 
+class Counts(amp.Middleware):
+    """Counts the calls it sees going out; with ``bad``, makes their ``a`` a str."""
+
+    def __init__(self, bad: bool = False) -> None:
+        self.seen = 0
+        self.bad = bad
+
+    async def outgoing(self, call: amp.Call, call_next: amp.CallNext) -> dict[str, Any]:
+        self.seen += 1
+        if self.bad:
+            call.arguments["a"] = "x"
+        return await call_next(call)
+
+
+async def test_bad_arguments_raise_at_once_before_the_middleware() -> None:
+    # As without middleware: the call fails at once, and no middleware sees it.
+    counts = Counts()
+    async with (
+        running_server(Server) as (_, port, _),
+        client(port, lambda: amp.AMPProtocol(middleware=[counts])) as proto,
+    ):
+        with pytest.raises(TypeError, match="expected an int"):
+            proto.call_remote(Sum, a="x", b=2)
+        with pytest.raises(TypeError, match="missing"):
+            proto.call_remote(Sum, a=1)
+        with pytest.raises(amp.TooLongError):
+            proto.call_remote(Note, text="x" * 70_000)
+        assert counts.seen == 0
+        assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
+        assert counts.seen == 1
+
+
+async def test_arguments_a_middleware_changes_are_checked_when_encoded() -> None:
+    counts = Counts(bad=True)
+    async with (
+        running_server(Server) as (_, port, _),
+        client(port, lambda: amp.AMPProtocol(middleware=[counts])) as proto,
+    ):
+        with pytest.raises(TypeError, match="expected an int"):
+            await proto.call_remote(Sum, a=1, b=2)
+        assert counts.seen == 1
+        assert not proto._pending
+        counts.bad = False
+        assert await proto.call_remote(Sum, a=1, b=2) == {"total": 3}
+
+
 class Gateway(amp.AMPProtocol):
     def unhandled_command(self, name: bytes, box: dict[bytes, bytes]) -> dict[bytes, bytes]:
         if name == b"Fail":

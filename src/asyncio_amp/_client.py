@@ -328,11 +328,7 @@ class Client:
                 raise ValueError(f"{name} must be an int of at least {least}, not {number!r}")
         self._protocol_factory = protocol_factory
         # Checked now, not at the first connection; an iterator is read once.
-        self._middleware, _, outgoing = build(middleware)
-        # With outgoing middleware a protocol checks a call's arguments in its
-        # chain's task; the client checks them first, so that they still raise
-        # at once.
-        self._check_first = outgoing is not None
+        self._middleware = build(middleware)[0]
         self._ssl = ssl
         self._keepalive = keepalive
         self._keepalive_timeout = keepalive_timeout
@@ -654,8 +650,6 @@ class Client:
             raise NoConnectionError(f"cannot call {label}: the client is closed")
         self._start()
         assert self._loop is not None
-        if self._check_first:
-            check()
         slot = self._pick()
         future: asyncio.Future[Any] | None = None
         if slot is not None:

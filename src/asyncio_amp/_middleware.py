@@ -20,10 +20,12 @@ How a call goes through the chain:
   connection still decodes calls straight from the bytes: it does so only for
   boxes without extra keys, and gives the others as boxes, whose extra keys the
   chain reads.
-* **Outgoing.** ``call_remote`` (and ``call_remote_box``) start the chain as a
-  task in the caller's context and return it; the innermost step encodes the
-  call (with the extra keys the middleware added) and hands it to the protocol,
-  which queues, sends and lends exactly as without middleware.
+* **Outgoing.** ``call_remote`` (and ``call_remote_box``) check the call's
+  arguments first (so a bad call raises at once, as without middleware), then
+  start the chain as a task in the caller's context and return it; the
+  innermost step encodes the call (with the arguments as the middleware left
+  them, checked again, and the extra keys it added) and hands it to the
+  protocol, which queues, sends and lends exactly as without middleware.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
+from ._arguments import DescriptorExchange, descriptor_exchange
 from ._commands import Command, RawCommand
 from ._errors import RemoteAmpError
 from ._locators import _error_answer, is_default_hook
@@ -371,6 +374,29 @@ class Chain:
         call = self.tags.pop(future, None)
         if call is not None:
             call.tag = tag
+
+
+def check_arguments(protocol: AMPProtocol, command: type[Command], arguments: Any) -> None:
+    """
+    Encode an outgoing call's arguments once, for its errors only, before the chain runs.
+
+    So a bad call raises at once, as it does without middleware; ``_send``
+    encodes (and so checks) the arguments again, as the middleware left them.
+    StartTLS and protocol switch calls are checked their own way, when sent.
+    """
+    if getattr(command, "_upgrade_call", None) is not None:
+        return
+    if not (command._uses_descriptors and protocol._fds is not None):
+        command._encode_ask(arguments)
+        return
+    # A throwaway exchange: the descriptors are duplicated, and closed again.
+    exchange = DescriptorExchange()
+    token = descriptor_exchange.set(exchange)
+    try:
+        command._encode_ask(arguments)
+    finally:
+        descriptor_exchange.reset(token)
+        exchange.rollback(0)
 
 
 def _link(step: Step, after: CallNext) -> CallNext:

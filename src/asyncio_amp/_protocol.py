@@ -45,7 +45,7 @@ from ._keepalive import (
     seconds_value,
 )
 from ._locators import Located, default_hook, default_locate, is_default_hook, locate
-from ._middleware import Chain, Middleware, build
+from ._middleware import Chain, Middleware, build, check_arguments
 from ._observe import MAX_PENDING_CALLS, MAX_RESPONDERS, Observer, observer_of
 from ._switch import Upgrade
 from ._tls import StartTLS
@@ -617,7 +617,15 @@ class AMPProtocol(asyncio.BufferedProtocol):
             self._keepalive.resumed()
         if self._debug:
             logger.debug("= writing to %s resumed", self._peer)
-        if self._lost:
+        if not self._lost:
+            # Not from inside the transport's drain, where this is called: when a
+            # write made there fails, asyncio's selector transport (before
+            # CPython gh-156512) calls connection_lost twice.
+            self._loop.call_soon(self._resumed)  # type: ignore[union-attr]
+
+    def _resumed(self) -> None:
+        """Writing resumed: send what was held back."""
+        if self._lost or self._writing_paused:
             return
         self._flush()
         if (self._waiting or self._waiting_nested) and not self._writing_paused:
@@ -726,6 +734,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if not self._accepting:
             raise self._refusal(cmd.__qualname__)
         if self._outgoing is not None:
+            check_arguments(self, cmd, arguments)  # before the chain, as without it
             return self._outgoing.call(self, cmd, cmd.wire_name, arguments)
         encoder = cmd._plain_ask
         if encoder is not None:
