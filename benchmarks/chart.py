@@ -33,9 +33,11 @@ SERIES = [
     ("amp-uvloop/twisted", "asyncio-amp on uvloop ÷ Twisted", "#aec7e8"),
     ("amp/raw", "asyncio-amp ÷ raw floor", "#d62728"),
     ("amp-uvloop/raw-uvloop", "asyncio-amp on uvloop ÷ raw uvloop floor", "#ff9896"),
+    ("amp-pure/twisted", "pure Python ÷ Twisted", "#2ca02c"),
+    ("amp-uvloop-pure/twisted", "pure Python on uvloop ÷ Twisted", "#98df8a"),
 ]
 # Rows that repeat another one in a different unit.
-SKIPPED_ROWS = {"inproc (per call)", "pool-cpu (speed-up)", "pool-cpu (vs bare)"}
+SKIPPED_ROWS = {"inproc (per call)", "pool-cpu (speed-up)", "pool-cpu (vs bare)", "pool-cpu (busy)"}
 
 
 def draw(document: dict[str, Any], output: Path) -> None:
