@@ -38,23 +38,21 @@ Every wait here is bounded.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import pathlib
 import random
 import signal
 import sys
 import tempfile
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import asyncio_amp as amp
+from chaos import Report, command_line
 from client_server import Record, Where
 
 #: Multiply every time bound by this (AMP_TEST_TIME_SCALE) on a slow machine.
@@ -216,30 +214,10 @@ class Server:
         self.process = None
 
 
-@dataclasses.dataclass
-class Report:
-    scenario: Scenario
-    problems: list[str]
-    calls: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def describe(self) -> str:
-        lines = [self.scenario.summary(), *self.problems[:30]]
-        if len(self.problems) > 30:
-            lines.append(f"... and {len(self.problems) - 30} more")
-        lines.append(
-            f"(reproduce: python tests/client_chaos.py --seed {self.scenario.seed} --runs 1)"
-        )
-        return "\n".join(lines)
-
-
 async def run_seed(seed: int) -> Report:
     """Run the scenario of ``seed`` against three server processes and check every invariant."""
     scenario = make_scenario(seed)
-    report = Report(scenario, [])
+    report = Report(scenario, [], script="client_chaos.py")
     loop = asyncio.get_running_loop()
     loop_errors: list[str] = []
     old_handler = loop.get_exception_handler()
@@ -486,34 +464,5 @@ def _check_traces(scenario: Scenario, servers: list[Server], problems: list[str]
             problems.append(f"{plan.describe()}: answered, but never ran")
 
 
-async def main(seed: int, runs: int, seconds: float) -> int:
-    logging.getLogger("asyncio_amp").addHandler(logging.NullHandler())
-    logging.getLogger("asyncio_amp").propagate = False
-    began = time.monotonic()
-    failures = calls = done = 0
-    while done < runs and time.monotonic() - began < seconds:
-        async with asyncio.timeout(CALL_DEADLINE + 4 * PHASE_DEADLINE):
-            report = await run_seed(seed + done)
-        done += 1
-        calls += report.calls
-        if not report.ok:
-            failures += 1
-            print(report.describe(), flush=True)
-        if done % 20 == 0:
-            print(f"{done} seeds, {calls} calls, {failures} failed", flush=True)
-    print(f"seeds {seed}..{seed + done - 1}: {done} run, {calls} calls, {failures} failed")
-    return 1 if failures else 0
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=1_000_000)
-    parser.add_argument("--seconds", type=float, default=600)
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    options = parser.parse_args()
-    if options.loop == "uvloop":
-        import uvloop
-
-        sys.exit(uvloop.run(main(options.seed, options.runs, options.seconds)))
-    sys.exit(asyncio.run(main(options.seed, options.runs, options.seconds)))
+    command_line(__doc__, run_seed, CALL_DEADLINE + 4 * PHASE_DEADLINE)

@@ -34,24 +34,22 @@ Every wait here is bounded.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import pathlib
 import random
 import signal
 import sys
 import tempfile
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import asyncio_amp as amp
 from asyncio_amp.pool import PoolClosedError, ProcessPool, WorkerCrashedError
+from chaos import Report, command_line
 from pool_worker import Die, Fail, Sleep, Sum, Worker
 
 #: Multiply every time bound by this (AMP_TEST_TIME_SCALE) on a slow machine.
@@ -204,26 +202,6 @@ def descriptors() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
-@dataclasses.dataclass
-class Report:
-    scenario: Scenario
-    problems: list[str]
-    calls: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def describe(self) -> str:
-        lines = [self.scenario.summary(), *self.problems[:30]]
-        if len(self.problems) > 30:
-            lines.append(f"... and {len(self.problems) - 30} more")
-        lines.append(
-            f"(reproduce: python tests/pool_chaos.py --seed {self.scenario.seed} --runs 1)"
-        )
-        return "\n".join(lines)
-
-
 def expected(plan: Plan) -> Any:
     if plan.kind == "quick":
         return {"total": plan.id + 1}
@@ -235,7 +213,7 @@ def expected(plan: Plan) -> Any:
 async def run_seed(seed: int) -> Report:
     """Run the scenario of ``seed`` and check every invariant."""
     scenario = make_scenario(seed)
-    report = Report(scenario, [])
+    report = Report(scenario, [], script="pool_chaos.py")
     problems = report.problems
     loop = asyncio.get_running_loop()
     loop_errors: list[str] = []
@@ -539,34 +517,5 @@ def _check_outcomes(
         problems.append(f"timed_out = {stats['timed_out']}, but {timed_out} calls timed out")
 
 
-async def main(seed: int, runs: int, seconds: float) -> int:
-    logging.getLogger("asyncio_amp").addHandler(logging.NullHandler())
-    logging.getLogger("asyncio_amp").propagate = False
-    began = time.monotonic()
-    failures = calls = done = 0
-    while done < runs and time.monotonic() - began < seconds:
-        async with asyncio.timeout(CALL_DEADLINE + 3 * PHASE_DEADLINE):
-            report = await run_seed(seed + done)
-        done += 1
-        calls += report.calls
-        if not report.ok:
-            failures += 1
-            print(report.describe(), flush=True)
-        if done % 20 == 0:
-            print(f"{done} seeds, {calls} calls, {failures} failed", flush=True)
-    print(f"seeds {seed}..{seed + done - 1}: {done} run, {calls} calls, {failures} failed")
-    return 1 if failures else 0
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=1_000_000)
-    parser.add_argument("--seconds", type=float, default=600)
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    options = parser.parse_args()
-    if options.loop == "uvloop":
-        import uvloop
-
-        sys.exit(uvloop.run(main(options.seed, options.runs, options.seconds)))
-    sys.exit(asyncio.run(main(options.seed, options.runs, options.seconds)))
+    command_line(__doc__, run_seed, CALL_DEADLINE + 3 * PHASE_DEADLINE)
