@@ -181,6 +181,13 @@ def _classify(box: Box) -> Ask | Answer | ErrorAnswer:
     )
 
 
+def _limit(name: str, value: int) -> int:
+    """Check a decoder limit as BoxDecoder does, for a decoder not created yet."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, not {value!r}")
+    return value
+
+
 # Stand-ins for the tables when nothing is to be decoded straight to values.
 # Only ever read.
 _NO_PARSERS: Mapping[bytes, tuple[Parser, Any]] = {}
@@ -199,6 +206,8 @@ class AMPConnection:
     __slots__ = (
         "_decoder",
         "_events",
+        "_max_box_size",
+        "_max_keys",
         "_outgoing",
         "_remainder",
         "_skipped",
@@ -219,7 +228,12 @@ class AMPConnection:
         max_box_size: int = DEFAULT_MAX_BOX_SIZE,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        self._decoder = BoxDecoder(max_box_size=max_box_size, max_keys=max_keys)
+        self._max_box_size = _limit("max_box_size", max_box_size)
+        self._max_keys = _limit("max_keys", max_keys)
+        # The general decoder, created when first needed: the fast path of
+        # receive_data takes whole boxes without it, and an idle connection
+        # should cost little memory.
+        self._decoder: BoxDecoder | None = None
         # Created when first needed, so that an idle connection holds no lists.
         self._events: list[Event] | None = None
         self._outgoing: list[bytes] | None = None
@@ -258,20 +272,24 @@ class AMPConnection:
     @property
     def max_box_size(self) -> int:
         """The most bytes one received box may take."""
-        return self._decoder.max_box_size
+        return self._max_box_size
 
     @max_box_size.setter
     def max_box_size(self, value: int) -> None:
-        self._decoder.max_box_size = value
+        self._max_box_size = _limit("max_box_size", value)
+        if self._decoder is not None:
+            self._decoder.max_box_size = value
 
     @property
     def max_keys(self) -> int:
         """The most keys one received box may have."""
-        return self._decoder.max_keys
+        return self._max_keys
 
     @max_keys.setter
     def max_keys(self, value: int) -> None:
-        self._decoder.max_keys = value
+        self._max_keys = _limit("max_keys", value)
+        if self._decoder is not None:
+            self._decoder.max_keys = value
 
     # Receiving
 
@@ -291,6 +309,8 @@ class AMPConnection:
                 data = data[parsed:]
             self._skipped += parsed
         decoder = self._decoder
+        if decoder is None:
+            decoder = self._new_decoder()
         if self._skipped:
             # The decoder counts stream offsets for its error messages.
             decoder._skip(self._skipped)
@@ -338,6 +358,8 @@ class AMPConnection:
         if self.state is not State.OPEN:
             return None
         self.state = State.CLOSED
+        if self._decoder is None:
+            return None  # nothing was ever buffered: the fast path took every box
         return self._decoder.end_of_stream()
 
     # Stopping at a box boundary (StartTLS, protocol switching)
@@ -363,7 +385,7 @@ class AMPConnection:
         self._usual = False
         if self._remainder is not None:
             return
-        if self._decoder._at_boundary:
+        if self._decoder is None or self._decoder._at_boundary:
             self._stop = None
             self._remainder = bytearray()
         else:
@@ -384,7 +406,7 @@ class AMPConnection:
         remainder = self._remainder
         self._stop = None
         self._remainder = None
-        self._usual = self._decoder._at_boundary
+        self._usual = self._decoder is None or self._decoder._at_boundary
         return bytes(remainder) if remainder else b""
 
     # Sending
@@ -472,9 +494,8 @@ class AMPConnection:
         Returns:
             How many bytes it parsed: the boxes up to there are in ``events``.
         """
-        decoder = self._decoder
-        max_box_size = decoder.max_box_size
-        max_keys = decoder.max_keys
+        max_box_size = self._max_box_size
+        max_keys = self._max_keys
         # The most values a decoded answer (one key besides them: _answer) and a
         # decoded call (two: _ask and _command) may have, under max_keys.
         answer_values = max_keys - 2
@@ -590,6 +611,8 @@ class AMPConnection:
             remainder += data
             return
         decoder = self._decoder
+        if decoder is None:
+            decoder = self._new_decoder()
         pos = 0
         end = len(data)
         while pos < end:
@@ -619,6 +642,12 @@ class AMPConnection:
             if error is not None:
                 self._fail(error)
                 return
+
+    def _new_decoder(self) -> BoxDecoder:
+        decoder = self._decoder = BoxDecoder(
+            max_box_size=self._max_box_size, max_keys=self._max_keys
+        )
+        return decoder
 
     def _fail(self, error: ProtocolError) -> None:
         self.state = State.CLOSED
