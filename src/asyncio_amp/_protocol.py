@@ -97,6 +97,26 @@ def _read_buffer_for(loop: asyncio.AbstractEventLoop) -> memoryview:
         return memoryview(bytearray(64 * 1024))
 
 
+# The context of the last connection made on each loop. A protocol only ever runs
+# copies of its context (each responder gets a fresh one), never the context
+# itself, so connections made in contexts with equal contents can share one: the
+# many connections a server accepts in the same context then hold no context each.
+_shared_contexts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, contextvars.Context] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _context_for(loop: asyncio.AbstractEventLoop) -> contextvars.Context:
+    """A copy of the current context, or an equal one an earlier connection holds."""
+    context = contextvars.copy_context()
+    shared = _shared_contexts.get(loop)
+    if shared is not None and shared == context:
+        return shared
+    with contextlib.suppress(TypeError):  # a loop that cannot be weakly referenced
+        _shared_contexts[loop] = context
+    return context
+
+
 # Default limits; see AMPProtocol's docstring.
 DEFAULT_MAX_RESPONDERS = 100
 # (DEFAULT_MAX_QUEUED_CALLS comes from _flow.)
@@ -418,7 +438,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         # Not an isinstance check: uvloop's transports do not derive from asyncio's.
         self.transport = cast(asyncio.Transport, transport)
         self._loop = loop = asyncio.get_running_loop()
-        self._context = contextvars.copy_context()
+        self._context = _context_for(loop)
         self._accepting = not (
             self._close_after_flush or self._lost or self._close_cause or self._shutting_down
         )
