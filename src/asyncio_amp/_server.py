@@ -34,19 +34,29 @@ class _Tracked(asyncio.BufferedProtocol):
     The protocol the transport sees: it tells the server when its connection
     is made and lost, and hands everything else straight to the AMP protocol.
 
-    The AMP protocol's own bound methods are stored on the instance, so the
-    transport calls them directly and reading or writing costs no extra call.
+    The AMP protocol's own bound methods for reading are stored on the instance,
+    so the transport calls them directly and reading costs no extra call. The
+    rarer callbacks go through a method of ours: a bound method takes 64 bytes,
+    and a server may hold many idle connections.
     """
+
+    # Slots that shadow the base class's methods, on purpose (see above).
+    __slots__ = ("_protocol", "_server", "buffer_updated", "get_buffer")
 
     def __init__(self, server: Server[Any], protocol: AMPProtocol) -> None:
         self._server = server
         self._protocol = protocol
-        # Instance attributes that shadow the class's methods, on purpose (see above).
         self.get_buffer = protocol.get_buffer  # type: ignore[method-assign]
         self.buffer_updated = protocol.buffer_updated  # type: ignore[method-assign]
-        self.eof_received = protocol.eof_received  # type: ignore[method-assign]
-        self.pause_writing = protocol.pause_writing  # type: ignore[method-assign]
-        self.resume_writing = protocol.resume_writing  # type: ignore[method-assign]
+
+    def eof_received(self) -> bool | None:
+        return self._protocol.eof_received()
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._protocol.connection_made(transport)
