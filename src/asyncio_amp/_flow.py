@@ -62,13 +62,20 @@ Responders that call the peer back cannot hold the places their nested calls
 need (rule 1), and neither side stops reading the other's answers (rule 4):
 those were the two ways both sides at their limits used to stop each other
 for good.
+
+Idle connections share their state. Until a connection first needs to change
+its flow control (a call arrives, writing pauses, a heartbeat goes out), it
+holds the :func:`shared_flow` instance for its limits: a :class:`FlowControl` in its
+first state that refuses every change. The connection takes its own copy
+(:meth:`FlowControl.own`) before the first change, so every count above is still
+one connection's, and a server with many idle connections holds none.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
 __all__: list[str] = []
 
@@ -111,6 +118,9 @@ class FlowControl:
         "writing_paused",
     )
 
+    #: ``True`` for the read-only instances that idle connections share (see :func:`shared_flow`).
+    shared: ClassVar[bool] = False
+
     def __init__(
         self,
         max_responders: int,
@@ -138,6 +148,12 @@ class FlowControl:
             f"lending={self.lending} deferred={len(self.deferred)}"
             f"{' writing-paused' if self.writing_paused else ''}>"
         )
+
+    def own(self) -> FlowControl:
+        """A connection's own copy of a :func:`shared_flow` instance; ``self`` if not shared."""
+        if not self.shared:
+            return self
+        return FlowControl(self.max_responders, self.max_queued_calls, self.max_pending_calls)
 
     # Calls from the peer
 
@@ -232,3 +248,45 @@ class FlowControl:
         place, or writing is paused), and never while an answer is expected.
         """
         return awaiting_answers or not (self.deferred or self.writing_paused)
+
+
+class _SharedFlowControl(FlowControl):
+    """A FlowControl in its first state, shared by idle connections: read-only."""
+
+    __slots__ = ()
+
+    shared = True
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise RuntimeError(
+            f"cannot set {name}: a shared FlowControl is read-only (take own() first)"
+        )
+
+
+# The shared instances, by limits. Few sets of limits are in use at once; past
+# this many, connections get their own instance from the start.
+MAX_SHARED = 64
+_shared: dict[tuple[int, int, int], FlowControl] = {}
+
+
+def shared_flow(
+    max_responders: int,
+    max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
+    max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
+) -> FlowControl:
+    """
+    The flow control of an idle connection with these limits, shared and read-only.
+
+    The connection calls :meth:`FlowControl.own` before its first change.
+    """
+    key = (max_responders, max_queued_calls, max_pending_calls)
+    flow = _shared.get(key)
+    if flow is None:
+        if len(_shared) >= MAX_SHARED:
+            return FlowControl(*key)
+        model = FlowControl(*key)
+        flow = object.__new__(_SharedFlowControl)
+        for name in FlowControl.__slots__:
+            object.__setattr__(flow, name, getattr(model, name))
+        _shared[key] = flow
+    return flow

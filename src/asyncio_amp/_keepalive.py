@@ -264,7 +264,7 @@ class Keepalive:
         future: asyncio.Future[Any] = proto._loop.create_future()
         self.heartbeat = future
         # It does not count against max_pending_calls (see the theory of operation).
-        proto._flow.max_pending_calls += 1
+        proto._own_flow().max_pending_calls += 1
         future.add_done_callback(self._answered)
         if proto._debug:
             logger.debug("= %s has been silent for %s s: heartbeat", proto.peer, proto.keepalive)
@@ -275,7 +275,7 @@ class Keepalive:
             future.exception()  # any answer counts, an error too (retrieved: no warning)
         if future is self.heartbeat:
             self.heartbeat = None
-            self.proto._flow.max_pending_calls -= 1
+            self.proto._own_flow().max_pending_calls -= 1
 
     def expire(self) -> None:
         """Nothing came within keepalive_timeout of the heartbeat: drop the connection."""

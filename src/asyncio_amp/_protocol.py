@@ -34,7 +34,13 @@ from ._commands import (
 from ._connection import AMPConnection, Answer, Ask, Called, ErrorAnswer, Failure
 from ._errors import ConnectionLostError, ProtocolError, UnhandledCommandError
 from ._fds import FdChannel
-from ._flow import DEFAULT_MAX_PENDING_CALLS, DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
+from ._flow import (
+    DEFAULT_MAX_PENDING_CALLS,
+    DEFAULT_MAX_QUEUED_CALLS,
+    FlowControl,
+    Verdict,
+    shared_flow,
+)
 from ._keepalive import (
     DEFAULT_KEEPALIVE_TIMEOUT,
     HEARTBEAT_NAME,
@@ -357,7 +363,9 @@ class AMPProtocol(asyncio.BufferedProtocol):
         #: The transport, once connected.
         self.transport: asyncio.Transport | None = None
         self._conn = AMPConnection(max_box_size=max_box_size, max_keys=max_keys)
-        self._flow = FlowControl(
+        # Shared and read-only while the connection is idle: _own_flow() before
+        # any change (see _flow).
+        self._flow = shared_flow(
             _positive("max_responders", max_responders),
             _positive("max_queued_calls", max_queued_calls),
             _positive("max_pending_calls", max_pending_calls),
@@ -492,6 +500,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
             return
         self._receiving = True
         flow = self._flow
+        if flow.shared:
+            flow = self._own_flow()
         context = self._context
         remaining = iter(events)
         try:
@@ -618,7 +628,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         """The transport's buffer is full: hold back calls, answers and new responders."""
         self._writing_paused = True
-        self._flow.pause_writing()
+        self._own_flow().pause_writing()
         if self._upgrade is not None:
             self._upgrade.pause_writing()
         if self._debug:
@@ -632,7 +642,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._upgrade is not None and self._upgrade.resume_writing():
             return  # writes are held until the upgrade is done
         self._writing_paused = False
-        self._flow.resume_writing()
+        self._own_flow().resume_writing()
         if self._keepalive is not None:
             self._keepalive.resumed()
         if self._debug:
@@ -671,7 +681,8 @@ class AMPProtocol(asyncio.BufferedProtocol):
         if self._debug:
             logger.debug("= connection with %s lost: %s", self._peer, cause or "closed")
         self._fail_pending(cause)
-        self._flow.drop_waiting()
+        if not self._flow.shared:
+            self._flow.drop_waiting()
         for task in self._tasks or ():
             task.cancel()
         if self._flush_handle is not None:
@@ -935,7 +946,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
                     )
                 )
         self._waiting = self._waiting_nested = ()
-        for event in self._flow.drop_waiting():
+        for event in () if self._flow.shared else self._flow.drop_waiting():
             self._refuse_shutting_down(event)
         current = asyncio.current_task()
         work: set[asyncio.Future[Any]] = {
@@ -1011,7 +1022,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     @max_responders.setter
     def max_responders(self, value: int) -> None:
-        self._flow.max_responders = _positive("max_responders", value)
+        self._set_limits(max_responders=_positive("max_responders", value))
 
     @property
     def max_queued_calls(self) -> int:
@@ -1020,7 +1031,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     @max_queued_calls.setter
     def max_queued_calls(self, value: int) -> None:
-        self._flow.max_queued_calls = _positive("max_queued_calls", value)
+        self._set_limits(max_queued_calls=_positive("max_queued_calls", value))
 
     @property
     def max_pending_calls(self) -> int:
@@ -1030,7 +1041,30 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     @max_pending_calls.setter
     def max_pending_calls(self, value: int) -> None:
-        self._flow.max_pending_calls = _positive("max_pending_calls", value) + self._heartbeat_out()
+        self._set_limits(
+            max_pending_calls=_positive("max_pending_calls", value) + self._heartbeat_out()
+        )
+
+    def _own_flow(self) -> FlowControl:
+        """The connection's own flow control, taken from the shared one when first needed."""
+        flow = self._flow
+        if flow.shared:
+            flow = self._flow = flow.own()
+        return flow
+
+    def _set_limits(self, **limits: int) -> None:
+        flow = self._flow
+        if not flow.shared:
+            for name, value in limits.items():
+                setattr(flow, name, value)
+            return
+        values = {
+            "max_responders": flow.max_responders,
+            "max_queued_calls": flow.max_queued_calls,
+            "max_pending_calls": flow.max_pending_calls,
+            **limits,
+        }
+        self._flow = shared_flow(**values)
 
     def _heartbeat_out(self) -> int:
         return int(self._keepalive is not None and self._keepalive.heartbeat is not None)
@@ -1372,14 +1406,14 @@ class AMPProtocol(asyncio.BufferedProtocol):
         responding.waiting += 1
         future.add_done_callback(functools.partial(self._reclaim, responding))
         if responding.waiting == 1:
-            self._flow.lend()
+            self._own_flow().lend()
             if self._flow.deferred:
                 self._schedule_release()
 
     def _reclaim(self, responding: _Responding, future: asyncio.Future[Any]) -> None:
         responding.waiting -= 1
         if responding.waiting == 0 and not responding.ended and not self._lost:
-            self._flow.reclaim()
+            self._own_flow().reclaim()
 
     def _take_call(self, tag: bytes, box: Mapping[bytes, bytes] | None = None) -> _Sent | None:
         """
@@ -1434,7 +1468,7 @@ class AMPProtocol(asyncio.BufferedProtocol):
 
     def _arrive(self, event: Ask | Called) -> None:
         """A call from the peer: start it, keep it waiting for a place, or refuse a flood."""
-        verdict = self._flow.arrive(event)
+        verdict = self._own_flow().arrive(event)
         if verdict is Verdict.START:
             self._dispatch(event)
         elif verdict is Verdict.DEFER:

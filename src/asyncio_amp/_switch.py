@@ -119,7 +119,7 @@ class Upgrade:
         self.holding = True
         self.transport_paused = proto._writing_paused
         proto._writing_paused = True
-        proto._flow.pause_writing()
+        proto._own_flow().pause_writing()
 
     def release(self, proto: AMPProtocol) -> None:
         """Stop holding writes: send what waited, unless the transport itself is full."""
