@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from asyncio_amp._flow import DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict
+from asyncio_amp._flow import DEFAULT_MAX_QUEUED_CALLS, FlowControl, Verdict, shared_flow
 
 
 def test_defaults_and_repr() -> None:
@@ -24,6 +24,21 @@ def test_defaults_and_repr() -> None:
     assert repr(flow) == "<FlowControl working=0/3 lending=0 deferred=0>"
     flow.pause_writing()
     assert repr(flow).endswith("writing-paused>")
+
+
+def test_shared_flow_is_read_only_and_owned_as_a_fresh_copy() -> None:
+    flow = shared_flow(3, 7, 5)
+    assert flow is shared_flow(3, 7, 5) and flow is not shared_flow(3, 7, 6)
+    assert flow.shared and not FlowControl(3).shared
+    with pytest.raises(RuntimeError, match="read-only"):
+        flow.pause_writing()
+    with pytest.raises(RuntimeError, match="read-only"):
+        flow.arrive("a")
+    assert (flow.working, flow.lending, flow.deferred, flow.writing_paused) == (0, 0, (), False)
+    own = flow.own()
+    assert type(own) is FlowControl and own.own() is own
+    assert (own.max_responders, own.max_queued_calls, own.max_pending_calls) == (3, 7, 5)
+    assert own.arrive("a") is Verdict.START and flow.working == 0
 
 
 def test_calls_start_up_to_max_responders_then_wait_in_order() -> None:

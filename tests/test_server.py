@@ -94,6 +94,37 @@ async def test_serve_returns_a_server() -> None:
         assert "serving" in repr(server)
 
 
+async def test_idle_connections_hold_no_flow_control_or_decoder_of_their_own() -> None:
+    # Idle connections are cheap: until data comes, each shares its flow control
+    # and context with the others, and has no general decoder.
+    async with closing(await amp.serve(Worker, HOST, 0)) as server:
+        port = port_of(server)
+        with contextlib.ExitStack() as stack:
+            for _ in range(2):
+                sock = stack.enter_context(socket.create_connection((HOST, port), timeout=LONG))
+            await eventually(lambda: len(server.connections) == 2, "both connections are made")
+            first, second = server.connections
+            assert first._flow is second._flow and first._flow.shared
+            assert first._context is second._context
+            assert first._conn._decoder is None and second._conn._decoder is None
+            # A call, and half a box after it: that connection takes its own.
+            sock.sendall(
+                amp.encode_box({b"_ask": b"1", b"_command": b"Sum", b"a": b"1", b"b": b"2"})
+            )
+            sock.sendall(b"\x00\x04_a")
+            await eventually(lambda: first._conn._decoder or second._conn._decoder, "data arrives")
+            busy, idle = (first, second) if first._conn._decoder else (second, first)
+            assert not busy._flow.shared and busy._flow.working == 0
+            assert idle._flow.shared and idle._conn._decoder is None
+            assert (idle._flow.working, idle._flow.deferred) == (0, ())
+            sock.setblocking(False)
+            answer = b""
+            async with asyncio.timeout(LONG):
+                while not answer.endswith(b"\x00\x00"):
+                    answer += await asyncio.get_running_loop().sock_recv(sock, 4096)
+            assert amp.parse_boxes(answer) == [{b"_answer": b"1", b"total": b"3"}]
+
+
 async def test_close_ends_connections_with_calls_in_flight_both_ways() -> None:
     made: list[Worker] = []
 
