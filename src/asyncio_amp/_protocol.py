@@ -115,11 +115,13 @@ _shared_contexts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, contextva
 def _context_for(loop: asyncio.AbstractEventLoop) -> contextvars.Context:
     """A copy of the current context, or an equal one an earlier connection holds."""
     context = contextvars.copy_context()
-    shared = _shared_contexts.get(loop)
+    try:
+        shared = _shared_contexts.get(loop)
+    except TypeError:  # a loop that cannot be weakly referenced
+        return context
     if shared is not None and shared == context:
         return shared
-    with contextlib.suppress(TypeError):  # a loop that cannot be weakly referenced
-        _shared_contexts[loop] = context
+    _shared_contexts[loop] = context
     return context
 
 
