@@ -654,6 +654,20 @@ def test_compiled_encoders_give_the_usual_box_in_few_parts() -> None:
 
 
 @needs_build
+@pytest.mark.parametrize("which", ["ask", "send"])
+def test_compiled_encoders_keep_long_bytes_values_as_they_are(which: str) -> None:
+    # A call held until the transport drains keeps the caller's bytes, not a copy.
+    long, short = b"L" * 512, b"s" * 511
+    values = dict(USUAL[which])
+    for value in (long, short):
+        values["Early"] = values["data"] = value
+        assert assert_same_encoding(which, values)[0] == "ok"
+        out = ENCODERS[ENCODER_NAMES.index(which)][1](values)
+        parts = out[0] if type(out) is tuple else out
+        assert sum(part is value for part in parts) == (2 if value is long else 0)
+
+
+@needs_build
 def test_compiled_encoders_keep_no_references() -> None:
     # The usual path and each way to the generated code give back what they take.
     # Objects of this test's own (not small ints or interned strings), whose counts

@@ -1443,8 +1443,10 @@ static PyTypeObject ParserType = {
  * an exact bytes tag. For anything else it calls the generated function itself, so
  * every error, and every result of an odd value, comes from that one place.
  *
- * It returns what the generated function returns, in fewer parts: ([head, b"", tail],
- * 1) where the box has the tag's placeholder (an ask), [box] otherwise.
+ * It returns what the generated function returns, in fewer parts: (parts, slot) where
+ * the box has the tag's placeholder (an ask), parts otherwise. The parts are the box's
+ * bytes around the slot's b"" and the long bytes values (KEEP_VALUE_LENGTH): for the
+ * usual call, ([head, b"", tail], 1) or [box].
  */
 
 /* How a field's value is encoded: _commands._INLINE_ENCODE, and Boolean.to_bytes. */
@@ -1485,8 +1487,17 @@ typedef struct {
     PyObject *owned; /* what p points into when it is neither value nor buf */
     const char *p;
     Py_ssize_t n;
+    int kept;     /* whether the value goes into the parts as it is (KEEP_VALUE_LENGTH) */
     char buf[32]; /* a formatted int or float */
 } Encoded;
+
+/*
+ * A bytes value at least this long goes into the parts as it is, a part of its own, as
+ * the generated code puts every value: a call held until the transport drains then
+ * keeps the caller's bytes rather than a copy of them. Shorter ones are copied, which
+ * costs less than a part of their own.
+ */
+#define KEEP_VALUE_LENGTH 512
 
 #define ENCODER_STACK_FIELDS 16
 
@@ -1630,51 +1641,16 @@ release_encoded(Encoded *encoded, Py_ssize_t n)
     }
 }
 
-/* Copy the steps into buf, from the first step to the slot (or the end) or after it. */
+/* Take a new segment of `size` bytes as parts[*k]; NULL with an exception set on failure. */
 static char *
-write_steps(Encoder *self, Encoded *encoded, PyObject *const *args, char *q, int after_slot)
+next_segment(PyObject *parts, Py_ssize_t *k, Py_ssize_t size)
 {
-    Py_ssize_t i = 0;
-    if (after_slot) {
-        while (self->steps[i].op != STEP_SLOT) {
-            i++;
-        }
-        i++;
+    PyObject *segment = PyBytes_FromStringAndSize(NULL, size);
+    if (segment == NULL) {
+        return NULL;
     }
-    for (; i < self->count; i++) {
-        EncoderStep *step = &self->steps[i];
-        switch (step->op) {
-        case STEP_CONSTANT:
-            memcpy(q, PyBytes_AS_STRING(step->data), PyBytes_GET_SIZE(step->data));
-            q += PyBytes_GET_SIZE(step->data);
-            break;
-        case STEP_SLOT:
-            return q;
-        case STEP_PARAMETER: { /* _P[len(tag)] + tag */
-            PyObject *tag = args[1 + step->index];
-            Py_ssize_t n = PyBytes_GET_SIZE(tag);
-            *q++ = (char)(n >> 8);
-            *q++ = (char)(n & 0xff);
-            memcpy(q, PyBytes_AS_STRING(tag), n);
-            q += n;
-            break;
-        }
-        case STEP_FIELD: {
-            Encoded *e = &encoded[step->index];
-            if (e->value == NULL) {
-                break; /* an optional value absent or None */
-            }
-            memcpy(q, PyBytes_AS_STRING(step->data), PyBytes_GET_SIZE(step->data));
-            q += PyBytes_GET_SIZE(step->data);
-            *q++ = (char)(e->n >> 8);
-            *q++ = (char)(e->n & 0xff);
-            memcpy(q, e->p, e->n);
-            q += e->n;
-            break;
-        }
-        }
-    }
-    return q;
+    PyList_SET_ITEM(parts, (*k)++, segment);
+    return PyBytes_AS_STRING(segment);
 }
 
 /* Mirrors the generated `encode(values[, tag])`; hands anything unusual to it. */
@@ -1686,36 +1662,44 @@ encoder_vectorcall(Encoder *self, PyObject *const *args, size_t nargsf, PyObject
         return PyObject_Vectorcall(self->python_encode, args, nargsf, kwnames);
     }
     for (Py_ssize_t i = 1; i < nargs; i++) {
-        if (!PyBytes_CheckExact(args[i]) || PyBytes_GET_SIZE(args[i]) >= PyTuple_GET_SIZE(prefixes)) {
+        if (!PyBytes_CheckExact(args[i]) ||
+            PyBytes_GET_SIZE(args[i]) >= PyTuple_GET_SIZE(prefixes)) {
             return PyObject_Vectorcall(self->python_encode, args, nargsf, kwnames);
         }
     }
     PyObject *values = args[0];
     Encoded stack[ENCODER_STACK_FIELDS];
+    Py_ssize_t stack_segments[ENCODER_STACK_FIELDS + 2];
     Encoded *encoded = stack;
+    Py_ssize_t *segments = stack_segments; /* the sizes of the parts this writes */
     if (self->fields > ENCODER_STACK_FIELDS) {
         encoded = PyMem_Malloc(self->fields * sizeof(Encoded));
-        if (encoded == NULL) {
+        segments = PyMem_Malloc((self->fields + 2) * sizeof(Py_ssize_t));
+        if (encoded == NULL || segments == NULL) {
+            PyMem_Free(encoded);
+            PyMem_Free(segments);
             return PyErr_NoMemory();
         }
     }
     Py_ssize_t done = 0; /* fields whose Encoded holds references to release */
     Py_ssize_t counted = 0;
-    Py_ssize_t sizes[2] = {0, 0}; /* before the slot (or all of it), after it */
-    int part = 0;
+    Py_ssize_t count = 0; /* segments */
+    Py_ssize_t size = 0;  /* of the segment being measured */
+    Py_ssize_t kept = 0;  /* values that are parts of their own */
     int usual = 1;
     /* First pass: check and encode every value, as the generated code does in order. */
     for (Py_ssize_t i = 0; usual && i < self->count; i++) {
         EncoderStep *step = &self->steps[i];
         switch (step->op) {
         case STEP_CONSTANT:
-            sizes[part] += PyBytes_GET_SIZE(step->data);
+            size += PyBytes_GET_SIZE(step->data);
             break;
         case STEP_SLOT:
-            part = 1;
+            segments[count++] = size;
+            size = 0;
             break;
         case STEP_PARAMETER:
-            sizes[part] += 2 + PyBytes_GET_SIZE(args[1 + step->index]);
+            size += 2 + PyBytes_GET_SIZE(args[1 + step->index]);
             break;
         case STEP_FIELD: {
             Encoded *e = &encoded[done++];
@@ -1738,72 +1722,105 @@ encoder_vectorcall(Encoder *self, PyObject *const *args, size_t nargsf, PyObject
                 usual = 0;
                 break;
             }
-            sizes[part] += PyBytes_GET_SIZE(step->data) + 2 + e->n;
+            size += PyBytes_GET_SIZE(step->data) + 2;
+            e->kept = step->kind == ENCODE_BYTES && e->n >= KEEP_VALUE_LENGTH;
+            if (e->kept) {
+                segments[count++] = size;
+                size = 0;
+                kept++;
+            }
+            else {
+                size += e->n;
+            }
             break;
         }
         }
     }
+    segments[count++] = size;
+    PyObject *result = NULL;
     /* if len(values) != count: raise _Fallback (a name the schema does not have) */
     if (!usual || PyDict_GET_SIZE(values) != counted) {
-        release_encoded(encoded, done);
-        if (encoded != stack) {
-            PyMem_Free(encoded);
-        }
-        return PyObject_Vectorcall(self->python_encode, args, nargsf, kwnames);
-    }
-    /* Second pass: write the box, in one bytes object or two around the tag's slot. */
-    PyObject *result = NULL;
-    PyObject *head = PyBytes_FromStringAndSize(NULL, sizes[0]);
-    PyObject *parts = NULL;
-    if (head == NULL) {
+        result = PyObject_Vectorcall(self->python_encode, args, nargsf, kwnames);
         goto finish;
     }
-    write_steps(self, encoded, args, PyBytes_AS_STRING(head), 0);
-    if (!self->has_slot) {
-        parts = PyList_New(1);
-        if (parts == NULL) {
-            Py_DECREF(head);
-            goto finish;
+    /* Second pass: write the segments, with the tag's slot and the kept values between. */
+    PyObject *parts = PyList_New(count + self->has_slot + kept);
+    if (parts == NULL) {
+        goto finish;
+    }
+    Py_ssize_t k = 0, slot = -1, segment = 0;
+    char *q = next_segment(parts, &k, segments[segment++]);
+    for (Py_ssize_t i = 0; q != NULL && i < self->count; i++) {
+        EncoderStep *step = &self->steps[i];
+        switch (step->op) {
+        case STEP_CONSTANT:
+            memcpy(q, PyBytes_AS_STRING(step->data), PyBytes_GET_SIZE(step->data));
+            q += PyBytes_GET_SIZE(step->data);
+            break;
+        case STEP_SLOT: { /* b"", which the caller replaces with the tag */
+            PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+            if (empty == NULL) {
+                q = NULL;
+                break;
+            }
+            slot = k;
+            PyList_SET_ITEM(parts, k++, empty);
+            q = next_segment(parts, &k, segments[segment++]);
+            break;
         }
-        PyList_SET_ITEM(parts, 0, head);
+        case STEP_PARAMETER: { /* _P[len(tag)] + tag */
+            PyObject *tag = args[1 + step->index];
+            Py_ssize_t n = PyBytes_GET_SIZE(tag);
+            *q++ = (char)(n >> 8);
+            *q++ = (char)(n & 0xff);
+            memcpy(q, PyBytes_AS_STRING(tag), n);
+            q += n;
+            break;
+        }
+        case STEP_FIELD: {
+            Encoded *e = &encoded[step->index];
+            if (e->value == NULL) {
+                break; /* an optional value absent or None */
+            }
+            memcpy(q, PyBytes_AS_STRING(step->data), PyBytes_GET_SIZE(step->data));
+            q += PyBytes_GET_SIZE(step->data);
+            *q++ = (char)(e->n >> 8);
+            *q++ = (char)(e->n & 0xff);
+            if (e->kept) {
+                Py_INCREF(e->value);
+                PyList_SET_ITEM(parts, k++, e->value);
+                q = next_segment(parts, &k, segments[segment++]);
+            }
+            else {
+                memcpy(q, e->p, e->n);
+                q += e->n;
+            }
+            break;
+        }
+        }
+    }
+    if (q == NULL) {
+        Py_DECREF(parts); /* the items not set yet are NULL, which the list skips */
+        goto finish;
+    }
+    if (!self->has_slot) {
         result = parts;
         goto finish;
     }
-    PyObject *tail = PyBytes_FromStringAndSize(NULL, sizes[1]);
-    if (tail == NULL) {
-        Py_DECREF(head);
-        goto finish;
-    }
-    write_steps(self, encoded, args, PyBytes_AS_STRING(tail), 1);
-    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
-    if (empty == NULL) {
-        Py_DECREF(head);
-        Py_DECREF(tail);
-        goto finish;
-    }
-    parts = PyList_New(3);
-    if (parts == NULL) {
-        Py_DECREF(head);
-        Py_DECREF(tail);
-        Py_DECREF(empty);
-        goto finish;
-    }
-    PyList_SET_ITEM(parts, 0, head);
-    PyList_SET_ITEM(parts, 1, empty);
-    PyList_SET_ITEM(parts, 2, tail);
-    PyObject *slot = PyLong_FromSsize_t(1);
-    result = slot == NULL ? NULL : PyTuple_New(2);
+    PyObject *index = PyLong_FromSsize_t(slot);
+    result = index == NULL ? NULL : PyTuple_New(2);
     if (result == NULL) {
-        Py_XDECREF(slot);
+        Py_XDECREF(index);
         Py_DECREF(parts);
         goto finish;
     }
     PyTuple_SET_ITEM(result, 0, parts);
-    PyTuple_SET_ITEM(result, 1, slot);
+    PyTuple_SET_ITEM(result, 1, index);
 finish:
     release_encoded(encoded, done);
     if (encoded != stack) {
         PyMem_Free(encoded);
+        PyMem_Free(segments);
     }
     return result;
 }
