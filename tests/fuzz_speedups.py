@@ -15,6 +15,11 @@ errors (same type, same message), and leave their decoders in the same state:
 - a Command's compiled parser and the generated Python one it mirrors, from every offset
   of the input: the same values and end, or both raising (the same exception when a
   value does not decode).
+- a Command's compiled encoders (ask, send, answer) and the generated Python ones they
+  mirror, on values drawn from a generator seeded with the input: edge integers, bools,
+  subclasses, empty and over-long bytes and strings, lone surrogates, NaN and infinities,
+  None, missing and unknown names, wrong types, odd tags and mappings. The same box
+  bytes, or the same exception.
 
 Run it as a script for a long run (``python tests/fuzz_speedups.py -n 1000000``); the
 test suite runs a bounded number of inputs (tests/test_speedups.py).
@@ -27,10 +32,21 @@ import contextlib
 import random
 import sys
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
-from asyncio_amp import Bytes, Command, Integer, String, _commands, _connection, _wire
+from asyncio_amp import (
+    Boolean,
+    Bytes,
+    Command,
+    Float,
+    Integer,
+    String,
+    _commands,
+    _connection,
+    _wire,
+)
 from asyncio_amp._connection import AMPConnection, Failure
 from asyncio_amp._errors import ProtocolError
 from asyncio_amp._wire import PythonBoxDecoder, python_encode_box, python_encode_items
@@ -73,6 +89,131 @@ def parse_outcome(parse: Any, data: bytes, p: int) -> Any:
     except Exception as exc:
         return ("error", exc)
     return ("ok", repr(values), end)
+
+
+class Encoded(Command):
+    """A schema for the encoders: each inline kind, required and optional, and a key before _ask."""
+
+    arguments = [
+        ("Early", Bytes(optional=True)),
+        ("a", Integer()),
+        ("b", Integer(optional=True)),
+        ("data", Bytes()),
+        ("name", String(optional=True)),
+        ("ratio", Float()),
+        ("flag", Boolean(optional=True)),
+    ]
+    response = [("total", Integer()), ("ok", Boolean()), ("note", String(optional=True))]
+
+
+class _Int(int):
+    """An int subclass: the generated code calls the argument's to_bytes for it."""
+
+
+class _Str(str):
+    """A str subclass."""
+
+
+# Values for each field, usual and odd; _MISSING leaves the name out.
+_MISSING = object()
+_INTEGERS = [0, 1, -1, 7, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64, -(10**30), 10**70]
+_INTEGERS += [True, False, _Int(5), 10**5000, 1.0, "1", b"1", None]
+_BYTES = [b"", b"x", b"\x00\xff", b"y" * 65_535, b"y" * 65_536, bytearray(b"ba")]
+_BYTES += [memoryview(b"mv"), "str", 1, None]
+_STRINGS = ["", "a", "\u00e9t\u00e9", "\U0001f600", "\ud800", "x" * 65_535, "\u00e9" * 32_768]
+_STRINGS += [_Str("sub"), b"bytes", 3, None]
+_FLOATS = [0.0, -0.0, 1.5, 0.1, 1e308, 5e-324, -1e-310, 1e16, 123456789.123456789]
+_FLOATS += [float("nan"), float("inf"), float("-inf"), 1, True, "1.5", None]
+_BOOLEANS = [True, False, 0, 1, "", None]
+_VALUES = {Integer: _INTEGERS, Bytes: _BYTES, String: _STRINGS, Float: _FLOATS}
+_VALUES[Boolean] = _BOOLEANS
+_TAGS = [b"1", b"1f", b"", b"t" * 1023, b"t" * 1024, bytearray(b"2"), "3", None]
+
+
+def both_encoders(accel: Any) -> list[tuple[Any, Any, int]]:
+    """The generated Python encoders of Encoded's ask, send and answer, their compiled
+    mirrors, and how many parameters follow the values (the answer's tag)."""
+    kept = _commands._speedups
+    result = []
+    try:
+        for steps, specials in (
+            (Encoded._ask_steps, (None, Encoded.wire_name)),
+            (Encoded._send_steps, (Encoded.wire_name,)),
+            (Encoded._answer_steps, ("tag",)),
+        ):
+            _commands._speedups = None
+            slow = _commands._compile_encoder("Encoded", steps, specials)
+            _commands._speedups = accel
+            fast = _commands._accelerated_encoder(slow, steps, specials)
+            result.append((slow, fast, int("tag" in specials)))
+    finally:
+        _commands._speedups = kept
+    return result
+
+
+def encode_outcome(encode: Any, args: tuple[Any, ...]) -> Any:
+    """The box an encoder writes (its tag slot filled in), or its exception's type and message."""
+    try:
+        result = encode(*args)
+    except Exception as exc:
+        return ("error", type(exc).__name__, str(exc))
+    if type(result) is tuple:
+        parts, slot = result
+        assert type(parts) is list and parts[slot] == b"", result
+        parts = list(parts)
+        parts[slot] = b"\x00\x02TG"
+        return ("ok", b"".join(parts), "slot")
+    return ("ok", b"".join(result))
+
+
+def random_values(rng: random.Random, fields: Any) -> Any:
+    """Values for ``fields``: usually all usual, now and then odd, missing or extra."""
+    values: dict[str, Any] = {}
+    odd = rng.random() < 0.3
+    for field in fields:
+        pool = _VALUES[type(field.argument)]
+        if not odd:
+            usual = [v for v in pool if v is not None and type(v) in (int, bytes, str, float)]
+            if type(field.argument) is Boolean:
+                usual = [True, False]
+            if field.optional and rng.random() < 0.3:
+                continue
+            values[field.name] = rng.choice(usual)
+            continue
+        choice = rng.choice([*pool, _MISSING])
+        if choice is not _MISSING:
+            values[field.name] = choice
+    if odd and rng.random() < 0.1:
+        values["extra"] = 1
+    if odd and rng.random() < 0.05:
+        return rng.choice((_Dict, types.MappingProxyType))(values)
+    return values
+
+
+class _Dict(dict[str, Any]):
+    """A dict subclass: the generated code takes any mapping."""
+
+
+_encoders: dict[Any, list[tuple[Any, Any, int]]] = {}
+
+
+def check_encoders(accel: Any, rng: random.Random) -> None:
+    """Call each compiled encoder and its Python mirror on the same random values."""
+    if accel not in _encoders:
+        _encoders[accel] = both_encoders(accel)
+    for (slow, fast, params), fields in zip(
+        _encoders[accel],
+        (
+            Encoded._arguments_schema.fields,
+            Encoded._arguments_schema.fields,
+            Encoded._response_schema.fields,
+        ),
+        strict=True,
+    ):
+        values = random_values(rng, fields)
+        args = (values, rng.choice(_TAGS) if rng.random() < 0.2 else b"1f")[: 1 + params]
+        expected = encode_outcome(slow, args)
+        assert encode_outcome(fast, args) == expected, args
 
 
 def load_accelerator() -> Any:
@@ -239,6 +380,8 @@ def check_one(accel: Any, data: bytes) -> None:
             assert got == expected, (data, p)
         elif not isinstance(got[1], LookupError):
             assert (type(got[1]), str(got[1])) == (type(expected[1]), str(expected[1])), (data, p)
+    # A Command's compiled encoders, on values the input seeds
+    check_encoders(accel, random.Random(data))
     # encode_box and encode_items
     for box in boxes_to_encode(data):
         assert outcome(accel.encode_box, box) == outcome(python_encode_box, box), box

@@ -13,6 +13,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import types
 from typing import Any
 
 import pytest
@@ -22,7 +23,19 @@ from hypothesis import strategies as st
 import asyncio_amp
 from asyncio_amp import Boolean, Bytes, Command, Float, Integer, String, _commands, _wire
 from asyncio_amp._wire import BoxDecoder, encode_box, parse_boxes
-from fuzz_speedups import check_one, copy, load_accelerator, random_input
+from fuzz_speedups import (
+    _MISSING,
+    _TAGS,
+    _VALUES,
+    Encoded,
+    _Dict,
+    both_encoders,
+    check_one,
+    copy,
+    encode_outcome,
+    load_accelerator,
+    random_input,
+)
 from helpers import LONG
 
 ACCEL: Any = load_accelerator()
@@ -513,3 +526,185 @@ def test_compiled_parser_hands_odd_arguments_to_the_python_one() -> None:
 def test_commands_use_the_compiled_parser_when_accelerated() -> None:
     parser = Mixed._parse_arguments
     assert (type(parser).__name__ == "Parser") is asyncio_amp.ACCELERATED
+
+
+# The compiled per-Command encoders: the same box bytes as the generated Python ones, or
+# the same exception (they hand anything unusual to them)
+
+ENCODER_NAMES = ["ask", "send", "answer"]
+
+
+def encoder_fields(which: str) -> Any:
+    schema = Encoded._response_schema if which == "answer" else Encoded._arguments_schema
+    return schema.fields
+
+
+USUAL = {
+    "ask": {"Early": b"e", "a": 1, "b": 2, "data": b"d", "name": "n", "ratio": 0.5, "flag": True},
+    "answer": {"total": 3, "ok": False, "note": "n"},
+}
+USUAL["send"] = USUAL["ask"]
+
+
+def assert_same_encoding(which: str, *args: Any) -> Any:
+    slow, fast, params = ENCODERS[ENCODER_NAMES.index(which)]
+    if params and len(args) == 1:
+        args = (*args, b"1f")
+    expected = encode_outcome(slow, args)
+    assert encode_outcome(fast, args) == expected, args
+    return expected
+
+
+ENCODERS: Any = both_encoders(ACCEL) if ACCEL is not None else []
+
+
+@needs_build
+def test_compiled_encoders_are_the_compiled_type() -> None:
+    assert [type(fast) for _, fast, _ in ENCODERS] == [ACCEL.Encoder] * 3
+
+
+@needs_build
+@pytest.mark.parametrize("which", ENCODER_NAMES)
+def test_compiled_encoders_match_on_each_edge_value(which: str) -> None:
+    outcomes = set()
+    for field in encoder_fields(which):
+        for value in [*_VALUES[type(field.argument)], _MISSING]:
+            values = dict(USUAL[which])
+            if value is _MISSING:
+                del values[field.name]
+            else:
+                values[field.name] = value
+            outcomes.add(assert_same_encoding(which, values)[:2])
+    # Each way out is exercised: written boxes, and the errors of odd values.
+    assert {"ok", "TypeError", "ValueError", "_Fallback"} <= {
+        o[1] if o[0] == "error" else "ok" for o in outcomes
+    }
+
+
+@needs_build
+@pytest.mark.parametrize("tag", _TAGS)
+def test_compiled_answer_encoder_matches_on_each_tag(tag: Any) -> None:
+    assert_same_encoding("answer", USUAL["answer"], tag)
+
+
+@needs_build
+@pytest.mark.parametrize("which", ENCODER_NAMES)
+def test_compiled_encoders_match_on_odd_calls(which: str) -> None:
+    usual = USUAL[which]
+    required = [f.name for f in encoder_fields(which) if not f.optional]
+    optional = [f.name for f in encoder_fields(which) if f.optional]
+    cases: list[tuple[Any, ...]] = [
+        ({},),
+        ({**usual, "extra": 1},),
+        ({**usual, 5: 1},),
+        (_Dict(usual),),
+        (types.MappingProxyType(usual),),
+        (list(usual.items()),),
+        (None,),
+        ({k: v for k, v in usual.items() if k not in optional},),
+        ({**usual, **dict.fromkeys(optional)},),
+        ({**usual, required[0]: None},),
+        ({k: v for k, v in usual.items() if k != required[-1]},),
+    ]
+    for case in cases:
+        assert_same_encoding(which, *case)
+    slow, fast, params = ENCODERS[ENCODER_NAMES.index(which)]
+    for args in ((), (usual, b"1", b"2"), (usual, b"1f", None)):
+        assert encode_outcome(fast, args) == encode_outcome(slow, args)
+    # Keywords go to the generated function as they are.
+    kwargs = {"values": usual, "tag": b"1f"} if params else {"values": usual}
+    expected = encode_outcome(lambda: slow(**kwargs), ())
+    assert encode_outcome(lambda: fast(**kwargs), ()) == expected
+    assert expected[0] == "ok"
+
+
+@needs_build
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(),
+    st.binary(max_size=70_000),
+    st.text(max_size=30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.one_of(st.none(), st.integers(), st.booleans()),
+)
+def test_compiled_encoders_match_on_generated_values(
+    a: int, data: bytes, name: str, ratio: float, flag: bool, b: Any
+) -> None:
+    values = {"a": a, "data": data, "name": name, "ratio": ratio, "flag": flag, "b": b}
+    for which in ("ask", "send"):
+        assert_same_encoding(which, values)
+    assert_same_encoding("answer", {"total": a, "ok": flag, "note": name})
+
+
+@needs_build
+def test_compiled_encoders_give_the_usual_box_in_few_parts() -> None:
+    slow, fast, _ = ENCODERS[0]
+    parts, slot = fast(USUAL["ask"])
+    assert (len(parts), slot, parts[slot]) == (3, 1, b"")
+    parts[slot] = b"\x00\x02TG"  # the caller fills the tag in
+    expected, expected_slot = slow(USUAL["ask"])
+    expected[expected_slot] = b"\x00\x02TG"
+    assert b"".join(parts) == b"".join(expected)
+    assert fast(USUAL["ask"])[0][slot] == b""  # a fresh list each time
+    box = ENCODERS[2][1](USUAL["answer"], b"1f")
+    assert len(box) == 1 and parse_boxes(box[0]) == [
+        {b"_answer": b"1f", b"note": b"n", b"ok": b"False", b"total": b"3"}
+    ]
+
+
+@needs_build
+@pytest.mark.parametrize("which", ["ask", "send"])
+def test_compiled_encoders_keep_long_bytes_values_as_they_are(which: str) -> None:
+    # A call held until the transport drains keeps the caller's bytes, not a copy.
+    long, short = b"L" * 512, b"s" * 511
+    values = dict(USUAL[which])
+    for value in (long, short):
+        values["Early"] = values["data"] = value
+        assert assert_same_encoding(which, values)[0] == "ok"
+        out = ENCODERS[ENCODER_NAMES.index(which)][1](values)
+        parts = out[0] if type(out) is tuple else out
+        assert sum(part is value for part in parts) == (2 if value is long else 0)
+
+
+@needs_build
+def test_compiled_encoders_keep_no_references() -> None:
+    # The usual path and each way to the generated code give back what they take.
+    # Objects of this test's own (not small ints or interned strings), whose counts
+    # nothing else changes.
+    values: dict[str, Any] = {
+        "Early": bytes(bytearray(b"ee")),
+        "a": int("1" * 40),
+        "b": int("123456789012"),
+        "data": bytes(bytearray(b"dd")),
+        "name": "".join(["\u00e9", "t\u00e9"]),
+        "ratio": float("0.25"),
+        "flag": True,
+    }
+    mine = [v for v in values.values() if v is not True]
+    odd = dict(values, flag=1)
+    _, fast, _ = ENCODERS[0]
+    before = [sys.getrefcount(v) for v in (*mine, values, odd)]
+    for _ in range(1000):
+        fast(values)
+        fast(odd)  # the generated code's to_bytes writes it
+        with pytest.raises(TypeError):
+            fast(dict(values, a=1.0))
+    after = [sys.getrefcount(v) for v in (*mine, values, odd)]
+    assert after == before
+
+
+class OddInteger(Integer):
+    """An Integer subclass: it may override to_bytes, so it keeps the generated code."""
+
+
+class Counted(Command):
+    arguments = [("n", Integer())]
+    response = [("n", OddInteger())]
+
+
+def test_commands_use_the_compiled_encoder_when_accelerated() -> None:
+    assert (type(Mixed._plain_ask).__name__ == "Encoder") is asyncio_amp.ACCELERATED
+    assert (type(Mixed._plain_answer).__name__ == "Encoder") is asyncio_amp.ACCELERATED
+    assert (type(Counted._fast_ask).__name__ == "Encoder") is asyncio_amp.ACCELERATED
+    assert type(Counted._fast_answer).__name__ == "function"

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 from ._arguments import (
     Argument,
+    Boolean,
     Bytes,
     Float,
     Integer,
@@ -401,7 +402,53 @@ def _compile_encoder(
     source = f"def encode(values{''.join(', ' + p for p in params)}):\n" + "\n".join(body)
     exec(compile(source, f"<encoder of {name}>", "exec"), namespace)
     function: Callable[..., Any] = namespace["encode"]
-    return function
+    return _accelerated_encoder(function, steps, specials)
+
+
+# The kinds of values the compiled accelerator's Encoder encodes itself, as _INLINE_ENCODE
+# does (and Boolean.to_bytes for an exact bool); a schema with any other type keeps the
+# generated function.
+_ENCODER_KINDS = {Integer: 1, Bytes: 2, String: 3, Float: 4, Boolean: 5}
+
+
+def _accelerated_encoder(
+    function: Callable[..., Any],
+    steps: tuple[tuple[bytes, _Field | int], ...],
+    specials: Sequence[bytes | str | None],
+) -> Callable[..., Any]:
+    """
+    The compiled accelerator's mirror of the generated encoder ``function``, if it is in use.
+
+    Its steps are those of ``_compile_encoder``: runs of constant bytes (adjacent ones
+    joined), the tag's slot, a parameter (the tag of an answer), and the fields. It
+    calls ``function`` for any value it does not handle itself.
+    """
+    if _speedups is None:
+        return function
+    params = [p for p in specials if isinstance(p, str)]
+    spec: list[tuple[Any, ...]] = []
+    constant = b""
+    for header, what in steps:
+        if type(what) is int:
+            special = specials[what]
+            if isinstance(special, bytes):
+                constant += header + length_prefix(len(special)) + special
+                continue
+            spec.append((0, constant + header))
+            constant = b""
+            spec.append((1,) if special is None else (2, params.index(special)))
+            continue
+        field: _Field = what  # type: ignore[assignment]  # the only other kind
+        kind = _ENCODER_KINDS.get(type(field.argument))
+        if kind is None:
+            return function
+        if constant:
+            spec.append((0, constant))
+            constant = b""
+        spec.append((3, field.name, header, kind, field.optional))
+    spec.append((0, constant + BOX_END))
+    encoder: Callable[..., Any] = _speedups.Encoder(function, tuple(spec), len(params))
+    return encoder
 
 
 def _compile_decoder(name: str, fields: tuple[_Field, ...]) -> Callable[..., dict[str, Any]]:

@@ -8,7 +8,8 @@
  * comes from one place. The BoxDecoder type, which keeps a partial box between reads,
  * mirrors the whole Python class instead, errors included. The behaviour is the same
  * with or without this module, which tests/test_speedups.py and tests/fuzz_speedups.py
- * check by feeding both the same input.
+ * check by feeding both the same input. The Parser and Encoder types mirror the code
+ * _commands.py generates for each Command, in the same way.
  *
  * Like _wire.py it does no I/O and imports nothing (the sans-I/O rule).
  */
@@ -1434,6 +1435,500 @@ static PyTypeObject ParserType = {
     .tp_new = parser_new,
 };
 
+/*
+ * Encoder: mirrors the function _commands._compile_encoder generates for one box of a
+ * Command (its ask, its send without answer, or its answer), which writes the box's
+ * keys in sorted order. It handles the usual call only: an exact dict of exactly the
+ * schema's names, exact int, bytes, str, float and bool values within the limits, and
+ * an exact bytes tag. For anything else it calls the generated function itself, so
+ * every error, and every result of an odd value, comes from that one place.
+ *
+ * It returns what the generated function returns, in fewer parts: (parts, slot) where
+ * the box has the tag's placeholder (an ask), parts otherwise. The parts are the box's
+ * bytes around the slot's b"" and the long bytes values (KEEP_VALUE_LENGTH): for the
+ * usual call, ([head, b"", tail], 1) or [box].
+ */
+
+/* How a field's value is encoded: _commands._INLINE_ENCODE, and Boolean.to_bytes. */
+enum {
+    ENCODE_INTEGER = 1,
+    ENCODE_BYTES = 2,
+    ENCODE_STRING = 3,
+    ENCODE_FLOAT = 4,
+    ENCODE_BOOLEAN = 5,
+};
+
+/* The steps of the generated function, in the order it writes them. */
+enum { STEP_CONSTANT = 0, STEP_SLOT = 1, STEP_PARAMETER = 2, STEP_FIELD = 3 };
+
+typedef struct {
+    int op;
+    PyObject *data; /* the constant bytes (STEP_CONSTANT), the key's header (STEP_FIELD) */
+    PyObject *name; /* the Python name of a field (a str) */
+    int kind;
+    int optional;
+    Py_ssize_t index; /* the parameter's position after `values`, or the field's number */
+} EncoderStep;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *python_encode; /* the generated function: it takes anything unusual */
+    Py_ssize_t count;        /* steps */
+    Py_ssize_t fields;
+    Py_ssize_t parameters;
+    int has_slot;
+    EncoderStep *steps;
+} Encoder;
+
+/* One field's value, encoded: n bytes at p, kept alive by the references it holds. */
+typedef struct {
+    PyObject *value; /* a strong reference to the value, or NULL if it is not written */
+    PyObject *owned; /* what p points into when it is neither value nor buf */
+    const char *p;
+    Py_ssize_t n;
+    int kept;     /* whether the value goes into the parts as it is (KEEP_VALUE_LENGTH) */
+    char buf[32]; /* a formatted int or float */
+} Encoded;
+
+/*
+ * A bytes value at least this long goes into the parts as it is, a part of its own, as
+ * the generated code puts every value: a call held until the transport drains then
+ * keeps the caller's bytes rather than a copy of them. Shorter ones are copied, which
+ * costs less than a part of their own.
+ */
+#define KEEP_VALUE_LENGTH 512
+
+#define ENCODER_STACK_FIELDS 16
+
+static int
+encoder_traverse(Encoder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->python_encode);
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        Py_VISIT(self->steps[i].data);
+        Py_VISIT(self->steps[i].name);
+    }
+    return 0;
+}
+
+static int
+encoder_clear(Encoder *self)
+{
+    Py_CLEAR(self->python_encode);
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        Py_CLEAR(self->steps[i].data);
+        Py_CLEAR(self->steps[i].name);
+    }
+    return 0;
+}
+
+static void
+encoder_dealloc(Encoder *self)
+{
+    PyObject_GC_UnTrack(self);
+    encoder_clear(self);
+    PyMem_Free(self->steps);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/*
+ * Encode an exact int as `b"%d" % v` does. Returns 0, or 1 for a value it leaves to the
+ * generated function (an int too large for a long long whose decimal form fails).
+ */
+static int
+encode_integer(PyObject *v, Encoded *out)
+{
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (!overflow && !(x == -1 && PyErr_Occurred())) {
+        char *end = out->buf + sizeof(out->buf);
+        char *q = end;
+        unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+        do {
+            *--q = (char)('0' + u % 10);
+            u /= 10;
+        } while (u);
+        if (x < 0) {
+            *--q = '-';
+        }
+        out->p = q;
+        out->n = end - q;
+        return 0;
+    }
+    PyErr_Clear();
+    PyObject *text = PyObject_Str(v); /* long_to_decimal_string, as "%d" uses for an int */
+    if (text == NULL || !PyUnicode_IS_COMPACT_ASCII(text)) {
+        Py_XDECREF(text);
+        PyErr_Clear();
+        return 1; /* e.g. over sys.get_int_max_str_digits(): the generated code says */
+    }
+    out->owned = text;
+    out->p = (const char *)PyUnicode_DATA(text);
+    out->n = PyUnicode_GET_LENGTH(text);
+    return 0;
+}
+
+/* Encode one value of an exact usual type. Returns 0, or 1 for the generated function. */
+static int
+encode_field(int kind, PyObject *v, Encoded *out)
+{
+    switch (kind) {
+    case ENCODE_INTEGER: /* (b"%d" % v) if type(v) is int */
+        return PyLong_CheckExact(v) ? encode_integer(v, out) : 1;
+    case ENCODE_BYTES: /* v if type(v) is bytes */
+        if (!PyBytes_CheckExact(v)) {
+            return 1;
+        }
+        out->p = PyBytes_AS_STRING(v);
+        out->n = PyBytes_GET_SIZE(v);
+        return 0;
+    case ENCODE_STRING: /* v.encode("utf-8") if type(v) is str */
+        if (!PyUnicode_CheckExact(v)) {
+            return 1;
+        }
+        if (PyUnicode_IS_COMPACT_ASCII(v)) {
+            out->p = (const char *)PyUnicode_DATA(v);
+            out->n = PyUnicode_GET_LENGTH(v);
+            return 0;
+        }
+        out->owned = PyUnicode_AsUTF8String(v);
+        if (out->owned == NULL) {
+            PyErr_Clear(); /* a lone surrogate: the generated code raises it */
+            return 1;
+        }
+        out->p = PyBytes_AS_STRING(out->owned);
+        out->n = PyBytes_GET_SIZE(out->owned);
+        return 0;
+    case ENCODE_FLOAT: { /* repr(v).encode("ascii") if type(v) is float: float_repr */
+        if (!PyFloat_CheckExact(v)) {
+            return 1;
+        }
+        char *text = PyOS_double_to_string(PyFloat_AS_DOUBLE(v), 'r', 0, Py_DTSF_ADD_DOT_0,
+                                           NULL);
+        if (text == NULL) {
+            PyErr_Clear();
+            return 1;
+        }
+        size_t n = strlen(text);
+        if (n > sizeof(out->buf)) {
+            PyMem_Free(text);
+            return 1;
+        }
+        memcpy(out->buf, text, n);
+        PyMem_Free(text);
+        out->p = out->buf;
+        out->n = (Py_ssize_t)n;
+        return 0;
+    }
+    case ENCODE_BOOLEAN: /* Boolean.to_bytes, for an exact bool */
+        if (!PyBool_Check(v)) {
+            return 1;
+        }
+        out->p = v == Py_True ? "True" : "False";
+        out->n = v == Py_True ? 4 : 5;
+        return 0;
+    }
+    return 1;
+}
+
+static void
+release_encoded(Encoded *encoded, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XDECREF(encoded[i].value);
+        Py_XDECREF(encoded[i].owned);
+    }
+}
+
+/* Take a new segment of `size` bytes as parts[*k]; NULL with an exception set on failure. */
+static char *
+next_segment(PyObject *parts, Py_ssize_t *k, Py_ssize_t size)
+{
+    PyObject *segment = PyBytes_FromStringAndSize(NULL, size);
+    if (segment == NULL) {
+        return NULL;
+    }
+    PyList_SET_ITEM(parts, (*k)++, segment);
+    return PyBytes_AS_STRING(segment);
+}
+
+/* Mirrors the generated `encode(values[, tag])`; hands anything unusual to it. */
+static PyObject *
+encoder_vectorcall(Encoder *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 + self->parameters || kwnames != NULL || !PyDict_CheckExact(args[0])) {
+        return PyObject_Vectorcall(self->python_encode, args, nargsf, kwnames);
+    }
+    for (Py_ssize_t i = 1; i < nargs; i++) {
+        if (!PyBytes_CheckExact(args[i]) ||
+            PyBytes_GET_SIZE(args[i]) >= PyTuple_GET_SIZE(prefixes)) {
+            return PyObject_Vectorcall(self->python_encode, args, nargsf, kwnames);
+        }
+    }
+    PyObject *values = args[0];
+    Encoded stack[ENCODER_STACK_FIELDS];
+    Py_ssize_t stack_segments[ENCODER_STACK_FIELDS + 2];
+    Encoded *encoded = stack;
+    Py_ssize_t *segments = stack_segments; /* the sizes of the parts this writes */
+    if (self->fields > ENCODER_STACK_FIELDS) {
+        encoded = PyMem_Malloc(self->fields * sizeof(Encoded));
+        segments = PyMem_Malloc((self->fields + 2) * sizeof(Py_ssize_t));
+        if (encoded == NULL || segments == NULL) {
+            PyMem_Free(encoded);
+            PyMem_Free(segments);
+            return PyErr_NoMemory();
+        }
+    }
+    Py_ssize_t done = 0; /* fields whose Encoded holds references to release */
+    Py_ssize_t counted = 0;
+    Py_ssize_t count = 0; /* segments */
+    Py_ssize_t size = 0;  /* of the segment being measured */
+    Py_ssize_t kept = 0;  /* values that are parts of their own */
+    int usual = 1;
+    /* First pass: check and encode every value, as the generated code does in order. */
+    for (Py_ssize_t i = 0; usual && i < self->count; i++) {
+        EncoderStep *step = &self->steps[i];
+        switch (step->op) {
+        case STEP_CONSTANT:
+            size += PyBytes_GET_SIZE(step->data);
+            break;
+        case STEP_SLOT:
+            segments[count++] = size;
+            size = 0;
+            break;
+        case STEP_PARAMETER:
+            size += 2 + PyBytes_GET_SIZE(args[1 + step->index]);
+            break;
+        case STEP_FIELD: {
+            Encoded *e = &encoded[done++];
+            e->value = e->owned = NULL;
+            PyObject *v = PyDict_GetItemWithError(values, step->name);
+            if (v == NULL) {
+                /* values[name]: a KeyError the generated code raises (or a failed lookup) */
+                PyErr_Clear();
+                usual = step->optional;
+                break;
+            }
+            counted++;
+            if (v == Py_None) {
+                usual = step->optional; /* a required None raises _Fallback there */
+                break;
+            }
+            Py_INCREF(v);
+            e->value = v;
+            if (encode_field(step->kind, v, e) || e->n > MAX_VALUE_LENGTH) {
+                usual = 0;
+                break;
+            }
+            size += PyBytes_GET_SIZE(step->data) + 2;
+            e->kept = step->kind == ENCODE_BYTES && e->n >= KEEP_VALUE_LENGTH;
+            if (e->kept) {
+                segments[count++] = size;
+                size = 0;
+                kept++;
+            }
+            else {
+                size += e->n;
+            }
+            break;
+        }
+        }
+    }
+    segments[count++] = size;
+    PyObject *result = NULL;
+    /* if len(values) != count: raise _Fallback (a name the schema does not have) */
+    if (!usual || PyDict_GET_SIZE(values) != counted) {
+        result = PyObject_Vectorcall(self->python_encode, args, nargsf, kwnames);
+        goto finish;
+    }
+    /* Second pass: write the segments, with the tag's slot and the kept values between. */
+    PyObject *parts = PyList_New(count + self->has_slot + kept);
+    if (parts == NULL) {
+        goto finish;
+    }
+    Py_ssize_t k = 0, slot = -1, segment = 0;
+    char *q = next_segment(parts, &k, segments[segment++]);
+    for (Py_ssize_t i = 0; q != NULL && i < self->count; i++) {
+        EncoderStep *step = &self->steps[i];
+        switch (step->op) {
+        case STEP_CONSTANT:
+            memcpy(q, PyBytes_AS_STRING(step->data), PyBytes_GET_SIZE(step->data));
+            q += PyBytes_GET_SIZE(step->data);
+            break;
+        case STEP_SLOT: { /* b"", which the caller replaces with the tag */
+            PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+            if (empty == NULL) {
+                q = NULL;
+                break;
+            }
+            slot = k;
+            PyList_SET_ITEM(parts, k++, empty);
+            q = next_segment(parts, &k, segments[segment++]);
+            break;
+        }
+        case STEP_PARAMETER: { /* _P[len(tag)] + tag */
+            PyObject *tag = args[1 + step->index];
+            Py_ssize_t n = PyBytes_GET_SIZE(tag);
+            *q++ = (char)(n >> 8);
+            *q++ = (char)(n & 0xff);
+            memcpy(q, PyBytes_AS_STRING(tag), n);
+            q += n;
+            break;
+        }
+        case STEP_FIELD: {
+            Encoded *e = &encoded[step->index];
+            if (e->value == NULL) {
+                break; /* an optional value absent or None */
+            }
+            memcpy(q, PyBytes_AS_STRING(step->data), PyBytes_GET_SIZE(step->data));
+            q += PyBytes_GET_SIZE(step->data);
+            *q++ = (char)(e->n >> 8);
+            *q++ = (char)(e->n & 0xff);
+            if (e->kept) {
+                Py_INCREF(e->value);
+                PyList_SET_ITEM(parts, k++, e->value);
+                q = next_segment(parts, &k, segments[segment++]);
+            }
+            else {
+                memcpy(q, e->p, e->n);
+                q += e->n;
+            }
+            break;
+        }
+        }
+    }
+    if (q == NULL) {
+        Py_DECREF(parts); /* the items not set yet are NULL, which the list skips */
+        goto finish;
+    }
+    if (!self->has_slot) {
+        result = parts;
+        goto finish;
+    }
+    PyObject *index = PyLong_FromSsize_t(slot);
+    result = index == NULL ? NULL : PyTuple_New(2);
+    if (result == NULL) {
+        Py_XDECREF(index);
+        Py_DECREF(parts);
+        goto finish;
+    }
+    PyTuple_SET_ITEM(result, 0, parts);
+    PyTuple_SET_ITEM(result, 1, index);
+finish:
+    release_encoded(encoded, done);
+    if (encoded != stack) {
+        PyMem_Free(encoded);
+        PyMem_Free(segments);
+    }
+    return result;
+}
+
+/*
+ * Encoder(python_encode, steps, parameters, /): steps is a tuple of (0, constant),
+ * (1,) for the tag's slot, (2, position) for a parameter after `values`, and
+ * (3, name, header, kind, optional) for a field, in the order the generated function
+ * writes them.
+ */
+static PyObject *
+encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *python_encode, *steps;
+    Py_ssize_t parameters;
+    if (!PyArg_ParseTuple(args, "OO!n:Encoder", &python_encode, &PyTuple_Type, &steps,
+                          &parameters)) {
+        return NULL;
+    }
+    if (check_setup() < 0) {
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(steps);
+    Encoder *self = (Encoder *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = (vectorcallfunc)encoder_vectorcall;
+    Py_INCREF(python_encode);
+    self->python_encode = python_encode;
+    self->parameters = parameters;
+    self->steps = PyMem_Calloc(count ? count : 1, sizeof(EncoderStep));
+    if (self->steps == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyTuple_GET_ITEM(steps, i);
+        EncoderStep *step = &self->steps[i];
+        PyObject *data = NULL, *name = NULL;
+        int op = -1, bad = 0;
+        if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) >= 1) {
+            op = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        }
+        if (op == STEP_CONSTANT) {
+            if (!PyArg_ParseTuple(item, "iO!:Encoder step", &op, &PyBytes_Type, &data)) {
+                Py_DECREF(self);
+                return NULL;
+            }
+        }
+        else if (op == STEP_SLOT) {
+            bad = PyTuple_GET_SIZE(item) != 1 || self->has_slot;
+            self->has_slot = 1;
+        }
+        else if (op == STEP_PARAMETER) {
+            if (!PyArg_ParseTuple(item, "in:Encoder step", &op, &step->index)) {
+                Py_DECREF(self);
+                return NULL;
+            }
+            bad = step->index < 0 || step->index >= parameters;
+        }
+        else if (op == STEP_FIELD) {
+            if (!PyArg_ParseTuple(item, "iUO!ip:Encoder step", &op, &name, &PyBytes_Type,
+                                  &data, &step->kind, &step->optional)) {
+                Py_DECREF(self);
+                return NULL;
+            }
+            bad = step->kind < ENCODE_INTEGER || step->kind > ENCODE_BOOLEAN;
+            step->index = self->fields++;
+        }
+        else {
+            PyErr_Clear();
+            bad = 1;
+        }
+        if (bad) {
+            PyErr_SetString(PyExc_ValueError, "Encoder: bad step");
+            Py_DECREF(self);
+            return NULL;
+        }
+        step->op = op;
+        Py_XINCREF(data);
+        step->data = data;
+        Py_XINCREF(name);
+        step->name = name;
+        self->count = i + 1;
+    }
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(encoder_doc,
+"Encoder(python_encode, steps, parameters, /)\n--\n\n"
+"A Command box's encoder for the usual values: mirrors the function\n"
+"_commands._compile_encoder generates (python_encode), called as encode(values[, tag]).");
+
+static PyTypeObject EncoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncio_amp._speedups.Encoder",
+    .tp_basicsize = sizeof(Encoder),
+    .tp_dealloc = (destructor)encoder_dealloc,
+    .tp_vectorcall_offset = sizeof(PyObject), /* Encoder.vectorcall comes first after the head */
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = encoder_doc,
+    .tp_traverse = (traverseproc)encoder_traverse,
+    .tp_clear = (inquiry)encoder_clear,
+    .tp_new = encoder_new,
+};
+
 PyDoc_STRVAR(setup_doc,
 "setup($module, encode_box, encode_items, parse_boxes_reference, prefixes, /)\n--\n\n"
 "Give the module the pure-Python functions it hands the unusual input to (_wire calls it).");
@@ -1504,6 +1999,16 @@ PyInit__speedups(void)
     Py_INCREF(&ParserType);
     if (PyModule_AddObject(module, "Parser", (PyObject *)&ParserType) < 0) {
         Py_DECREF(&ParserType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    if (PyType_Ready(&EncoderType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&EncoderType);
+    if (PyModule_AddObject(module, "Encoder", (PyObject *)&EncoderType) < 0) {
+        Py_DECREF(&EncoderType);
         Py_DECREF(module);
         return NULL;
     }
