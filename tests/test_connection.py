@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from asyncio_amp import Command, Integer, String
@@ -802,8 +803,13 @@ def test_decode_values_false_gives_every_box_as_it_came() -> None:
     assert conn.pending == {}
 
 
+def without_text_hint(message: str) -> str:
+    """An error message without its hint that the stream looks like text."""
+    return re.sub(r"; the data starts with .*, which is text, not AMP$", "", message)
+
+
 def as_without_parsers(
-    events: list[object], reference: list[object], calls: dict[bytes, Call]
+    events: list[object], reference: list[object], calls: dict[bytes, Call], cut: bool = False
 ) -> None:
     """
     Check ``events`` (with parsers) against ``reference`` (the general path's).
@@ -811,6 +817,9 @@ def as_without_parsers(
     A decoded answer must be the answer to its pending call, with the values
     Sum decodes from the box; a decoded call, a Sum call with the values Sum
     decodes; a failure, the same failure. Anything not decoded is the same event.
+    With ``cut``, the data came in two reads: a bad stream's hint that it looks
+    like text is then made from the bytes that had arrived when it failed, so it
+    may differ from the whole stream's (b"A " looks like text, b"A \\x00" not).
     """
     assert len(events) == len(reference), (events, reference)
     answered: set[bytes] = set()
@@ -830,7 +839,10 @@ def as_without_parsers(
             assert values == Sum._decode_arguments(expected.box)
         elif isinstance(event, Failure):
             assert isinstance(expected, Failure)
-            assert str(event.error) == str(expected.error)
+            if cut:
+                assert without_text_hint(str(event.error)) == without_text_hint(str(expected.error))
+            else:
+                assert str(event.error) == str(expected.error)
         else:
             assert type(event) is type(expected)
             assert event == expected
@@ -846,7 +858,7 @@ def check_decoding(
         conn.receive_data(data[:cut])
     conn.receive_data(data[cut:])
     events: list[Any] = conn.events_received()
-    as_without_parsers(events, general_events(data, **limits), calls)
+    as_without_parsers(events, general_events(data, **limits), calls, cut=bool(cut))
     # The calls answered by a decoded answer left pending; the others are there.
     decoded = {id(event[0]) for event in events if type(event) is tuple and len(event) == 2}
     assert conn.pending == {tag: call for tag, call in calls.items() if id(call) not in decoded}
@@ -1092,6 +1104,7 @@ sum_boxes = st.one_of(
     st.integers(min_value=0, max_value=300),
     st.binary(max_size=3),
 )
+@example(boxes=[], limits={}, cut=1, tail=b"A \x00")  # the text hint, with the stream cut
 def test_decoding_matches_the_general_path(
     boxes: list[bytes], limits: dict[str, int], cut: int, tail: bytes
 ) -> None:
