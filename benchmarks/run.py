@@ -343,9 +343,8 @@ class Served:
         argv += ["--workers", str(workers), "--grace", "1"]
         if loop == "uvloop":
             argv.append("--uvloop")
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")
-        }
+        # An amp column: accelerated where built, whatever the caller's environment says.
+        env = child_env("amp", dict(os.environ))
         self.log: list[str] = []
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
